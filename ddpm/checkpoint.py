@@ -1,0 +1,95 @@
+"""Checkpoints and model files: written atomically, read with `torch.load(weights_only=True)`.
+
+A training checkpoint is a dict of tensors and plain values (model and EMA weights, optimizer
+state, step, RNG state, the model config and a hash of the training config). A model file is
+what inference needs: the EMA weights, the UNet config and the diffusion config.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .diffusion import Diffusion, DiffusionConfig
+from .unet import UNet, UNetConfig
+
+MODEL_KEYS = ("format", "unet", "diffusion", "weights", "meta")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model file that is missing, corrupt, truncated or of the wrong kind."""
+
+
+def config_hash(config: dict) -> str:
+    """A short, stable hash of a JSON-serialisable config."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def atomic_save(obj: dict, path: str | Path) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename over `path`:
+    a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def safe_load(path: str | Path, required: tuple[str, ...] = (), map_location="cpu") -> dict:
+    """Load a dict saved by `atomic_save`, refusing pickled code and naming the file on any failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many kinds: UnpicklingError, RuntimeError, EOFError, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a valid checkpoint ({reason[:200]})") from None
+    missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: not a valid checkpoint (missing {', '.join(missing)})")
+    return obj
+
+
+def save_model(path: str | Path, model: torch.nn.Module, unet: UNetConfig, diffusion: DiffusionConfig,
+               meta: dict | None = None) -> None:
+    """Write an inference model file (give it the EMA module's weights)."""
+    atomic_save({"format": "ddpm-model-v1", "unet": asdict(unet), "diffusion": asdict(diffusion),
+                 "weights": model.state_dict(), "meta": meta or {}}, path)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, Diffusion, dict]:
+    """Read a model file written by `save_model`: (model in eval mode, diffusion, meta)."""
+    obj = safe_load(path, MODEL_KEYS)
+    if obj["format"] != "ddpm-model-v1":
+        raise CheckpointError(f"{path}: unknown model format {obj['format']!r}")
+    try:
+        unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj["unet"].items()})
+        model = UNet(unet)
+        model.load_state_dict(obj["weights"])
+        dcfg = DiffusionConfig(**obj["diffusion"])
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: model file does not match its config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), Diffusion(dcfg.betas()).to(device), obj["meta"]
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu"):
+    """Read a domain classifier saved as {"config": asdict(ClassifierConfig), "weights": state_dict}."""
+    from .classifier import Classifier, ClassifierConfig
+
+    obj = safe_load(path, ("config", "weights"))
+    try:
+        model = Classifier(ClassifierConfig(**obj["config"]))
+        model.load_state_dict(obj["weights"])
+    except (TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: classifier file does not match its config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()

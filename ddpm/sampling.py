@@ -1,0 +1,138 @@
+"""Samplers: ancestral DDPM (Ho et al. 2020) and DDIM (Song et al. 2020), with classifier-free guidance.
+
+Each sampler is a function of (model, diffusion, x_T, options, generator) and returns the final x0,
+or (x0, trajectory) when `return_trajectory=True`, where trajectory holds x_t before every step plus
+the result, and the model's x0 prediction at every step.
+"""
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .diffusion import NULL_LABEL, Diffusion, to_uint8
+
+
+class ImageGenerator:
+    """Per-image random streams: image i's noise depends only on (seed, i), never on the batching.
+
+    Compare EDM's StackedRandomGenerator. `ImageGenerator(seed, range(32, 64))` draws the noise
+    of images 32..63 exactly as a batch of all 64 images would."""
+
+    def __init__(self, seed: int, indices, device: torch.device | str = "cpu"):
+        self.generators = [torch.Generator(device).manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+
+    def randn(self, shape, device=None, dtype=torch.float32) -> torch.Tensor:
+        """Noise of shape (len(indices), *shape[1:]) (shape[0] must equal the number of images)."""
+        assert shape[0] == len(self.generators), "batch size must match the number of images"
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype)
+                            for g in self.generators]).to(device or self.generators[0].device)
+
+
+def randn(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise from an ImageGenerator, a torch.Generator or the global RNG."""
+    if isinstance(generator, ImageGenerator):
+        return generator.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def guided_eps(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+               guidance: float) -> torch.Tensor:
+    """eps~ = (1 + w) eps(x_t, y) - w eps(x_t, null) (Ho & Salimans 2022, eq. 6), one batched call.
+
+    w = 0 (or no labels) is exactly the plain model prediction."""
+    if y is None or guidance == 0:
+        return model(x_t, t, y).float()
+    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_LABEL)]))
+    eps_cond, eps_uncond = both.float().chunk(2)
+    return (1 + guidance) * eps_cond - guidance * eps_uncond
+
+
+@torch.no_grad()
+def ddpm_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, y: torch.Tensor | None = None,
+                guidance: float = 0.0, generator=None, return_trajectory: bool = False,
+                variance: str = "posterior", clip_x0: bool = False, progress: bool = False):
+    """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2). x_T (B, C, H, W) -> x0.
+
+    variance "posterior": sigma_t^2 = beta~_t (eq. 7); "beta": sigma_t^2 = beta_t."""
+    if variance not in ("posterior", "beta"):
+        raise ValueError(f"unknown variance {variance!r}; valid: posterior, beta")
+    x, xs, x0s = x_T, [x_T], []
+    for i in tqdm(reversed(range(diffusion.timesteps)), total=diffusion.timesteps,
+                  desc="DDPM", disable=not progress, leave=False):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        # 1. predict the noise, then x0 from it (eq. 15)
+        eps = guided_eps(model, x, t, y, guidance)
+        x0 = diffusion.predict_x0(x, t, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        # 2. posterior mean mu~(x_t, x0) (eq. 7), then add sigma_t z; no noise at the last step
+        mean, var = diffusion.posterior(x0, x, t)
+        if variance == "beta":
+            var = diffusion.betas[i].expand_as(var)
+        z = randn(x.shape, generator, x.device)
+        x = mean + (var.sqrt() * z if i > 0 else 0)
+        if return_trajectory:
+            xs.append(x)
+            x0s.append(x0)
+    return (x, {"x_t": xs, "x0": x0s}) if return_trajectory else x
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
+    """The uniform sub-sequence tau_i = i * T / S, i = 0..S-1 (Song et al. 2020, appendix C.2)."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps must be in [1, {timesteps}], got {steps}")
+    return [i * timesteps // steps for i in range(steps)]
+
+
+@torch.no_grad()
+def ddim_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, steps: int, eta: float = 0.0,
+                y: torch.Tensor | None = None, guidance: float = 0.0, generator=None,
+                return_trajectory: bool = False, clip_x0: bool = False, progress: bool = False):
+    """DDIM (Song et al. 2020, eq. 12) over S = `steps` timesteps, from high to low, the last step
+    landing on alpha_bar = 1. eta = 0 is deterministic given x_T; eta = 1 with S = T is DDPM."""
+    taus = ddim_timesteps(diffusion.timesteps, steps)
+    x, xs, x0s = x_T, [x_T], []
+    ab = diffusion.alpha_bar
+    for j in tqdm(reversed(range(len(taus))), total=len(taus), desc=f"DDIM-{steps}",
+                  disable=not progress, leave=False):
+        t = torch.full((x.shape[0],), taus[j], device=x.device, dtype=torch.long)
+        a, a_prev = ab[taus[j]], (ab[taus[j - 1]] if j > 0 else ab.new_tensor(1.0))
+        # 1. predict eps and x0 ("predicted x0" term of eq. 12)
+        eps = guided_eps(model, x, t, y, guidance)
+        x0 = diffusion.predict_x0(x, t, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        # 2. sigma_t(eta) (eq. 16)
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        # 3. x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z (eq. 12)
+        z = randn(x.shape, generator, x.device)
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps + sigma * z
+        if return_trajectory:
+            xs.append(x)
+            x0s.append(x0)
+    return (x, {"x_t": xs, "x0": x0s}) if return_trajectory else x
+
+
+def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int, int, int], *, seed: int,
+             method: str = "ddim", steps: int = 50, eta: float = 0.0, labels: torch.Tensor | None = None,
+             guidance: float = 0.0, batch_size: int = 250, progress: bool = False) -> torch.Tensor:
+    """`num` images as uint8 (num, C, H, W) on the CPU, sampled in batches; image i's noise depends
+    only on (seed, i), so the result does not depend on `batch_size`."""
+    if method not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown method {method!r}; valid: ddpm, ddim")
+    device = diffusion.betas.device
+    out = []
+    for start in tqdm(range(0, num, batch_size), desc=f"sample {method}", disable=not progress, leave=False):
+        idx = range(start, min(num, start + batch_size))
+        gen = ImageGenerator(seed, idx, device)
+        x_T = gen.randn((len(idx), *shape))
+        y = labels[start:start + len(idx)].to(device) if labels is not None else None
+        if method == "ddpm":
+            x = ddpm_sample(model, diffusion, x_T, y=y, guidance=guidance, generator=gen, progress=progress)
+        else:
+            x = ddim_sample(model, diffusion, x_T, steps, eta=eta, y=y, guidance=guidance, generator=gen,
+                            progress=progress)
+        out.append(to_uint8(x).cpu())
+    return torch.cat(out)

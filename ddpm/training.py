@@ -1,0 +1,141 @@
+"""The training loop: AdamW, lr warm-up, gradient clipping, EMA, optional bf16 autocast.
+
+The network, the diffusion and the data are passed in; the loop never writes files. A stage
+script observes it through callbacks (logging, checkpoints, sample grids) and can save and
+restore its whole state (`state_dict`), so a resumed run continues exactly where it stopped.
+Data parallelism: give each process its `rank` and `world_size`; every rank draws the same
+epoch permutation and takes its own slice of each global batch.
+"""
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .diffusion import Diffusion, to_model_range
+from .ema import EMA
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128       # global batch, split across data-parallel processes
+    lr: float = 2e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0      # max gradient norm; 0 disables clipping
+    ema_decay: float = 0.9999
+    p_uncond: float = 0.1       # label drop rate for classifier-free guidance (conditional models)
+    bf16: bool = False          # bfloat16 autocast for the forward/backward pass
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" picks cuda, then mps, then cpu; any other name is passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Trains `model` on uint8 images (N, C, H, W) with optional labels (N,)."""
+
+    def __init__(self, model: nn.Module, diffusion: Diffusion, images: torch.Tensor,
+                 labels: torch.Tensor | None, config: TrainConfig, device: torch.device, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if config.batch_size % world_size:
+            raise ValueError(f"train.batch_size {config.batch_size} is not divisible by {world_size} processes")
+        self.model, self.diffusion, self.config, self.device = model, diffusion.to(device), config, device
+        self.images = images.to(device)
+        self.labels = labels.to(device) if labels is not None else None
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.ema = EMA(model.module if hasattr(model, "module") else model, config.ema_decay)
+        self.step = 0
+        self.generator = torch.Generator(device).manual_seed(seed * 7919 + rank)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.images) / self.config.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over `warmup_steps`, then constant (Ho et al. 2020 use 5000 steps)."""
+        return self.config.lr * min(1.0, (step + 1) / max(1, self.config.warmup_steps))
+
+    def batch_indices(self, epoch: int, i: int) -> torch.Tensor:
+        """This rank's slice of global batch i of `epoch` (same permutation on every rank)."""
+        perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + epoch))
+        batch = perm[i * self.config.batch_size:(i + 1) * self.config.batch_size]
+        return batch[self.rank::self.world_size].to(self.device)
+
+    def train_step(self, idx: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on the images at `idx`; returns the mean loss (a 0-d tensor)."""
+        x0 = to_model_range(self.images[idx])
+        y = self.labels[idx] if self.labels is not None else None
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            loss = self.diffusion.loss(self.model, x0, y, self.config.p_uncond, self.generator).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {self.step + 1}; "
+                                     "lower train.lr, keep train.grad_clip > 0 or disable train.bf16")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model.module if hasattr(self.model, "module") else self.model)
+        self.step += 1
+        return loss.detach()
+
+    def fit(self, on_step: Callable | None = None, on_epoch_end: Callable | None = None,
+            progress: bool = True) -> None:
+        """Train until `total_steps`, starting from `self.step` (0, or where a checkpoint left off).
+
+        on_step(trainer, loss: float, seconds: float) after every step;
+        on_epoch_end(trainer, epoch: int) after every epoch (epochs count from 0)."""
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not progress,
+                   dynamic_ncols=True)
+        while self.step < self.total_steps:
+            epoch, i = divmod(self.step, self.steps_per_epoch)
+            start = time.perf_counter()
+            loss = self.train_step(self.batch_indices(epoch, i)).item()
+            seconds = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
+            if on_step:
+                on_step(self, loss, seconds)
+            if self.step % self.steps_per_epoch == 0 and on_epoch_end:
+                on_epoch_end(self, epoch)
+        bar.close()
+
+    def state_dict(self) -> dict:
+        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -1,0 +1,181 @@
+"""The noise-prediction network: a UNet `model(x_t, t, y=None) -> eps` that knows nothing of betas.
+
+Residual blocks with GroupNorm and a sinusoidal time embedding (Ho et al. 2020, appendix B),
+self-attention at chosen resolutions, and for class-conditional models a learned class embedding
+with one extra "null" row used for classifier-free guidance (Ho & Salimans 2022).
+Odd sizes (28 -> 14 -> 7 -> 4) work: each upsampling step returns to its skip connection's size.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .diffusion import NULL_LABEL
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 1
+    image_size: int = 28
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (7,)
+    num_heads: int = 4
+    dropout: float = 0.1
+    num_classes: int | None = None
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups of at least 2 channels: a group of one channel would subtract
+    the per-channel time/class embedding that ResBlock adds just before it, erasing t and y."""
+    groups = math.gcd(32, channels)
+    if groups == channels and channels > 1:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
+
+
+def zero(module: nn.Module) -> nn.Module:
+    """Zero-initialise the last layer of a residual branch so each block starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.in_layers = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
+        self.out_layers = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(dropout),
+                                        zero(nn.Conv2d(cout, cout, 3, padding=1)))
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)                          # (B, cout, H, W)
+        h = h + self.emb(emb)[:, :, None, None]        # add the time/class embedding per channel
+        return self.skip(x) + self.out_layers(h)
+
+
+class Attention(nn.Module):
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)      # each (B, heads, HW, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)    # (B, heads, HW, C/heads)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)  # H -> ceil(H / 2)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        ch = c.base_channels
+        emb_dim = 4 * ch
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # one extra row for NULL_LABEL, the "no class" input of classifier-free guidance
+        self.class_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+        self.input_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+
+        # Encoder: num_res_blocks per level, then a strided conv; remember each output's channels.
+        self.down = nn.ModuleList()
+        skips, resolutions = [ch], [c.image_size]
+        for level, mult in enumerate(c.channel_mults):
+            for _ in range(c.num_res_blocks):
+                self.down.append(self._block(ch, c.base_channels * mult, emb_dim, resolutions[level]))
+                ch = c.base_channels * mult
+                skips.append(ch)
+            if level < len(c.channel_mults) - 1:
+                self.down.append(Downsample(ch))
+                skips.append(ch)
+                resolutions.append((resolutions[level] + 1) // 2)
+        self.middle = nn.ModuleList([ResBlock(ch, ch, emb_dim, c.dropout), Attention(ch, c.num_heads),
+                                     ResBlock(ch, ch, emb_dim, c.dropout)])
+
+        # Decoder: num_res_blocks + 1 per level, each eating one skip; upsample at the end of a level.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mults))):
+            for _ in range(c.num_res_blocks + 1):
+                cout = c.base_channels * mult
+                self.up.append(self._block(ch + skips.pop(), cout, emb_dim, resolutions[level]))
+                ch = cout
+            if level > 0:
+                self.up.append(Upsample(ch))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, c.in_channels, 3, padding=1)))
+
+    def _block(self, cin: int, cout: int, emb_dim: int, res: int) -> nn.Module:
+        block = ResBlock(cin, cout, emb_dim, self.config.dropout)
+        if res in self.config.attention_resolutions:
+            return _ResAttention(block, Attention(cout, self.config.num_heads))
+        return block
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (B, C, H, W), t (B,) int, y (B,) int or None -> predicted eps (B, C, H, W)."""
+        emb = self.time_embed(timestep_embedding(t, self.config.base_channels))
+        if self.class_embed is not None:
+            if y is None:
+                y = torch.full_like(t, NULL_LABEL)
+            emb = emb + self.class_embed(torch.where(y == NULL_LABEL, self.config.num_classes, y))
+        elif y is not None:
+            raise ValueError("labels were given to an unconditional model (num_classes is None)")
+
+        h = self.input_conv(x_t)
+        hs = [h]
+        for block in self.down:
+            h = block(h, emb)
+            hs.append(h)
+        for block in self.middle:
+            h = block(h, emb)
+        for block in self.up:
+            if isinstance(block, Upsample):
+                h = block(h, hs[-1].shape[-2:])        # back to the size of the next skip
+            else:
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
+class _ResAttention(nn.Module):
+    """A residual block followed by self-attention at the same resolution."""
+
+    def __init__(self, res: ResBlock, attn: Attention):
+        super().__init__()
+        self.res, self.attn = res, attn
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.res(x, emb))
