@@ -1,0 +1,41 @@
+"""classifier: train the small domain CNN whose features and logits score samples (FID/IS).
+
+usage: python -m stages.classifier --data DIR --out DIR --metrics FILE
+"""
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ddpm import atomic_save, resolve_device
+from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
+
+from .common import atomic_dir, load_prepared, run, seed_everything, write_json
+from .params import load_params
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    for name in ("--data", "--out", "--metrics"):
+        ap.add_argument(name, type=Path, required=True)
+    a = ap.parse_args(argv)
+    p = load_params()
+    seed_everything(p.seed)
+    device = resolve_device(p.device)
+    images, labels, info = load_prepared(a.data, "train")
+    test_images, test_labels, _ = load_prepared(a.data, "test")
+    config = ClassifierConfig(in_channels=images.shape[1], image_size=images.shape[2],
+                              num_classes=len(info["class_names"]), width=p.classifier.width)
+    model = Classifier(config)
+    losses = train_classifier(model, images, labels, epochs=p.classifier.epochs, lr=p.classifier.lr,
+                              batch_size=p.classifier.batch_size, seed=p.seed, device=device)
+    acc = accuracy(model, test_images, test_labels, device=device)
+    with atomic_dir(a.out) as tmp:
+        atomic_save({"config": dataclasses.asdict(config), "weights": model.cpu().state_dict()},
+                    tmp / "classifier.pt")
+    write_json(a.metrics, {"test_accuracy": round(acc, 5), "final_loss": round(losses[-1], 5)})
+    print(f"classifier test accuracy {acc:.4f}")
+
+
+if __name__ == "__main__":
+    run(main)

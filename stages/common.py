@@ -1,0 +1,107 @@
+"""What every stage shares: error reporting, seeding, atomic outputs, the prepared data."""
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+import ddpm
+from ddpm import CheckpointError, safe_load
+
+from .params import ParamsError
+
+try:
+    from ddpm.data import DataError
+except ImportError:  # pragma: no cover
+    DataError = ValueError
+
+USER_ERRORS = (ParamsError, CheckpointError, DataError, FileNotFoundError)
+
+
+def run(main) -> None:
+    """Run a stage's main(argv); a user error is one line on stderr and exit code 1."""
+    try:
+        main(sys.argv[1:])
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename,
+    on failure it is removed, so a failed stage never leaves a partial output."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a file atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
+    """Save uint8 images (N, C, H, W) as one PNG grid."""
+    nrow = nrow or max(1, int(len(images) ** 0.5))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    save_image(images.float() / 255.0, tmp, nrow=nrow, padding=2, pad_value=1.0)
+    os.replace(tmp, path)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def load_prepared(folder: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(images uint8 (N, C, H, W), labels int64 (N,), info) of a split written by the prepare stage."""
+    folder = Path(folder)
+    data = safe_load(folder / f"{split}.pt", ("images", "labels"))
+    info = json.loads((folder / "info.json").read_text())
+    return data["images"], data["labels"], info
+
+
+def source_hash(modules=("diffusion", "ema", "schedules", "training", "unet")) -> str:
+    """A hash of the library code that training depends on, so checkpoints from other code are not reused."""
+    h = hashlib.sha256()
+    for name in modules:
+        h.update((Path(ddpm.__file__).parent / f"{name}.py").read_bytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,198 @@
+"""params.yaml -> frozen dataclasses, validated in one place before any stage does work.
+
+An unknown key (with a "did you mean" hint), a wrong type or an out-of-range value stops the
+stage with one line naming the key and what is allowed.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ddpm import DiffusionConfig, TrainConfig, UNetConfig
+
+
+class ParamsError(ValueError):
+    pass
+
+
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "glyphs")
+SCHEDULES = ("linear", "cosine")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    name: str = "mnist"
+    root: str | None = None          # a folder holding the dataset's files (else data/raw/<name>, Debian, download)
+    limit: int | None = None         # class-stratified subset of the train split
+    test_limit: int | None = None    # class-stratified subset of the test split
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """UNetConfig without the fields that follow from the data (channels, size, classes)."""
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (7,)
+    num_heads: int = 4
+    dropout: float = 0.1
+
+    def unet(self, in_channels: int, image_size: int, num_classes: int | None) -> UNetConfig:
+        return UNetConfig(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
+                          **dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class ClassifierParams:
+    epochs: int = 5
+    lr: float = 2e-3
+    batch_size: int = 256
+    width: int = 32
+
+
+@dataclass(frozen=True)
+class TrainParams(TrainConfig):
+    checkpoint_every: int = 500      # steps between resumable checkpoints (and at every epoch end)
+    grid_size: int = 64              # images in the per-epoch sample grid
+    grid_ddim_steps: int = 50        # DDIM steps for the per-epoch grid
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    num_samples: int = 1000
+    batch_size: int = 250
+    ddim_steps: tuple[int, ...] = (5, 10, 20, 50)
+    eta: tuple[float, ...] = (0.0,)
+    guidance: tuple[float, ...] = (2.0,)
+    grid_size: int = 100
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 250
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    device: str = "auto"
+    data: DataParams = field(default_factory=DataParams)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelParams = field(default_factory=ModelParams)
+    classifier: ClassifierParams = field(default_factory=ClassifierParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    sample: SampleParams = field(default_factory=SampleParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+def _coerce(value, kind, key: str):
+    """Check `value` against the annotation `kind`; lists become tuples, a scalar a 1-tuple."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is tuple:
+        items = value if isinstance(value, list) else [value]
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ParamsError(f"params.yaml: {key} must be a mapping of keys, got {value!r}")
+        return parse(kind, value, key)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-4" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, kind))
+    if not ok:
+        raise ParamsError(f"params.yaml: {key} must be {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def parse(cls, values: dict, prefix: str = ""):
+    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (values or {}).items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ParamsError(f"params.yaml: unknown key '{full}'{hint}; valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _checks(p: Params):
+    """(key, ok, what is allowed) for every range and choice constraint."""
+    s, t, T = p.sample, p.train, p.diffusion.timesteps
+    return [
+        ("seed", p.seed >= 0, ">= 0"),
+        ("device", p.device in DEVICES or p.device.startswith("cuda:"), "one of " + ", ".join(DEVICES)),
+        ("data.name", p.data.name in DATASETS, "one of " + ", ".join(DATASETS)),
+        ("data.limit", p.data.limit is None or p.data.limit >= 1, ">= 1 or null"),
+        ("data.test_limit", p.data.test_limit is None or p.data.test_limit >= 1, ">= 1 or null"),
+        ("diffusion.schedule", p.diffusion.schedule in SCHEDULES, "one of " + ", ".join(SCHEDULES)),
+        ("diffusion.timesteps", T >= 1, ">= 1"),
+        ("diffusion.beta_start", 0 < p.diffusion.beta_start < 1, "in (0, 1)"),
+        ("diffusion.beta_end", p.diffusion.beta_start <= p.diffusion.beta_end < 1, "in [beta_start, 1)"),
+        ("model.base_channels", p.model.base_channels >= 1, ">= 1"),
+        ("model.channel_mults", len(p.model.channel_mults) >= 1 and min(p.model.channel_mults) >= 1,
+         "a non-empty list of integers >= 1"),
+        ("model.num_res_blocks", p.model.num_res_blocks >= 1, ">= 1"),
+        ("model.num_heads", p.model.num_heads >= 1 and all(
+            p.model.base_channels * m % p.model.num_heads == 0 for m in p.model.channel_mults),
+         "a divisor of every level's channel count"),
+        ("model.dropout", 0 <= p.model.dropout < 1, "in [0, 1)"),
+        ("classifier.epochs", p.classifier.epochs >= 1, ">= 1"),
+        ("classifier.lr", p.classifier.lr > 0, "> 0"),
+        ("classifier.batch_size", p.classifier.batch_size >= 1, ">= 1"),
+        ("train.epochs", t.epochs >= 1, ">= 1"),
+        ("train.batch_size", t.batch_size >= 1, ">= 1"),
+        ("train.lr", t.lr > 0, "> 0"),
+        ("train.warmup_steps", t.warmup_steps >= 0, ">= 0"),
+        ("train.weight_decay", t.weight_decay >= 0, ">= 0"),
+        ("train.grad_clip", t.grad_clip >= 0, ">= 0 (0 disables clipping)"),
+        ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
+        ("train.p_uncond", 0 <= t.p_uncond <= 1, "in [0, 1]"),
+        ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
+        ("train.grid_size", t.grid_size >= 1, ">= 1"),
+        ("train.grid_ddim_steps", 1 <= t.grid_ddim_steps <= T, f"in [1, diffusion.timesteps = {T}]"),
+        ("sample.num_samples", s.num_samples >= 1, ">= 1"),
+        ("sample.batch_size", s.batch_size >= 1, ">= 1"),
+        ("sample.ddim_steps", len(s.ddim_steps) >= 1 and all(1 <= k <= T for k in s.ddim_steps),
+         f"a list of steps in [1, diffusion.timesteps = {T}]"),
+        ("sample.eta", len(s.eta) >= 1 and all(e >= 0 for e in s.eta), "a list of values >= 0"),
+        ("sample.guidance", len(s.guidance) >= 1 and all(w >= 0 for w in s.guidance), "a list of values >= 0"),
+        ("sample.grid_size", s.grid_size >= 1, ">= 1"),
+        ("evaluate.batch_size", p.evaluate.batch_size >= 1, ">= 1"),
+    ]
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raises ParamsError with one line naming the offending key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such file (run stages from the repository root)") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    params = parse(Params, raw if isinstance(raw, dict) else {})
+    for key, ok, allowed in _checks(params):
+        if not ok:
+            value = dataclasses.asdict(params)
+            for part in key.split("."):
+                value = value[part]
+            raise ParamsError(f"params.yaml: {key} = {value!r} is out of range; allowed: {allowed}")
+    return params

@@ -1,0 +1,40 @@
+"""prepare: load a dataset, take the requested subset, write uint8 tensors + info.json.
+
+usage: python -m stages.prepare OUT_DIR
+"""
+
+from ddpm import atomic_save
+from ddpm.data import class_histogram, load_dataset, stratified_subset
+
+from .common import atomic_dir, run, seed_everything, write_json
+from .params import load_params
+
+
+def main(argv: list[str]) -> None:
+    (out,) = argv
+    p = load_params()
+    seed_everything(p.seed)
+    data = load_dataset(p.data.name, root=p.data.root, seed=p.seed)
+    train = stratified_subset(data.train_images, data.train_labels, p.data.limit, p.seed)
+    test = stratified_subset(data.test_images, data.test_labels, p.data.test_limit, p.seed + 1)
+    num_classes = len(data.class_names)
+    with atomic_dir(out) as tmp:
+        atomic_save({"images": train[0], "labels": train[1]}, tmp / "train.pt")
+        atomic_save({"images": test[0], "labels": test[1]}, tmp / "test.pt")
+        subset = type(data)(train[0], train[1], test[0], test[1], data.class_names)
+        write_json(tmp / "info.json", {
+            "dataset": p.data.name,
+            "shape": list(train[0].shape[1:]),
+            "class_names": list(data.class_names),
+            "train_count": len(train[0]),
+            "test_count": len(test[0]),
+            "train_histogram": class_histogram(train[1], num_classes),
+            "test_histogram": class_histogram(test[1], num_classes),
+            "content_hash": subset.content_hash(),
+        })
+    print(f"prepared {p.data.name}: {len(train[0])} train / {len(test[0])} test images of shape "
+          f"{tuple(train[0].shape[1:])}")
+
+
+if __name__ == "__main__":
+    run(main)

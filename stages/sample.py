@@ -1,0 +1,67 @@
+"""sample: draw images from a trained model with DDPM or with DDIM at each of sample.ddim_steps.
+
+usage: python -m stages.sample METHOD --model FILE --out DIR
+Writes, per sampler setting, <tag>.pt (uint8 images + requested labels), <tag>.png (a grid) and
+index.json (settings, wall time, images/s). The conditional model gets balanced labels and each
+guidance weight of sample.guidance.
+"""
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm import atomic_save, generate, load_model, resolve_device
+
+from .common import atomic_dir, run, save_grid, seed_everything, write_json
+from .params import load_params
+
+
+def settings(method: str, p, timesteps: int, conditional: bool) -> list[dict]:
+    """Every sampler setting of this method: steps x eta x guidance (guidance only when conditional)."""
+    ws = p.sample.guidance if conditional else (0.0,)
+    if method == "ddpm":
+        grid = [{"method": "ddpm", "steps": timesteps, "eta": 1.0, "guidance": w} for w in ws]
+    else:
+        grid = [{"method": "ddim", "steps": s, "eta": e, "guidance": w}
+                for s, e, w in itertools.product(p.sample.ddim_steps, p.sample.eta, ws)]
+    for g in grid:
+        g["tag"] = ("ddpm" if method == "ddpm" else f"ddim{g['steps']}_eta{g['eta']:g}") + (
+            f"_w{g['guidance']:g}" if conditional else "")
+    return grid
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("method", choices=("ddpm", "ddim"))
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args(argv)
+    p = load_params()
+    seed_everything(p.seed)
+    model, diffusion, meta = load_model(a.model, resolve_device(p.device))
+    k = model.config.num_classes
+    n = p.sample.num_samples
+    labels = torch.arange(n) % k if k else None
+    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+    index = []
+    with atomic_dir(a.out) as tmp:
+        for s in settings(a.method, p, diffusion.timesteps, k is not None):
+            start = time.perf_counter()
+            images = generate(model, diffusion, n, shape, seed=p.seed, method=s["method"], steps=s["steps"],
+                              eta=s["eta"], labels=labels, guidance=s["guidance"],
+                              batch_size=p.sample.batch_size, progress=True)
+            seconds = time.perf_counter() - start
+            atomic_save({"images": images, "labels": labels if k else torch.zeros(0, dtype=torch.long)},
+                        tmp / f"{s['tag']}.pt")
+            save_grid(images[:p.sample.grid_size], tmp / f"{s['tag']}.png", nrow=k)
+            index.append({**s, "variant": meta.get("variant"), "num_samples": n, "seed": p.seed,
+                          "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
+            print(f"{meta.get('variant', '?')} {s['tag']}: {n} images in {seconds:.1f} s")
+        write_json(tmp / "index.json", index)
+
+
+if __name__ == "__main__":
+    run(main)

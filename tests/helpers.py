@@ -1,0 +1,67 @@
+"""Helpers for end-to-end tests: a tiny copy of the project in a temporary git + DVC repo."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
+
+# Small enough that a full `dvc repro` takes a minute or two on 2 CPU cores.
+TINY = {
+    "device": "cpu",
+    "data": {"name": "glyphs", "limit": 300, "test_limit": 100},
+    "diffusion": {"timesteps": 40},
+    "model": {"base_channels": 8, "channel_mults": [1, 2, 2], "attention_resolutions": [7], "num_heads": 2},
+    "classifier": {"epochs": 4, "batch_size": 32},
+    "train": {"epochs": 2, "batch_size": 50, "warmup_steps": 2, "checkpoint_every": 4, "grid_size": 20,
+              "grid_ddim_steps": 5},
+    "sample": {"num_samples": 40, "batch_size": 40, "ddim_steps": [5, 10], "guidance": [1.0], "grid_size": 20},
+}
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command with the test interpreter's bin/ first on PATH, capturing its output."""
+    full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, shell=isinstance(cmd, str))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def stages_run(output: str) -> set[str]:
+    """The names of the stages `dvc repro` / `dvc exp run` actually ran."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def make_repo(path: Path, overrides: dict) -> Path:
+    """A git + DVC repo at `path` holding the project with `overrides` merged into params.yaml."""
+    path.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, path / name)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], path)
+    run(["git", "config", "user.email", "tests@example.com"], path)
+    run(["git", "config", "user.name", "tests"], path)
+    run(["dvc", "init", "-q"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "tiny project"], path)
+    return path

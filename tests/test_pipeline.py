@@ -1,0 +1,118 @@
+"""The DVC pipeline end to end: real git, real DVC, the tiny config on the CPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY, make_repo, run, stages_run
+
+from ddpm import load_model
+
+ALL_STAGES = {"prepare", "classifier", "train@uncond", "train@cond", "sample@uncond-ddpm", "sample@uncond-ddim",
+              "sample@cond-ddpm", "sample@cond-ddim", "evaluate"}
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+pytestmark = pytest.mark.slow
+
+
+def test_repro_runs_every_stage_and_writes_every_output(tiny_repo):
+    repo, output = tiny_repo
+    assert stages_run(output) == ALL_STAGES
+    for path in ["data/prepared/train.pt", "data/prepared/test.pt", "models/classifier/classifier.pt",
+                 "models/uncond/model.pt", "models/cond/model.pt", "models/cond/grids/epoch_002.png",
+                 "checkpoints/uncond/last.pt", "plots/loss_uncond.csv", "plots/fid_vs_steps.csv",
+                 "plots/fid_vs_steps.png", "metrics/classifier.json", "metrics/train_uncond.json"]:
+        assert (repo / path).is_file(), path
+    for variant, tags in [("uncond", ["ddim5_eta0", "ddim10_eta0"]), ("cond", ["ddim5_eta0_w1", "ddim10_eta0_w1"])]:
+        for tag in tags:
+            data = torch.load(repo / f"samples/{variant}/ddim/{tag}.pt", weights_only=True)
+            assert data["images"].shape == (40, 1, 28, 28) and data["images"].dtype == torch.uint8
+            assert (repo / f"samples/{variant}/ddim/{tag}.png").is_file()
+
+
+def test_prepared_data_matches_params(tiny_repo):
+    repo, _ = tiny_repo
+    info = json.loads((repo / "data/prepared/info.json").read_text())
+    assert info["dataset"] == "glyphs" and info["train_count"] == 300 and info["test_count"] == 100
+    assert info["train_histogram"] == [30] * 10
+    assert len(info["content_hash"]) == 64
+
+
+def test_training_metrics_and_loss_curve(tiny_repo):
+    repo, _ = tiny_repo
+    metrics = json.loads((repo / "metrics/train_cond.json").read_text())
+    assert metrics["steps"] == 2 * 6  # 2 epochs of ceil(300 / 50) steps
+    assert metrics["images_per_second"] > 0
+    lines = (repo / "plots/loss_cond.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,lr"
+    assert [int(line.split(",")[0]) for line in lines[1:]] == list(range(1, 13))
+
+
+def test_trained_model_loads_and_is_conditional(tiny_repo):
+    repo, _ = tiny_repo
+    model, diffusion, meta = load_model(repo / "models/cond/model.pt")
+    assert model.config.num_classes == 10 and diffusion.timesteps == 40
+    assert meta["variant"] == "cond" and meta["steps"] == 12
+
+
+def test_eval_metrics_cover_every_sampler(tiny_repo):
+    repo, _ = tiny_repo
+    ev = json.loads((repo / "metrics/eval.json").read_text())
+    assert set(ev["uncond"]) == {"ddpm", "ddim5_eta0", "ddim10_eta0"}
+    assert set(ev["cond"]) == {"ddpm_w1", "ddim5_eta0_w1", "ddim10_eta0_w1"}
+    for scores in [*ev["uncond"].values(), *ev["cond"].values()]:
+        assert scores["fid"] >= 0 and scores["is_mean"] >= 1 - 1e-6
+    assert 0 <= ev["cond"]["ddpm_w1"]["cond_accuracy"] <= 1
+    assert ev["protocol"]["num_real"] == 100 and ev["protocol"]["num_generated"] == 40
+
+
+def test_second_repro_runs_nothing(tiny_repo):
+    repo, _ = tiny_repo
+    proc = run(["dvc", "repro"], repo)
+    assert stages_run(proc.stdout) == set()
+    assert "changed" not in run(["dvc", "status"], repo).stdout
+
+
+def test_changing_a_sample_param_reruns_only_sampling_and_evaluation(tiny_repo):
+    repo, _ = tiny_repo
+    proc = run(["dvc", "exp", "run", "-n", "eta-half", "-S", "sample.eta=[0.5]"], repo)
+    assert stages_run(proc.stdout) == {s for s in ALL_STAGES if s.startswith(("sample", "evaluate"))}
+
+
+def test_changing_train_lr_reruns_train_sample_evaluate(tiny_repo):
+    repo, _ = tiny_repo
+    proc = run(["dvc", "exp", "run", "-n", "lr-high", "-S", "train.lr=2e-3"], repo)
+    assert stages_run(proc.stdout) == ALL_STAGES - {"prepare", "classifier"}
+    diff = run(["dvc", "metrics", "diff", "--json", "HEAD", "lr-high"], repo).stdout
+    changes = json.loads(diff)["metrics/eval.json"]
+    assert "uncond.ddpm.fid" in changes and "cond.ddim10_eta0_w1.fid" in changes
+
+
+def test_params_error_is_one_line_before_any_work(tmp_path):
+    repo = make_repo(tmp_path / "bad", {**TINY, "train": {**TINY["train"], "lrr": 0.1}})
+    proc = run(["dvc", "repro"], repo, check=False)
+    assert proc.returncode != 0
+    assert "unknown key 'train.lrr' (did you mean 'train.lr'?)" in proc.stdout + proc.stderr
+    assert not (repo / "data/prepared").exists()
+
+
+def test_missing_dataset_offline_is_a_clear_error(tmp_path):
+    repo = make_repo(tmp_path / "nodata", {**TINY, "data": {"name": "mnist", "root": str(tmp_path / "nowhere")}})
+    offline = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # refused at once
+    proc = run(["python", "-m", "stages.prepare", "data/prepared"], repo, check=False, env=offline)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1 and err[0].startswith("error:"), proc.stderr
+    assert "mnist" in err[0] and "data/raw/mnist" in err[0]
+    assert not (repo / "data/prepared").exists()
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_end_to_end(tmp_path):
+    repo = make_repo(tmp_path / "fashion", {**TINY, "data": {"name": "fashion_mnist", "limit": 300,
+                                                              "test_limit": 100}})
+    proc = run(["dvc", "repro"], repo)
+    assert stages_run(proc.stdout) == ALL_STAGES
+    info = json.loads((repo / "data/prepared/info.json").read_text())
+    assert info["class_names"][0] == "T-shirt/top" and info["train_count"] == 300
+    assert "fid" in json.loads((repo / "metrics/eval.json").read_text())["cond"]["ddpm_w1"]
