@@ -1,0 +1,219 @@
+"""Samplers against analytic optimal denoisers, plus the properties that make sampling reproducible."""
+
+import pytest
+import torch
+from torch import nn
+
+from ddpm import (
+    NULL_LABEL,
+    Diffusion,
+    DiffusionConfig,
+    ImageGenerator,
+    UNet,
+    UNetConfig,
+    ddim_sample,
+    ddim_timesteps,
+    ddpm_sample,
+    guided_eps,
+    make_betas,
+)
+
+
+class PointDenoiser(nn.Module):
+    """E[eps | x_t] when the data is the single image x*: eps = (x_t - sqrt(ab) x*) / sqrt(1 - ab)."""
+
+    def __init__(self, diffusion: Diffusion, x_star: torch.Tensor):
+        super().__init__()
+        self.alpha_bar, self.x_star = diffusion.alpha_bar.double(), x_star.double()
+
+    def forward(self, x_t, t, y=None):
+        ab = self.alpha_bar[t].reshape(-1, 1, 1, 1)
+        return ((x_t.double() - ab.sqrt() * self.x_star) / (1 - ab).sqrt()).float()
+
+
+class GaussianDenoiser(nn.Module):
+    """E[eps | x_t] for per-pixel N(mu, s^2) data: eps = sqrt(1 - ab) (x_t - sqrt(ab) mu) / (ab s^2 + 1 - ab)."""
+
+    def __init__(self, diffusion: Diffusion, mu: torch.Tensor, s: torch.Tensor):
+        super().__init__()
+        self.alpha_bar, self.mu, self.s = diffusion.alpha_bar.double(), mu.double(), s.double()
+
+    def forward(self, x_t, t, y=None):
+        ab = self.alpha_bar[t].reshape(-1, 1, 1, 1)
+        eps = (1 - ab).sqrt() * (x_t.double() - ab.sqrt() * self.mu) / (ab * self.s**2 + 1 - ab)
+        return eps.float()
+
+
+@pytest.fixture(scope="module")
+def diffusion() -> Diffusion:
+    return Diffusion(DiffusionConfig(schedule="linear", timesteps=1000).betas())
+
+
+X_STAR = torch.tensor([[-0.9, 0.0], [0.3, 1.0]]).reshape(1, 1, 2, 2)
+MU = torch.tensor([[0.5, -0.3], [0.0, 0.2]]).reshape(1, 1, 2, 2)
+S = torch.tensor([[0.1, 0.3], [0.5, 0.2]]).reshape(1, 1, 2, 2)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_single_point_data_is_recovered_exactly(diffusion, sampler):
+    model = PointDenoiser(diffusion, X_STAR)
+    x_T = torch.randn(16, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    if sampler == "ddim":
+        x0 = ddim_sample(model, diffusion, x_T, steps=20, eta=0.0, generator=gen)
+    else:
+        x0 = ddpm_sample(model, diffusion, x_T, generator=gen)
+    torch.testing.assert_close(x0, X_STAR.expand_as(x0), atol=1e-3, rtol=0)
+
+
+def sample_gaussian(diffusion, sampler, n=4000, steps=1000):
+    model = GaussianDenoiser(diffusion, MU, S)
+    x_T = torch.randn(n, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(3)
+    if sampler == "ddim":
+        return x_T, ddim_sample(model, diffusion, x_T, steps=steps, eta=0.0, generator=gen)
+    return x_T, ddpm_sample(model, diffusion, x_T, generator=gen)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_gaussian_data_moments_are_reproduced(diffusion, sampler):
+    """Ancestral sampling, and DDIM with eta = 0 over all T steps (the probability-flow ODE)."""
+    n = 4000
+    _, x0 = sample_gaussian(diffusion, sampler, n)
+    torch.testing.assert_close(x0.mean(0, keepdim=True), MU, atol=4 * S.max().item() / n**0.5, rtol=0)
+    # sampling error of a variance over 4000 samples is ~2.2%; allow discretisation error on top
+    torch.testing.assert_close(x0.var(0, keepdim=True), S**2, rtol=0.1, atol=0)
+
+
+def test_ddim_20_steps_is_the_euler_map_of_the_ode(diffusion):
+    """Song et al. eq. 13-14: in xbar = x / sqrt(ab), sigma = sqrt((1 - ab) / ab), a DDIM step is the Euler step
+    xbar' = xbar + (sigma' - sigma) eps. For Gaussian data eps = sigma (xbar - mu) / (s^2 + sigma^2), so 20 steps
+    map x_T to mu + (x_T / sqrt(ab_start) - mu) prod_i (1 + (sigma_{i-1} - sigma_i) sigma_i / (s^2 + sigma_i^2)),
+    which under-disperses (a known cost of few steps) but keeps the mean."""
+    x_T, x0 = sample_gaussian(diffusion, "ddim", n=4000, steps=20)
+    ab = torch.cumprod(1 - make_betas("linear", 1000), 0)
+    taus = list(range(0, 1000, 50))  # i * T / S
+    sigmas = [((1 - ab[t]) / ab[t]).sqrt() for t in reversed(taus)] + [torch.tensor(0.0, dtype=torch.float64)]
+    mu, s2 = MU.double(), S.double() ** 2
+    gain = torch.ones_like(mu)
+    for sigma, sigma_prev in zip(sigmas[:-1], sigmas[1:]):
+        gain = gain * (1 + (sigma_prev - sigma) * sigma / (s2 + sigma**2))
+    expected = mu + (x_T.double() / ab[taus[-1]].sqrt() - mu) * gain
+    torch.testing.assert_close(x0.double(), expected, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(x0.mean(0, keepdim=True), MU, atol=0.02, rtol=0)
+    assert torch.all(x0.var(0, keepdim=True) < S**2)
+
+
+def test_ddim_timesteps():
+    assert ddim_timesteps(1000, 50) == [20 * i for i in range(50)]
+    assert ddim_timesteps(1000, 1000) == list(range(1000))
+    assert ddim_timesteps(10, 1) == [0]
+    assert ddim_timesteps(10, 3) == [0, 3, 6]
+    for bad in (0, 1001):
+        with pytest.raises(ValueError):
+            ddim_timesteps(1000, bad)
+
+
+def test_ddim_eta_0_is_deterministic(diffusion):
+    model = GaussianDenoiser(diffusion, MU, S)
+    x_T = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(4))
+    a = ddim_sample(model, diffusion, x_T, steps=10, eta=0.0, generator=torch.Generator().manual_seed(5))
+    b = ddim_sample(model, diffusion, x_T, steps=10, eta=0.0, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b)
+    c = ddim_sample(model, diffusion, x_T, steps=10, eta=1.0, generator=torch.Generator().manual_seed(5))
+    d = ddim_sample(model, diffusion, x_T, steps=10, eta=1.0, generator=torch.Generator().manual_seed(6))
+    assert not torch.allclose(c, d)  # the noise stream matters once eta > 0
+
+
+def tiny_unet(num_classes=None, image_size=8, seed=0) -> UNet:
+    """A tiny UNet whose zero-initialised output layers are perturbed so its output depends on the input."""
+    torch.manual_seed(seed)
+    model = UNet(UNetConfig(image_size=image_size, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                            attention_resolutions=(image_size // 2,), num_heads=2, dropout=0.1,
+                            num_classes=num_classes))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_ddim_with_all_steps_and_eta_1_is_ddpm():
+    diffusion = Diffusion(make_betas("linear", 50, beta_end=0.3))
+    model = tiny_unet()
+    x_T = ImageGenerator(7, range(4)).randn((4, 1, 8, 8))
+    a = ddpm_sample(model, diffusion, x_T, generator=ImageGenerator(8, range(4)))
+    b = ddim_sample(model, diffusion, x_T, steps=50, eta=1.0, generator=ImageGenerator(8, range(4)))
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # and with the analytic denoiser over the full 1000-step schedule
+    diffusion = Diffusion(make_betas("linear", 1000))
+    model = GaussianDenoiser(diffusion, MU, S)
+    x_T = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(9))
+    a = ddpm_sample(model, diffusion, x_T, generator=torch.Generator().manual_seed(10))
+    b = ddim_sample(model, diffusion, x_T, steps=1000, eta=1.0, generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_combines_conditional_and_unconditional_predictions():
+    model = tiny_unet(num_classes=3)
+    gen = torch.Generator().manual_seed(11)
+    x_t = torch.randn(5, 1, 8, 8, generator=gen)
+    t = torch.tensor([0, 10, 50, 80, 99])
+    y = torch.tensor([0, 1, 2, 1, 0])
+    with torch.no_grad():
+        eps_c = model(x_t, t, y)
+        eps_u = model(x_t, t, torch.full_like(y, NULL_LABEL))
+    assert not torch.allclose(eps_c, eps_u, atol=1e-3)  # the labels matter, or the test proves nothing
+    assert torch.equal(guided_eps(model, x_t, t, y, 0.0), eps_c)
+    for w in (0.5, 3.0):
+        torch.testing.assert_close(guided_eps(model, x_t, t, y, w), (1 + w) * eps_c - w * eps_u,
+                                   atol=1e-5, rtol=1e-5)
+    # no labels: the plain (unconditional) prediction whatever w is
+    torch.testing.assert_close(guided_eps(model, x_t, t, None, 3.0), eps_u, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_per_image_seeds_do_not_depend_on_batching(sampler):
+    diffusion = Diffusion(make_betas("linear", 20, beta_end=0.3))
+    model = tiny_unet(num_classes=3)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+    def run(indices):
+        idx = list(indices)
+        x_T = ImageGenerator(42, idx).randn((len(idx), 1, 8, 8))
+        gen = ImageGenerator(43, idx)
+        if sampler == "ddpm":
+            return ddpm_sample(model, diffusion, x_T, y=y[idx], guidance=1.0, generator=gen)
+        return ddim_sample(model, diffusion, x_T, steps=10, eta=1.0, y=y[idx], guidance=1.0, generator=gen)
+
+    whole = run(range(8))
+    halves = torch.cat([run(range(4)), run(range(4, 8))])
+    torch.testing.assert_close(whole, halves, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(whole[:4], whole[4:])
+
+
+def test_image_generator_noise_depends_only_on_seed_and_index():
+    a = ImageGenerator(1, range(6)).randn((6, 2, 3, 3))
+    b = ImageGenerator(1, [4, 5]).randn((2, 2, 3, 3))
+    assert torch.equal(a[4:], b)
+    assert not torch.equal(ImageGenerator(2, [4, 5]).randn((2, 2, 3, 3)), b)
+    with pytest.raises(AssertionError):
+        ImageGenerator(1, range(3)).randn((4, 1, 2, 2))
+
+
+def test_return_trajectory():
+    diffusion = Diffusion(make_betas("linear", 30))
+    model = GaussianDenoiser(diffusion, MU, S)
+    x_T = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(12))
+
+    x0, traj = ddpm_sample(model, diffusion, x_T, generator=torch.Generator().manual_seed(13),
+                           return_trajectory=True)
+    assert len(traj["x_t"]) == 31 and len(traj["x0"]) == 30
+    assert torch.equal(traj["x_t"][0], x_T) and torch.equal(traj["x_t"][-1], x0)
+    plain = ddpm_sample(model, diffusion, x_T, generator=torch.Generator().manual_seed(13))
+    assert torch.equal(plain, x0)
+
+    x0, traj = ddim_sample(model, diffusion, x_T, steps=7, eta=0.5, generator=torch.Generator().manual_seed(13),
+                           return_trajectory=True)
+    assert len(traj["x_t"]) == 8 and len(traj["x0"]) == 7
+    assert torch.equal(traj["x_t"][0], x_T) and torch.equal(traj["x_t"][-1], x0)
+    assert all(x.shape == x_T.shape for x in traj["x_t"] + traj["x0"])

@@ -1,0 +1,102 @@
+"""The noise-prediction UNet: shapes at odd sizes, attention, time and class conditioning."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ddpm import NULL_LABEL, UNet, UNetConfig
+from ddpm.unet import Attention
+
+
+def perturbed(config: UNetConfig, seed: int = 0) -> UNet:
+    """An eval-mode UNet with noise added to every weight, so the zero-initialised output layers
+    no longer hide how the output depends on x_t, t and y."""
+    torch.manual_seed(seed)
+    model = UNet(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("image_size, channels, mults, attn", [
+    (28, 1, (1, 2, 2, 2), (7,)),    # 28 -> 14 -> 7 -> 4 and back
+    (28, 3, (1, 2), (14,)),
+    (32, 1, (1, 2, 2), (8,)),
+    (32, 3, (1, 2, 2, 2), (4,)),
+    (15, 1, (1, 2, 2), (4,)),       # 15 -> 8 -> 4
+])
+def test_output_shape_equals_input_shape(image_size, channels, mults, attn):
+    config = UNetConfig(in_channels=channels, image_size=image_size, base_channels=8, channel_mults=mults,
+                        num_res_blocks=1, attention_resolutions=attn, num_heads=2, dropout=0.0)
+    model = perturbed(config)
+    # attention is placed at the requested resolution (besides the middle block): one per down and up block
+    assert sum(isinstance(m, Attention) for m in model.modules()) == 1 + 1 + 2
+    x = torch.randn(3, channels, image_size, image_size)
+    with torch.no_grad():
+        out = model(x, torch.tensor([0, 5, 999]))
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_fresh_model_predicts_zero_noise():
+    """Zero-initialised output layer: an untrained model starts at eps = 0 (loss = 1)."""
+    model = UNet(UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), attention_resolutions=(4,),
+                            num_heads=2))
+    out = model(torch.randn(2, 1, 8, 8), torch.tensor([3, 7]))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+TINY = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                  attention_resolutions=(4,), num_heads=2, dropout=0.0)
+
+
+@pytest.mark.parametrize("base_channels", [8, 16, 64])
+def test_output_depends_on_input_and_timestep(base_channels):
+    model = perturbed(replace(TINY, base_channels=base_channels))
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = model(x, torch.tensor([10, 10]))
+        b = model(x, torch.tensor([500, 500]))
+        c = model(x.flip(-1), torch.tensor([10, 10]))
+    assert (a - b).abs().max() > 1e-2   # the time embedding reaches the output
+    assert (a - c).abs().max() > 1e-2
+    # each example is processed independently of the rest of the batch
+    with torch.no_grad():
+        single = model(x[:1], torch.tensor([10]))
+    torch.testing.assert_close(single, a[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_conditional_model_labels():
+    model = perturbed(replace(TINY, num_classes=4))
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.full((4,), 100)
+    with torch.no_grad():
+        none = model(x, t)
+        null = model(x, t, torch.full((4,), NULL_LABEL))
+        outs = [model(x, t, torch.full((4,), k)) for k in range(4)]
+    assert torch.equal(none, null)
+    for i in range(4):
+        assert (outs[i] - null).abs().max() > 1e-2
+        for j in range(i):
+            assert (outs[i] - outs[j]).abs().max() > 1e-2
+    # a mixed batch gives each example its own label's output
+    with torch.no_grad():
+        mixed = model(x, t, torch.tensor([2, NULL_LABEL, 0, 3]))
+    expected = torch.stack([outs[2][0], null[1], outs[0][2], outs[3][3]])
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_labels_on_unconditional_model_raise():
+    model = UNet(TINY)
+    with pytest.raises(ValueError, match="unconditional"):
+        model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1]))
+
+
+def test_gradients_reach_every_parameter():
+    model = perturbed(replace(TINY, num_classes=2)).train()
+    out = model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, NULL_LABEL]))
+    out.pow(2).mean().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
