@@ -10,8 +10,9 @@ from pathlib import Path
 from ddpm import atomic_save, resolve_device
 from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
 
-from .common import atomic_dir, load_prepared, run, seed_everything, write_json
-from .params import load_params
+from .common import atomic_dir, load_info, load_prepared, run, seed_everything, write_json
+from .params import load_params, sections
+from .tracking import stage_run
 
 
 def main(argv: list[str]) -> None:
@@ -20,6 +21,12 @@ def main(argv: list[str]) -> None:
         ap.add_argument(name, type=Path, required=True)
     a = ap.parse_args(argv)
     p = load_params()
+    with stage_run("classifier", params=sections(p, "seed", "device", "classifier"),
+                   data_hash=load_info(a.data)["content_hash"]) as tracker:
+        train(a, p, tracker)
+
+
+def train(a, p, tracker) -> None:
     seed_everything(p.seed)
     device = resolve_device(p.device)
     images, labels, info = load_prepared(a.data, "train")
@@ -33,7 +40,11 @@ def main(argv: list[str]) -> None:
     with atomic_dir(a.out) as tmp:
         atomic_save({"config": dataclasses.asdict(config), "weights": model.cpu().state_dict()},
                     tmp / "classifier.pt")
-    write_json(a.metrics, {"test_accuracy": round(acc, 5), "final_loss": round(losses[-1], 5)})
+    metrics = {"test_accuracy": round(acc, 5), "final_loss": round(losses[-1], 5)}
+    write_json(a.metrics, metrics)
+    tracker.log_history("loss", list(enumerate(losses, 1)))
+    tracker.log_metrics({"classifier_test_accuracy": acc}, parent=True)
+    tracker.log_metrics(metrics)
     print(f"classifier test accuracy {acc:.4f}")
 
 

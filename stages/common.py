@@ -14,15 +14,13 @@ from torchvision.utils import save_image
 
 import ddpm
 from ddpm import CheckpointError, safe_load
+from ddpm.data import DataError
 
 from .params import ParamsError
+from .tracking import TrackingError
 
-try:
-    from ddpm.data import DataError
-except ImportError:  # pragma: no cover
-    DataError = ValueError
-
-USER_ERRORS = (ParamsError, CheckpointError, DataError, FileNotFoundError)
+# Errors a user can act on: reported as one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ParamsError, CheckpointError, DataError, TrackingError, FileNotFoundError, FloatingPointError)
 
 
 def run(main) -> None:
@@ -44,9 +42,11 @@ def atomic_dir(path: str | Path):
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename,
     on failure it is removed, so a failed stage never leaves a partial output."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         yield tmp
         if path.exists():
@@ -91,11 +91,18 @@ def save_figure(fig, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def load_info(folder: str | Path) -> dict:
+    """info.json of the prepared data (counts, shape, class names, content hash)."""
+    path = Path(folder) / "info.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; run the prepare stage first (dvc repro prepare)")
+    return json.loads(path.read_text())
+
+
 def load_prepared(folder: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(images uint8 (N, C, H, W), labels int64 (N,), info) of a split written by the prepare stage."""
-    folder = Path(folder)
-    data = safe_load(folder / f"{split}.pt", ("images", "labels"))
-    info = json.loads((folder / "info.json").read_text())
+    info = load_info(folder)
+    data = safe_load(Path(folder) / f"{split}.pt", ("images", "labels"))
     return data["images"], data["labels"], info
 
 
@@ -105,3 +112,26 @@ def source_hash(modules=("diffusion", "ema", "schedules", "training", "unet")) -
     for name in modules:
         h.update((Path(ddpm.__file__).parent / f"{name}.py").read_bytes())
     return h.hexdigest()[:16]
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun, join the process group: nccl on CUDA, gloo on the CPU."""
+    device = ddpm.resolve_device(device_name)
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier() -> None:
+    """Wait for every process of the group (nothing to wait for without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

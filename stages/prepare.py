@@ -7,12 +7,18 @@ from ddpm import atomic_save
 from ddpm.data import class_histogram, load_dataset, stratified_subset
 
 from .common import atomic_dir, run, seed_everything, write_json
-from .params import load_params
+from .params import load_params, sections
+from .tracking import stage_run
 
 
 def main(argv: list[str]) -> None:
     (out,) = argv
     p = load_params()
+    with stage_run("prepare", params=sections(p, "seed", "data")) as tracker:
+        prepare(p, out, tracker)
+
+
+def prepare(p, out, tracker) -> None:
     seed_everything(p.seed)
     data = load_dataset(p.data.name, root=p.data.root, seed=p.seed)
     train = stratified_subset(data.train_images, data.train_labels, p.data.limit, p.seed)
@@ -22,7 +28,7 @@ def main(argv: list[str]) -> None:
         atomic_save({"images": train[0], "labels": train[1]}, tmp / "train.pt")
         atomic_save({"images": test[0], "labels": test[1]}, tmp / "test.pt")
         subset = type(data)(train[0], train[1], test[0], test[1], data.class_names)
-        write_json(tmp / "info.json", {
+        info = {
             "dataset": p.data.name,
             "shape": list(train[0].shape[1:]),
             "class_names": list(data.class_names),
@@ -31,7 +37,11 @@ def main(argv: list[str]) -> None:
             "train_histogram": class_histogram(train[1], num_classes),
             "test_histogram": class_histogram(test[1], num_classes),
             "content_hash": subset.content_hash(),
-        })
+        }
+        write_json(tmp / "info.json", info)
+    tracker.set_tags({"data_hash": info["content_hash"]})
+    tracker.log_metrics({"train_count": info["train_count"], "test_count": info["test_count"]})
+    tracker.log_artifact(f"{out}/info.json")
     print(f"prepared {p.data.name}: {len(train[0])} train / {len(test[0])} test images of shape "
           f"{tuple(train[0].shape[1:])}")
 

@@ -1,6 +1,6 @@
 """sample: draw images from a trained model with DDPM or with DDIM at each of sample.ddim_steps.
 
-usage: python -m stages.sample METHOD --model FILE --out DIR
+usage: python -m stages.sample VARIANT METHOD --model FILE --out DIR
 Writes, per sampler setting, <tag>.pt (uint8 images + requested labels), <tag>.png (a grid) and
 index.json (settings, wall time, images/s). The conditional model gets balanced labels and each
 guidance weight of sample.guidance.
@@ -16,7 +16,8 @@ import torch
 from ddpm import atomic_save, generate, load_model, resolve_device
 
 from .common import atomic_dir, run, save_grid, seed_everything, write_json
-from .params import load_params
+from .params import load_params, sections
+from .tracking import stage_run
 
 
 def settings(method: str, p, timesteps: int, conditional: bool) -> list[dict]:
@@ -35,13 +36,19 @@ def settings(method: str, p, timesteps: int, conditional: bool) -> list[dict]:
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("variant", choices=("uncond", "cond"))
     ap.add_argument("method", choices=("ddpm", "ddim"))
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     p = load_params()
+    with stage_run("sample", f"{a.variant}-{a.method}", sections(p, "seed", "device", "sample")) as tracker:
+        sample(a, p, tracker)
+
+
+def sample(a, p, tracker) -> None:
     seed_everything(p.seed)
-    model, diffusion, meta = load_model(a.model, resolve_device(p.device))
+    model, diffusion, _ = load_model(a.model, resolve_device(p.device))
     k = model.config.num_classes
     n = p.sample.num_samples
     labels = torch.arange(n) % k if k else None
@@ -52,15 +59,18 @@ def main(argv: list[str]) -> None:
             start = time.perf_counter()
             images = generate(model, diffusion, n, shape, seed=p.seed, method=s["method"], steps=s["steps"],
                               eta=s["eta"], labels=labels, guidance=s["guidance"],
-                              batch_size=p.sample.batch_size, progress=True)
+                              batch_size=p.sample.batch_size, clip_x0=p.sample.clip_x0, progress=True)
             seconds = time.perf_counter() - start
             atomic_save({"images": images, "labels": labels if k else torch.zeros(0, dtype=torch.long)},
                         tmp / f"{s['tag']}.pt")
             save_grid(images[:p.sample.grid_size], tmp / f"{s['tag']}.png", nrow=k)
-            index.append({**s, "variant": meta.get("variant"), "num_samples": n, "seed": p.seed,
+            index.append({**s, "variant": a.variant, "num_samples": n, "seed": p.seed,
                           "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
-            print(f"{meta.get('variant', '?')} {s['tag']}: {n} images in {seconds:.1f} s")
+            print(f"{a.variant} {s['tag']}: {n} images in {seconds:.1f} s")
+            tracker.log_metrics({f"{s['tag']}.seconds": seconds, f"{s['tag']}.images_per_second": n / seconds})
         write_json(tmp / "index.json", index)
+    for f in [*sorted(a.out.glob("*.png")), a.out / "index.json"]:
+        tracker.log_artifact(f, "samples")
 
 
 if __name__ == "__main__":

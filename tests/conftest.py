@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny project reproduced once per test session."""
+"""Shared fixtures: the tiny project reproduced once per test session, and two experiments on it."""
 
 from pathlib import Path
 
@@ -14,3 +14,15 @@ def tiny_repo(tmp_path_factory) -> tuple[Path, str]:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "reproduced"], repo)
     return repo, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_experiments(tiny_repo) -> dict[str, str]:
+    """Two experiments on the tiny project: a sample param in the workspace, and train.lr in a
+    temporary copy (`--temp`, which runs under .dvc/tmp/exps/). Returns each one's output."""
+    repo, _ = tiny_repo
+    out = {}
+    for name, args in [("eta-half", ["-S", "sample.eta=[0.5]"]), ("lr-high", ["--temp", "-S", "train.lr=2e-3"])]:
+        proc = run(["dvc", "exp", "run", "-n", name, *args], repo)
+        out[name] = proc.stdout + proc.stderr
+    return out

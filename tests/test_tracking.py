@@ -1,0 +1,163 @@
+"""MLflow tracking of the tiny pipeline, queried back from the real store."""
+
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from helpers import run
+from mlflow.tracking import MlflowClient
+
+from ddpm import generate, load_model
+
+pytestmark = pytest.mark.slow
+STAGE_RUNS = {"prepare", "classifier", "reference", "train-uncond", "train-cond", "sample-uncond-ddpm",
+              "sample-uncond-ddim", "sample-cond-ddpm", "sample-cond-ddim", "evaluate", "visualize"}
+
+
+def client_for(repo: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs_of(client: MlflowClient, parent_id: str) -> dict:
+    exp = client.get_experiment_by_name("ddpm")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.info.run_name: r for r in children}
+
+
+def first_parent(client: MlflowClient):
+    exp = client.get_experiment_by_name("ddpm")
+    parents = client.search_runs([exp.experiment_id], "tags.role = 'pipeline'", order_by=["attributes.start_time ASC"])
+    return parents[0]
+
+
+def test_every_stage_is_a_nested_run_with_tags(tiny_repo):
+    repo, _ = tiny_repo
+    client = client_for(repo)
+    parent = first_parent(client)
+    runs = runs_of(client, parent.info.run_id)
+    assert set(runs) == STAGE_RUNS
+    data_hash = yaml.safe_load((repo / "data/prepared/info.json").read_text())["content_hash"]
+    commit = run(["git", "rev-parse", "HEAD~1"], repo).stdout.strip()  # the commit before "reproduced"
+    for name, r in runs.items():
+        assert r.info.status == "FINISHED", name
+        assert r.data.tags["stage"] == name.split("-")[0]
+        assert r.data.tags["git_commit"] == commit
+        assert len(r.data.tags["params_hash"]) == 16
+    assert runs["train-cond"].data.tags["variant"] == "cond"
+    assert runs["train-cond"].data.tags["data_hash"] == data_hash
+    assert runs["evaluate"].data.tags["data_hash"] == data_hash
+
+
+def test_params_match_params_yaml(tiny_repo):
+    repo, _ = tiny_repo
+    client = client_for(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    train = runs_of(client, first_parent(client).info.run_id)["train-uncond"].data.params
+    assert float(train["train.lr"]) == params["train"]["lr"]
+    assert int(train["diffusion.timesteps"]) == params["diffusion"]["timesteps"]
+    assert train["model.channel_mults"] == str(params["model"]["channel_mults"])
+    assert not any(k.startswith(("sample.", "data.")) for k in train)  # only what the stage read
+
+
+def test_loss_history_has_one_point_per_step(tiny_repo):
+    repo, _ = tiny_repo
+    client = client_for(repo)
+    train = runs_of(client, first_parent(client).info.run_id)["train-cond"]
+    history = client.get_metric_history(train.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 13))
+    csv = (repo / "plots/loss_cond.csv").read_text().splitlines()[1:]
+    assert [round(m.value, 6) for m in sorted(history, key=lambda m: m.step)] == [float(r.split(",")[1]) for r in csv]
+    assert len(client.get_metric_history(train.info.run_id, "lr")) == 12
+
+
+def test_parent_carries_headline_metrics(tiny_repo):
+    repo, _ = tiny_repo
+    metrics = first_parent(client_for(repo)).data.metrics
+    assert {"uncond.ddpm.fid", "uncond.ddim10_eta0.fid", "cond.ddpm_w1.is_mean", "cond.ddpm_w1.cond_accuracy",
+            "classifier_test_accuracy"} <= set(metrics)
+
+
+def test_model_artifact_loads_and_samples(tiny_repo, tmp_path):
+    repo, _ = tiny_repo
+    client = client_for(repo)
+    train = runs_of(client, first_parent(client).info.run_id)["train-cond"]
+    artifacts = {a.path for a in client.list_artifacts(train.info.run_id, "grids")}
+    assert artifacts == {"grids/epoch_001.png", "grids/epoch_002.png"}
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    local = mlflow.artifacts.download_artifacts(run_id=train.info.run_id, artifact_path="model", dst_path=tmp_path)
+    model, diffusion, meta = load_model(Path(local) / "model.pt")
+    images = generate(model, diffusion, 4, (1, 28, 28), seed=0, steps=3, labels=torch.arange(4))
+    assert images.shape == (4, 1, 28, 28) and images.dtype == torch.uint8
+    versions = client.search_model_versions("name = 'ddpm-cond'")
+    assert any(v.run_id == train.info.run_id for v in versions)
+
+
+def test_experiments_get_their_own_parent_runs(tiny_repo, tiny_experiments):
+    repo, _ = tiny_repo
+    client = client_for(repo)
+    exp = client.get_experiment_by_name("ddpm")
+    for name, stages in [("eta-half", {"sample-uncond-ddim", "evaluate"}), ("lr-high", {"train-uncond", "evaluate"})]:
+        (parent,) = client.search_runs([exp.experiment_id], f"tags.DVC_EXP_NAME = '{name}' and tags.role = 'pipeline'")
+        children = runs_of(client, parent.info.run_id)
+        assert stages <= set(children) and "prepare" not in children
+        assert all(r.data.tags["DVC_EXP_NAME"] == name for r in children.values())
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))  # the --temp run logged into the main store
+
+
+def test_tracking_uri_from_the_environment_is_used(tiny_repo, tmp_path):
+    repo, _ = tiny_repo
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    run([sys.executable, "-m", "stages.prepare", str(tmp_path / "prepared")], repo, env={"MLFLOW_TRACKING_URI": uri})
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'prepare'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_unreachable_tracking_server_is_one_clear_line(tiny_repo, tmp_path):
+    repo, _ = tiny_repo
+    proc = run([sys.executable, "-m", "stages.prepare", str(tmp_path / "prepared")], repo, check=False,
+               env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1
+    assert lines[-1].startswith("error: MLflow tracking store http://127.0.0.1:9 is unreachable")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "prepared").exists()
+    proc = run([sys.executable, "-m", "stages.prepare", str(tmp_path / "prepared")], repo, check=False,
+               env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "DDPM_TRACKING": "warn"})
+    assert proc.returncode == 0 and "unreachable" in proc.stderr and (tmp_path / "prepared/info.json").is_file()
+
+
+def test_report_lists_experiments_with_fid(tiny_repo, tiny_experiments, tmp_path):
+    repo, _ = tiny_repo
+    proc = run([sys.executable, "-m", "stages.report", "--csv", str(tmp_path / "table.csv")], repo)
+    assert "eta-half" in proc.stdout and "lr-high" in proc.stdout and "uncond.ddpm.fid" in proc.stdout
+    import pandas as pd
+    table = pd.read_csv(tmp_path / "table.csv", index_col=0)
+    assert table.loc["lr-high", "train.lr"] == 0.002 and table["uncond.ddpm.fid"].notna().all()
+
+
+def test_queued_experiments_in_parallel_both_land_in_mlflow(tiny_repo):
+    repo, _ = tiny_repo
+    names = {"queued-a": "[0.2]", "queued-b": "[0.3]"}
+    for name, eta in names.items():
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"sample.eta={eta}"], repo)
+    run(["dvc", "queue", "start", "-j", "2"], repo)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if not any(s in status for s in ("Queued", "Running")):
+            break
+        time.sleep(3)
+    assert status.count("Success") >= 2, status
+    client = client_for(repo)
+    exp = client.get_experiment_by_name("ddpm")
+    for name in names:
+        (parent,) = client.search_runs([exp.experiment_id], f"tags.DVC_EXP_NAME = '{name}' and tags.role = 'pipeline'")
+        children = runs_of(client, parent.info.run_id)
+        assert {"sample-uncond-ddpm", "sample-cond-ddim", "evaluate"} <= set(children)
+        assert all(r.info.status == "FINISHED" for r in children.values())
+        assert f"uncond.ddim5_eta{names[name][1:-1]}.fid" in parent.data.metrics
