@@ -58,9 +58,11 @@ class Trainer:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.ema = EMA(model.module if hasattr(model, "module") else model, config.ema_decay)
+        # under DistributedDataParallel, `model` is the wrapper and `net` the network it wraps
+        self.net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.ema = EMA(self.net, config.ema_decay)
         self.step = 0
-        self.generator = torch.Generator(device).manual_seed(seed * 7919 + rank)
+        self.generator = torch.Generator(device)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -86,6 +88,8 @@ class Trainer:
         y = self.labels[idx] if self.labels is not None else None
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
+        # t and the noise of step k on rank r depend only on (seed, k, r): exact resumes, distinct ranks
+        self.generator.manual_seed((self.seed << 40) + (self.step << 8) + self.rank)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             loss = self.diffusion.loss(self.model, x0, y, self.config.p_uncond, self.generator).mean()
         if not torch.isfinite(loss):
@@ -96,7 +100,7 @@ class Trainer:
         if self.config.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        self.ema.update(self.model.module if hasattr(self.model, "module") else self.model)
+        self.ema.update(self.net)
         self.step += 1
         return loss.detach()
 
@@ -112,7 +116,11 @@ class Trainer:
         while self.step < self.total_steps:
             epoch, i = divmod(self.step, self.steps_per_epoch)
             start = time.perf_counter()
-            loss = self.train_step(self.batch_indices(epoch, i)).item()
+            loss = self.train_step(self.batch_indices(epoch, i))
+            if self.world_size > 1:  # report the global batch's loss, the same on every rank
+                torch.distributed.all_reduce(loss)
+                loss = loss / self.world_size
+            loss = loss.item()
             seconds = time.perf_counter() - start
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
@@ -123,19 +131,20 @@ class Trainer:
         bar.close()
 
     def state_dict(self) -> dict:
-        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+        state = {"model": self.net.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "step": self.step, "torch_rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.net.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
-        self.generator.set_state(state["generator"])
+        if self.world_size > 1:  # the saved RNG is rank 0's: give each rank its own dropout stream
+            torch.manual_seed((self.seed << 40) + (self.step << 8) + self.rank)
+            return
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

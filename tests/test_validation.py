@@ -1,0 +1,69 @@
+"""Bad params: one line naming the key and what is allowed, exit code 1, nothing written."""
+
+import sys
+
+import pytest
+import yaml
+from helpers import ROOT
+
+from stages import prepare
+from stages.common import run
+
+BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+CASES = [  # (section, key, bad value, expected message fragment)
+    ("train", "lrr", 0.1, "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    (None, "trainn", {}, "unknown key 'trainn' (did you mean 'train'?)"),
+    ("train", "lr", 0, "train.lr = 0.0 is out of range; allowed: > 0"),
+    ("train", "lr", "fast", "train.lr must be float, got 'fast'"),
+    ("train", "batch_size", 0, "train.batch_size = 0 is out of range; allowed: >= 1"),
+    ("train", "epochs", 2.5, "train.epochs must be int, got 2.5"),
+    ("train", "p_uncond", 1.5, "train.p_uncond = 1.5 is out of range; allowed: in [0, 1]"),
+    ("train", "ema_decay", 1.0, "train.ema_decay = 1.0 is out of range; allowed: in [0, 1)"),
+    ("train", "bf16", "yes", "train.bf16 must be bool, got 'yes'"),
+    ("sample", "guidance", [-1.0], "sample.guidance = (-1.0,) is out of range; allowed: a list of values >= 0"),
+    ("sample", "ddim_steps", [10, 2000], "sample.ddim_steps = (10, 2000) is out of range; allowed: a list of "
+                                         "steps in [1, diffusion.timesteps = 1000]"),
+    ("sample", "eta", [-0.1], "sample.eta = (-0.1,) is out of range"),
+    ("sample", "num_samples", 0, "sample.num_samples = 0 is out of range"),
+    ("data", "name", "imagenet", "data.name = 'imagenet' is out of range; allowed: one of mnist, fashion_mnist"),
+    ("data", "limit", 0, "data.limit = 0 is out of range; allowed: >= 1 or null"),
+    ("diffusion", "schedule", "quadratic", "diffusion.schedule = 'quadratic' is out of range; allowed: one of linear, "
+                                           "cosine"),
+    ("diffusion", "timesteps", 0, "diffusion.timesteps = 0 is out of range"),
+    ("model", "dropout", 1.5, "model.dropout = 1.5 is out of range"),
+    ("model", "channel_mults", [], "model.channel_mults = () is out of range"),
+    ("model", "num_heads", 3, "model.num_heads = 3 is out of range; allowed: a divisor of every level's channel"),
+    (None, "device", "tpu", "device = 'tpu' is out of range; allowed: one of auto, cpu, cuda, mps"),
+    (None, "seed", "one", "seed must be int, got 'one'"),
+]
+
+
+def run_prepare(tmp_path, monkeypatch, capsys) -> tuple[int, list[str]]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["prepare", "data/prepared"])
+    with pytest.raises(SystemExit) as exit_info:
+        run(prepare.main)
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("section,key,value,message", CASES, ids=[f"{s}.{k}" if s else k for s, k, *_ in CASES])
+def test_bad_param_is_one_clear_line(tmp_path, monkeypatch, capsys, section, key, value, message):
+    params = yaml.safe_load(yaml.safe_dump(BASE))
+    (params[section] if section else params)[key] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code, err = run_prepare(tmp_path, monkeypatch, capsys)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: params.yaml: ") and message in err[0], err[0]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_params_file_that_is_not_yaml(tmp_path, monkeypatch, capsys):
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    code, err = run_prepare(tmp_path, monkeypatch, capsys)
+    assert code == 1 and len(err) == 1 and "params.yaml: not valid YAML" in err[0]
+
+
+def test_dvc_style_float_without_a_dot_is_accepted():
+    from stages.params import Params, parse
+    assert parse(Params, {"train": {"lr": "2e-4"}}).train.lr == 2e-4
