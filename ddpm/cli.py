@@ -1,0 +1,301 @@
+"""The `ddpm` command: sample a trained model file and draw pictures of it.
+
+    ddpm sample      --model models/cond/model.pt --guidance 2 --out samples.png   # one row per class
+    ddpm reverse     --model models/uncond/model.pt --num 4 --frames 10 --out reverse.png
+    ddpm interpolate --model models/uncond/model.pt --frames 8 --out interpolation.png
+    ddpm compare     --model models/uncond/model.pt --steps 5 10 20 50 --out compare.png
+    ddpm schedule    --timesteps 1000 --out schedule.png
+
+Image i's starting noise depends only on (--seed, i), so the same seed on the same device writes the
+same picture. A picture is the raw image grid (white 2-pixel padding, torchvision's make_grid layout)
+or, with --labels, a figure with row and column labels. Every argument is checked before any sampling starts; a problem
+is one line `error: ...` on stderr and exit status 2.
+"""
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from . import pictures
+from .checkpoint import CheckpointError, load_model
+from .diffusion import NULL_LABEL, Diffusion
+from .sampling import ImageGenerator, generate
+from .training import resolve_device
+
+DEFAULT_DDIM_STEPS = 50
+DEFAULT_COMPARE_STEPS = (5, 10, 20, 50)
+
+
+class UsageError(Exception):
+    """A bad argument or input file, reported in one line before any sampling."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def at_least(lo, kind=int):
+    """An argparse type: a number of `kind` that is >= lo."""
+    def check(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not value >= lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        return value
+    return check
+
+
+def file_with_suffix(suffix: str):
+    def check(text: str) -> Path:
+        if Path(text).suffix.lower() != suffix:
+            raise argparse.ArgumentTypeError(f"must be a {suffix} file, got {text!r}")
+        return Path(text)
+    return check
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="ddpm", description="Sample a trained DDPM model file and draw pictures of it.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, out: str, num: int | None = None, num_help: str = "") -> Parser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--out", type=file_with_suffix(".png"), default=Path(out), help=f"PNG to write ({out})")
+        if num is None:
+            return p
+        p.add_argument("--model", type=Path, required=True, help="a model file written by the train stage")
+        p.add_argument("--num", type=at_least(1), default=num, help=f"{num_help} ({num})")
+        p.add_argument("--class", dest="klass", metavar="K", help="class index or name (conditional models); "
+                       "without it a conditional model cycles through its classes")
+        p.add_argument("--guidance", type=at_least(0.0, float), metavar="W",
+                       help="classifier-free guidance weight w >= 0 (conditional models; default 0)")
+        p.add_argument("--seed", type=at_least(0), default=0, help="image i's noise depends only on (seed, i)")
+        p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+        p.add_argument("--labels", action="store_true", help="write a figure with row and column labels")
+        return p
+
+    def sampler(p: Parser, steps_help: str) -> None:
+        p.add_argument("--method", choices=("ddpm", "ddim"), default="ddim",
+                       help="ddim (eta 0 unless --eta) or ddpm (ancestral, eta 1)")
+        p.add_argument("--steps", type=at_least(1), help=steps_help)
+
+    p = command("sample", "Sample a grid of images.", "samples.png", num=100, num_help="images; a conditional "
+                "model without --class draws ceil(num / classes) per class, one row per class")
+    sampler(p, f"sampling steps in [1, T] (DDIM: {DEFAULT_DDIM_STEPS}; DDPM: T, fewer skips steps)")
+    p.add_argument("--eta", type=at_least(0.0, float), help="DDIM stochasticity eta >= 0 (default 0)")
+    p.add_argument("--batch-size", type=at_least(1), default=250, help="images per batch (250)")
+    p.add_argument("--save-array", type=file_with_suffix(".npz"), metavar="FILE.npz",
+                   help="also save images uint8 (N, C, H, W) and labels (N,) (-1: unconditional)")
+    p.set_defaults(run=cmd_sample)
+
+    p = command("reverse", "The reverse process: x_t and the predicted x0 at evenly spaced steps.",
+                "reverse.png", num=4, num_help="images, two rows each")
+    sampler(p, f"sampling steps in [1, T] (DDIM: {DEFAULT_DDIM_STEPS}; DDPM: T)")
+    p.add_argument("--frames", type=at_least(2), default=10, help="columns per image (10)")
+    p.set_defaults(run=cmd_reverse)
+
+    p = command("interpolate", "Decode spherical interpolations between two noises with DDIM (eta 0); "
+                "row r goes from image 2r's noise to image 2r+1's.", "interpolation.png", num=4, num_help="rows")
+    p.add_argument("--frames", type=at_least(2), default=8, help="images per row (8)")
+    p.add_argument("--steps", type=at_least(1), help=f"DDIM steps in [1, T] ({DEFAULT_DDIM_STEPS})")
+    p.set_defaults(run=cmd_interpolate)
+
+    p = command("compare", "The same noise decoded by DDPM (eta 1) and DDIM (eta 0) at several step counts.",
+                "compare.png", num=4, num_help="images, one row each")
+    p.add_argument("--steps", type=at_least(1), nargs="+",
+                   help=f"step counts in [1, T] ({' '.join(map(str, DEFAULT_COMPARE_STEPS))}, those <= T)")
+    p.set_defaults(run=cmd_compare)
+
+    p = command("schedule", "Plot beta_t, alpha_bar_t and log-SNR of the linear and cosine schedules.",
+                "schedule.png")
+    p.add_argument("--timesteps", type=at_least(1), default=1000, help="T (1000)")
+    p.set_defaults(run=cmd_schedule)
+    return ap
+
+
+@dataclass
+class Loaded:
+    """A model file and what the arguments mean for it, checked before any sampling."""
+    model: nn.Module
+    diffusion: Diffusion
+    class_names: list[str] | None   # None for an unconditional model
+    klass: int | None               # the --class index
+    guidance: float
+    shape: tuple[int, int, int]
+
+    def labels(self, n: int) -> torch.Tensor | None:
+        """(n,) labels: --class, or the classes in turn; None for an unconditional model."""
+        if self.class_names is None:
+            return None
+        return torch.full((n,), self.klass) if self.klass is not None else torch.arange(n) % len(self.class_names)
+
+    def row_names(self, labels: torch.Tensor | None) -> list[str] | None:
+        return None if labels is None else [self.class_names[i] for i in labels.tolist()]
+
+    def describe(self, sampler: str) -> str:
+        return sampler + (f", w = {self.guidance:g}" if self.class_names is not None else "")
+
+
+def pick_device(name: str) -> torch.device:
+    try:
+        device = resolve_device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    backend = {"cuda": torch.cuda.is_available,
+               "mps": lambda: getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()}
+    if device.type in backend and not backend[device.type]():
+        raise UsageError(f"--device {name}: {device.type} is not available here; use --device cpu")
+    return device
+
+
+def load(args) -> Loaded:
+    """Load --model and check --class, --guidance and every step count against it."""
+    model, diffusion, meta = load_model(args.model, pick_device(args.device))
+    k, T = model.config.num_classes, diffusion.timesteps
+    if k is None and (args.klass is not None or args.guidance is not None):
+        flag = "--class" if args.klass is not None else "--guidance"
+        raise UsageError(f"{flag} needs a class-conditional model, but {args.model} is unconditional")
+    names = [str(n) for n in meta.get("class_names") or range(k)] if k else None
+    klass = None
+    if args.klass is not None:
+        klass = names.index(args.klass) if args.klass in names else int(args.klass) if args.klass.isdigit() else -1
+        if not 0 <= klass < k:
+            raise UsageError(f"--class {args.klass} is not a class of {args.model}: "
+                             f"use 0..{k - 1} or a name ({', '.join(names)})")
+    steps = args.steps if isinstance(args.steps, list) else [args.steps] if args.steps else []
+    for s in steps:
+        if s > T:
+            raise UsageError(f"--steps {s} is more than the model's T = {T} timesteps")
+    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+    return Loaded(model, diffusion, names, klass, args.guidance or 0.0, shape)
+
+
+def prepare_output(path: Path | None) -> None:
+    """Create the output's folder now, so that a bad path fails before any sampling."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the folder of {path}: {e.strerror}") from None
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) to a temporary file beside `path`, then rename it over `path`."""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {path}")
+
+
+def write_picture(args, picture: pictures.Picture) -> None:
+    """The raw grid, or with --labels the figure with its labels and title."""
+    if args.labels:
+        fig = picture.figure()
+        atomic_write(args.out, lambda tmp: fig.savefig(tmp, dpi=100))
+        return
+    grid = picture.grid()
+    array = grid[0].numpy() if picture.images.shape[1] == 1 else grid.permute(1, 2, 0).numpy()
+    atomic_write(args.out, lambda tmp: Image.fromarray(array).save(tmp))
+
+
+def sampler_steps(args, m: Loaded) -> tuple[int, float]:
+    """(steps, eta) of --method: DDIM takes 50 steps (at most T) and eta 0 unless told; DDPM is eta = 1,
+    over all T steps unless told fewer (then it is DDIM with eta = 1, Song et al. 2020 eq. 16)."""
+    T = m.diffusion.timesteps
+    if args.method == "ddpm":
+        if getattr(args, "eta", None) is not None:
+            raise UsageError("--eta is for --method ddim; DDPM is eta = 1")
+        return args.steps or T, 1.0
+    return args.steps or min(DEFAULT_DDIM_STEPS, T), getattr(args, "eta", None) or 0.0
+
+
+def cmd_sample(args, m: Loaded) -> None:
+    steps, eta = sampler_steps(args, m)
+    method = "ddpm" if args.method == "ddpm" and steps == m.diffusion.timesteps else "ddim"
+    if m.class_names is not None and m.klass is None:  # one row per class
+        per_class = math.ceil(args.num / len(m.class_names))
+        labels, nrow = torch.arange(len(m.class_names)).repeat_interleave(per_class), per_class
+    else:
+        labels, nrow = m.labels(args.num), math.ceil(math.sqrt(args.num))
+    images = generate(m.model, m.diffusion, len(labels) if labels is not None else args.num, m.shape,
+                      seed=args.seed, method=method, steps=steps, eta=eta, labels=labels, guidance=m.guidance,
+                      batch_size=args.batch_size, progress=True)
+    title = m.describe(f"{args.method.upper()} {steps} steps" + (f", eta = {eta:g}" if args.method == "ddim" else ""))
+    rows = m.row_names(None if labels is None else labels[::nrow])
+    write_picture(args, pictures.Picture(images, nrow, title, rows))
+    if args.save_array:
+        y = labels if labels is not None else torch.full((len(images),), NULL_LABEL)
+        atomic_write(args.save_array, lambda tmp: np.savez(tmp, images=images.numpy(), labels=y.numpy()))
+
+
+def cmd_reverse(args, m: Loaded) -> None:
+    steps, _ = sampler_steps(args, m)
+    gen = ImageGenerator(args.seed, range(args.num), m.diffusion.betas.device)
+    x_T, y = gen.randn((args.num, *m.shape)), m.labels(args.num)
+    picture = pictures.reverse_strip(m.model, m.diffusion, x_T, y=None if y is None else y.to(x_T.device),
+                                     guidance=m.guidance, num_frames=args.frames, method=args.method, steps=steps,
+                                     generator=gen, progress=True)
+    if y is not None:
+        picture.row_labels = [r for name in m.row_names(y) for r in (f"{name}: x_t", "predicted x0")]
+    picture.title = m.describe(f"Reverse process, {args.method.upper()} {steps} steps")
+    write_picture(args, picture)
+
+
+def cmd_interpolate(args, m: Loaded) -> None:
+    steps = args.steps or min(DEFAULT_DDIM_STEPS, m.diffusion.timesteps)
+    gen = ImageGenerator(args.seed, range(2 * args.num), m.diffusion.betas.device)
+    noise, y = gen.randn((2 * args.num, *m.shape)), m.labels(args.num)
+    picture = pictures.interpolation(m.model, m.diffusion, noise[0::2], noise[1::2], args.frames, y=y,
+                                     guidance=m.guidance, steps=steps, progress=True)
+    picture.title, picture.row_labels = m.describe(f"Slerp between two noises, DDIM {steps} steps"), m.row_names(y)
+    write_picture(args, picture)
+
+
+def cmd_compare(args, m: Loaded) -> None:
+    T = m.diffusion.timesteps
+    steps = args.steps or [s for s in DEFAULT_COMPARE_STEPS if s <= T] or [T]
+    y = m.labels(args.num)
+    picture = pictures.sampler_comparison(m.model, m.diffusion, args.num, m.shape, seed=args.seed, steps=steps,
+                                          y=y, guidance=m.guidance, progress=True)
+    picture.title, picture.row_labels = m.describe("Same noise: DDPM (eta 1) vs DDIM (eta 0)"), m.row_names(y)
+    write_picture(args, picture)
+
+
+def cmd_schedule(args) -> None:
+    fig = pictures.schedule_figure(args.timesteps)
+    atomic_write(args.out, lambda tmp: fig.savefig(tmp, dpi=100))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        loaded = None if args.command == "schedule" else load(args)
+        if hasattr(args, "method"):
+            sampler_steps(args, loaded)  # rejects --eta with --method ddpm
+        prepare_output(args.out)
+        prepare_output(getattr(args, "save_array", None))
+        if loaded is None:
+            args.run(args)
+        else:
+            args.run(args, loaded)
+    except (UsageError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

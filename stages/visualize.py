@@ -1,0 +1,81 @@
+"""visualize: pictures of the trained models for people to look at (the metrics are evaluate's).
+
+usage: python -m stages.visualize --uncond FILE --cond FILE --out DIR
+Writes into DIR, each picture with row and column labels: cond_classes.png (one row per class, with
+guidance visualize.guidance); for each model <variant>_reverse.png (x_t and the predicted x0 along
+DDIM), <variant>_interpolation.png (DDIM decodings of a slerp between two noises) and
+<variant>_compare.png (the same noise through DDPM and DDIM at visualize.compare_steps); and
+schedule.png (beta_t, alpha_bar_t and log-SNR of the linear and cosine schedules).
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ddpm import ImageGenerator, generate, load_model, resolve_device
+from ddpm.pictures import Picture, interpolation, reverse_strip, sampler_comparison, schedule_figure
+
+from .common import atomic_dir, run, save_figure, seed_everything
+from .params import load_params, sections
+from .tracking import stage_run
+
+
+def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> int:
+    """Every picture of one model into `out`; returns the model's T."""
+    v, seed, n = p.visualize, p.seed, p.visualize.num_images
+    model, diffusion, meta = load_model(model_path, device)
+    k, T = model.config.num_classes, diffusion.timesteps
+    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+    steps, w = min(v.steps, T), v.guidance if k else 0.0
+    names = [str(c) for c in meta.get("class_names") or range(k or 0)]
+    y = torch.arange(n) % k if k else None
+    rows = [names[i] for i in y] if k else None
+    tag = f"{variant} model" + (f", w = {w:g}" if k else "")
+
+    if k:  # one row per class
+        labels = torch.arange(k).repeat_interleave(v.per_class)
+        images = generate(model, diffusion, len(labels), shape, seed=seed, steps=steps, labels=labels, guidance=w,
+                          batch_size=len(labels), progress=True)
+        save_figure(Picture(images, v.per_class, f"{tag}: DDIM {steps} steps", names).figure(),
+                    out / f"{variant}_classes.png")
+
+    gen = ImageGenerator(seed, range(n), device)
+    strip = reverse_strip(model, diffusion, gen.randn((n, *shape)), y=y.to(device) if k else None, guidance=w,
+                          num_frames=v.frames, steps=steps, generator=gen, progress=True)
+    strip.title = f"{tag}: reverse process, DDIM {steps} steps"
+    if k:
+        strip.row_labels = [r for name in rows for r in (f"{name}: x_t", "predicted x0")]
+    save_figure(strip.figure(), out / f"{variant}_reverse.png")
+
+    noise = ImageGenerator(seed, range(2 * n), device).randn((2 * n, *shape))
+    pic = interpolation(model, diffusion, noise[0::2], noise[1::2], v.frames, y=y, guidance=w, steps=steps,
+                        progress=True)
+    pic.title, pic.row_labels = f"{tag}: slerp between two noises, DDIM {steps} steps", rows
+    save_figure(pic.figure(), out / f"{variant}_interpolation.png")
+
+    pic = sampler_comparison(model, diffusion, n, shape, seed=seed, y=y, guidance=w, progress=True,
+                             steps=[s for s in v.compare_steps if s <= T] or [T])
+    pic.title, pic.row_labels = f"{tag}: the same noise, DDPM (eta 1) vs DDIM (eta 0)", rows
+    save_figure(pic.figure(), out / f"{variant}_compare.png")
+    return T
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    for name in ("--uncond", "--cond", "--out"):
+        ap.add_argument(name, type=Path, required=True)
+    a = ap.parse_args(argv)
+    p = load_params()
+    with stage_run("visualize", params=sections(p, "seed", "device", "visualize")) as tracker:
+        seed_everything(p.seed)
+        device = resolve_device(p.device)
+        with atomic_dir(a.out) as tmp:
+            draw("uncond", a.uncond, p, device, tmp)
+            T = draw("cond", a.cond, p, device, tmp)
+            save_figure(schedule_figure(T), tmp / "schedule.png")
+        tracker.log_artifact(a.out, "pictures")
+
+
+if __name__ == "__main__":
+    run(main)
