@@ -1,31 +1,52 @@
-"""Sample-quality metrics (FID, IS, KID, precision/recall) through torch-fidelity.
+"""Sample-quality metrics (FID, IS, KID, precision/recall) computed by torch-fidelity from stored features.
 
-The features come from the domain classifier (ddpm.classifier), registered with torch-fidelity as the
-feature extractor `EXTRACTOR_NAME`. torch-fidelity builds extractors by name as
-`cls(name, features_list, **kwargs)` from the keyword arguments of `calculate_metrics`, so the trained
-classifier travels in the keyword `feature_extractor_classifier`:
+Two feature extractors, both torch-fidelity `FeatureExtractorBase` modules:
 
-    torch_fidelity.calculate_metrics(input1=UInt8Dataset(gen), input2=UInt8Dataset(ref), fid=True,
-                                     feature_extractor=EXTRACTOR_NAME, feature_extractor_classifier=clf,
-                                     cuda=False, cache=False, save_cpu_ram=True, verbose=False)
+- "classifier": the domain classifier (ddpm.classifier), registered with torch-fidelity as `EXTRACTOR_NAME`.
+  Its layers are "features" (the penultimate layer: FID, KID, precision/recall) and "logits" (IS).
+- "inception": torch-fidelity's Inception-v3 ("inception-v3-compat"), layers "2048" and "logits_unbiased",
+  built only from a local weights file (`find_inception_weights`); nothing is downloaded. Grayscale
+  images are repeated to 3 channels for it.
 
-The extractor offers two layers: "features" (the penultimate layer, for FID, KID and precision/recall)
-and "logits" (for IS; torch-fidelity applies the softmax itself). Nothing is downloaded or cached.
+`extract_features` turns uint8 images into {"features": (N, D), "logits": (N, K)} once, so a reference
+set's features can be stored and reused; `metrics_from_features` then calls torch-fidelity's own
+feature -> metric functions. The numbers equal those of
+
+    torch_fidelity.calculate_metrics(input1=UInt8Dataset(generated), input2=UInt8Dataset(reference),
+                                     fid=True, isc=True, kid=True, prc=True, rng_seed=seed,
+                                     feature_extractor=EXTRACTOR_NAME, feature_extractor_classifier=clf)
+
+with the same extractor and seed (input1 generated, input2 real, as torch-fidelity's convention).
 """
 
 import copy
 import warnings
+from pathlib import Path
 
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.helpers import vassert
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor
 
 from ddpm.classifier import Classifier, predict, to_unit_range
 
 EXTRACTOR_NAME = "ddpm-classifier"
+EXTRACTORS = {  # our name -> (torch-fidelity's registered name, (layer for FID/KID/PRC, layer for IS))
+    "classifier": (EXTRACTOR_NAME, ("features", "logits")),
+    "inception": ("inception-v3-compat", ("2048", "logits_unbiased")),
+}
+INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
+METRICS = ("fid", "isc", "kid", "prc")
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default, used whenever both sets are at least this large
+KID_SUBSETS, ISC_SPLITS, PRC_NEIGHBORHOOD = 100, 10, 3  # torch-fidelity's defaults
+PRC_BATCH_SIZE = 1000  # rows of the distance matrix held at once; the result does not depend on it
 
 _KEYS = {  # torch-fidelity's result keys -> ours
     torch_fidelity.KEY_METRIC_FID: "fid",
@@ -37,6 +58,10 @@ _KEYS = {  # torch-fidelity's result keys -> ours
     torch_fidelity.KEY_METRIC_RECALL: "recall",
     torch_fidelity.KEY_METRIC_F_SCORE: "f_score",
 }
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Inception-v3 was requested but its weights are not on this machine."""
 
 
 class UInt8Dataset(Dataset):
@@ -90,6 +115,56 @@ if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:  # a module reload must no
     torch_fidelity.register_feature_extractor(EXTRACTOR_NAME, ClassifierFeatureExtractor)
 
 
+def default_inception_weights() -> Path:
+    """Where torch-fidelity keeps the Inception-v3 weights it downloads: $TORCH_HOME/hub/checkpoints/."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+
+
+def find_inception_weights(path: str | Path | None = None) -> Path:
+    """The local Inception-v3 weights file: `path` when given, else torch-fidelity's cache. Never downloads."""
+    found = Path(path).expanduser() if path else default_inception_weights()
+    if not found.is_file():
+        raise MissingWeightsError(
+            f"Inception-v3 weights not found at {found}: put torch-fidelity's {INCEPTION_WEIGHTS_FILE} "
+            f"({URL_INCEPTION_V3}) there{'' if path else ' or give its path'}; nothing is downloaded")
+    return found
+
+
+def make_extractor(name: str, *, classifier: Classifier | None = None, weights: str | Path | None = None,
+                   device: str | torch.device = "cpu") -> torch_fidelity.FeatureExtractorBase:
+    """torch-fidelity's extractor for `name` (a key of EXTRACTORS), frozen, in eval mode on `device`.
+
+    "classifier" needs the trained `classifier` (copied, the caller's model is untouched); "inception"
+    reads `weights`, else the file in torch-fidelity's cache (MissingWeightsError if neither exists)."""
+    if name not in EXTRACTORS:
+        raise ValueError(f"unknown feature extractor {name!r}; valid: {', '.join(EXTRACTORS)}")
+    registered, layers = EXTRACTORS[name]
+    if name == "classifier":
+        kwargs = {"feature_extractor_classifier": classifier}
+    else:
+        kwargs = {"feature_extractor_weights_path": str(find_inception_weights(weights))}
+    extractor = create_feature_extractor(registered, list(layers), cuda=False, verbose=False, **kwargs)
+    return extractor.to(device)
+
+
+@torch.no_grad()
+def extract_features(extractor: torch_fidelity.FeatureExtractorBase, images: torch.Tensor, *,
+                     batch_size: int = 256, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """uint8 images (N, C, H, W) -> {"features": (N, D), "logits": (N, K)}, float32 on the CPU.
+
+    The batch loop of torch-fidelity's own extraction, on any device; a 1-channel image is repeated to
+    3 channels for an extractor that takes RGB (Inception)."""
+    to_unit_range(images[:1])  # validates dtype and rank
+    rgb = EXTRACTORS["inception"][0] == extractor.get_name()
+    chunks = []
+    for batch in images.split(batch_size):
+        if rgb and batch.shape[1] == 1:
+            batch = batch.repeat(1, 3, 1, 1)  # (B, 3, H, W)
+        chunks.append([f.float().cpu() for f in extractor(batch.to(device))])
+    features, logits = (torch.cat(layer) for layer in zip(*chunks))
+    return {"features": features, "logits": logits}
+
+
 def _kid_subset_size(n_generated: int, n_reference: int, requested: int | None) -> int:
     """torch-fidelity's 1000, or the size of the smaller set (with a warning) when it has fewer samples."""
     if requested is not None:
@@ -101,25 +176,59 @@ def _kid_subset_size(n_generated: int, n_reference: int, requested: int | None) 
     return min(smallest, KID_SUBSET_SIZE)
 
 
-def evaluate_samples(generated: torch.Tensor, reference: torch.Tensor, classifier: Classifier, *, fid: bool = True,
-                     isc: bool = True, kid: bool = True, prc: bool = False, kid_subset_size: int | None = None,
-                     kid_subsets: int = 100, isc_splits: int = 10, device: str | torch.device = "cpu",
-                     batch_size: int = 256, seed: int = 2020) -> dict[str, float]:
+def metrics_from_features(generated: dict, reference: dict | None = None, *, metrics=METRICS,
+                          kid_subset_size: int | None = None, kid_subsets: int = KID_SUBSETS,
+                          isc_splits: int = ISC_SPLITS, prc_neighborhood: int = PRC_NEIGHBORHOOD,
+                          seed: int = 2020) -> dict[str, float]:
+    """FID / IS / KID / precision-recall of `generated` against `reference`, by torch-fidelity's functions.
+
+    generated, reference: {"features": (N, D), "logits": (N, K)} from `extract_features` (IS uses the
+    generated logits alone; `reference` is needed for fid, kid, prc). Returns the keys of the requested
+    `metrics`: fid; is_mean, is_std; kid_mean, kid_std; precision, recall, f_score. `seed` drives the IS
+    split shuffling and the KID subset draws; the KID subset size defaults to min(1000, N, M).
+    """
+    gen, ref = generated["features"], reference["features"] if reference is not None else None
+    out = {}
+    if "fid" in metrics:
+        out.update(fid_statistics_to_metric(fid_features_to_statistics(gen), fid_features_to_statistics(ref), False))
+    if "isc" in metrics:
+        out.update(isc_features_to_metric(generated["logits"], splits=isc_splits, shuffle=True, rng_seed=seed))
+    if "kid" in metrics:
+        size = _kid_subset_size(len(gen), len(ref), kid_subset_size)
+        out.update(kid_features_to_metric(gen, ref, kid_subsets=kid_subsets, kid_subset_size=size, rng_seed=seed,
+                                          verbose=False))
+    if "prc" in metrics:
+        out.update(prc_features_to_metric(gen, ref, prc_neighborhood=prc_neighborhood, prc_batch_size=PRC_BATCH_SIZE,
+                                          save_cpu_ram=True, verbose=False))
+    return {_KEYS[k]: float(v) for k, v in out.items()}
+
+
+def metric_settings(n_generated: int, n_reference: int) -> dict:
+    """The settings `metrics_from_features` uses by default for sets of these sizes, to report with the numbers."""
+    return {"kid_subset_size": min(KID_SUBSET_SIZE, n_generated, n_reference), "kid_subsets": KID_SUBSETS,
+            "isc_splits": ISC_SPLITS, "prc_neighborhood": PRC_NEIGHBORHOOD}
+
+
+def evaluate_samples(generated: torch.Tensor, reference: torch.Tensor, classifier: Classifier | None, *,
+                     fid: bool = True, isc: bool = True, kid: bool = True, prc: bool = False,
+                     kid_subset_size: int | None = None, kid_subsets: int = KID_SUBSETS,
+                     isc_splits: int = ISC_SPLITS, extractor: str = "classifier", weights: str | Path | None = None,
+                     device: str | torch.device = "cpu", batch_size: int = 256, seed: int = 2020) -> dict[str, float]:
     """FID / IS / KID / precision-recall of uint8 `generated` (N, C, H, W) against uint8 `reference` (M, C, H, W).
 
-    IS is computed on `generated` alone. Returns a subset of the keys fid, is_mean, is_std, kid_mean,
-    kid_std, precision, recall, f_score. `seed` drives IS split shuffling and KID subset draws.
-    """
-    device = torch.device(device)
-    kwargs = dict(fid=fid, isc=isc, kid=kid, prc=prc, isc_splits=isc_splits, kid_subsets=kid_subsets)
-    if kid:
-        kwargs["kid_subset_size"] = _kid_subset_size(len(generated), len(reference), kid_subset_size)
-    metrics = torch_fidelity.calculate_metrics(
-        input1=UInt8Dataset(generated), input2=UInt8Dataset(reference), **kwargs,
-        feature_extractor=EXTRACTOR_NAME, feature_extractor_classifier=classifier,
-        cuda=device.type == "cuda", batch_size=batch_size, rng_seed=seed,
-        cache=False, save_cpu_ram=True, verbose=False)  # no file cache, no DataLoader worker processes
-    return {_KEYS[k]: float(v) for k, v in metrics.items()}
+    Extracts both sets' features with `extractor` and calls `metrics_from_features`; see there for the keys."""
+    metrics = [m for m, on in zip(METRICS, (fid, isc, kid, prc)) if on]
+    fe = make_extractor(extractor, classifier=classifier, weights=weights, device=device)
+    gen = extract_features(fe, generated, batch_size=batch_size, device=device)
+    ref = extract_features(fe, reference, batch_size=batch_size, device=device) if metrics != ["isc"] else None
+    return metrics_from_features(gen, ref, metrics=metrics, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
+                                 isc_splits=isc_splits, seed=seed)
+
+
+def class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, list[float]]:
+    """Overall and per-class accuracy of logits (N, K) against int64 labels (N,); nan for an absent class."""
+    hit = (logits.argmax(dim=1) == labels).float()
+    return hit.mean().item(), [hit[labels == c].mean().item() for c in range(num_classes)]
 
 
 def conditional_accuracy(classifier: Classifier, images: torch.Tensor, requested_labels: torch.Tensor, *,
@@ -129,7 +238,66 @@ def conditional_accuracy(classifier: Classifier, images: torch.Tensor, requested
     images: uint8 (N, C, H, W); requested_labels: int64 (N,). Returns the overall accuracy and one
     accuracy per class (nan for a class that was never requested). The classifier is moved to `device`.
     """
-    predicted = predict(classifier, images, batch_size=batch_size, device=device).argmax(dim=1)
-    hit = (predicted == requested_labels).float()
-    per_class = [hit[requested_labels == c].mean().item() for c in range(classifier.config.num_classes)]
-    return hit.mean().item(), per_class
+    logits = predict(classifier, images, batch_size=batch_size, device=device)
+    return class_accuracy(logits, requested_labels, classifier.config.num_classes)
+
+
+def over_floor(scores: dict[str, float], floor: dict[str, float]) -> dict[str, float]:
+    """`scores` with fid_over_floor = FID / the floor's FID (1: as good as real data) right after fid."""
+    ratio = scores["fid"] / floor["fid"] if floor["fid"] > 0 else float("nan")
+    out = {}
+    for key, value in scores.items():
+        out[key] = value
+        if key == "fid":
+            out["fid_over_floor"] = ratio
+    return out
+
+
+def reference_features(extractor: torch_fidelity.FeatureExtractorBase, test: tuple[torch.Tensor, torch.Tensor],
+                       floor: tuple[torch.Tensor, torch.Tensor], *, batch_size: int = 256,
+                       device: str | torch.device = "cpu") -> dict:
+    """The real data a sample set is scored against, as features: the reference set `test` and the floor set
+    `floor` (real images scored as if generated, as many as are generated), each (uint8 images, int64 labels).
+
+    Returns {"test": features, "floor": features, "test_labels": (M,), "floor_labels": (N,)}."""
+    out = {}
+    for name, (images, labels) in (("test", test), ("floor", floor)):
+        out[name] = extract_features(extractor, images, batch_size=batch_size, device=device)
+        out[f"{name}_labels"] = labels
+    return out
+
+
+class Scorer:
+    """Scores uint8 image sets against stored reference features, once per extractor, next to the floor.
+
+    extractors: {name: extractor from `make_extractor`}; references: {name: `reference_features` of that
+    extractor}. `floor[name]` holds the floor set's metrics (for "classifier" also its accuracy on the
+    reference set's labels, the best conditional accuracy to expect)."""
+
+    def __init__(self, extractors: dict, references: dict[str, dict], *, seed: int = 2020, batch_size: int = 256,
+                 device: str | torch.device = "cpu"):
+        self.extractors, self.references = extractors, references
+        self.seed, self.batch_size, self.device = seed, batch_size, device
+        self.floor = {e: metrics_from_features(r["floor"], r["test"], seed=seed) for e, r in references.items()}
+        if "classifier" in references:
+            ref = references["classifier"]
+            self.floor["classifier"]["cond_accuracy"] = class_accuracy(
+                ref["test"]["logits"], ref["test_labels"], ref["test"]["logits"].shape[1])[0]
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, dict]:
+        """{extractor: metrics with fid_over_floor} of uint8 images (N, C, H, W); with the requested `labels`
+        (N,) the classifier's entry adds cond_accuracy and cond_accuracy_per_class (a list)."""
+        out = {}
+        for e, extractor in self.extractors.items():
+            feats = extract_features(extractor, images, batch_size=self.batch_size, device=self.device)
+            out[e] = over_floor(metrics_from_features(feats, self.references[e]["test"], seed=self.seed), self.floor[e])
+            if e == "classifier" and labels is not None:
+                overall, per_class = class_accuracy(feats["logits"], labels, feats["logits"].shape[1])
+                out[e] |= {"cond_accuracy": overall, "cond_accuracy_per_class": per_class}
+        return out
+
+    def settings(self) -> dict:
+        """The settings behind the numbers, to report with them (sizes of the classifier's sets)."""
+        ref = self.references[next(iter(self.references))]
+        n_real, n_floor = len(ref["test_labels"]), len(ref["floor_labels"])
+        return {"num_real": n_real, "num_floor": n_floor, **metric_settings(n_floor, n_real)}

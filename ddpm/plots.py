@@ -6,8 +6,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def fid_vs_steps(rows: list[dict]):
-    """FID against DDIM steps, one line per (variant, eta, guidance); DDPM as a dashed reference.
+def fid_vs_steps(rows: list[dict], floor: float | None = None):
+    """FID against DDIM steps, one line per (variant, eta, guidance); DDPM as a dashed reference and the
+    real-data `floor` (real train images scored like samples) as a dotted one.
 
     rows: dicts with variant, method, steps, eta, guidance, fid."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -22,7 +23,63 @@ def fid_vs_steps(rows: list[dict]):
         else:
             steps, fids = zip(*sorted(points))
             ax.plot(steps, fids, "o-", color=color, label=label)
+    if floor is not None:
+        ax.axhline(floor, ls=":", color="gray", label="floor: real data")
     ax.set(xscale="log", xlabel="DDIM steps", ylabel="FID (classifier features)", title="FID vs sampling steps")
+    steps = sorted({r["steps"] for r in rows if r["method"] == "ddim"})
+    ax.set_xticks(steps, [str(s) for s in steps], minor=False)
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def loss_curve(steps: list[int], losses: list[float], window: int = 50):
+    """Training loss per step (faint) and its moving average over `window` steps."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, losses, color="C0", alpha=0.3, lw=0.8, label="loss")
+    if len(losses) >= window:
+        avg = [sum(losses[i - window:i]) / window for i in range(window, len(losses) + 1)]
+        ax.plot(steps[window - 1:], avg, color="C0", label=f"moving average ({window})")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="Training loss")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+CFG_PANELS = (("fid", "FID (lower is better)"), ("is_mean", "IS (higher is better)"),
+              ("cond_accuracy", "conditional accuracy"))
+
+
+def sampler_label(r: dict) -> str:
+    """"ddpm" or "ddim10 η=0" for a record with method, steps, eta."""
+    return "ddpm" if r["method"] == "ddpm" else f"ddim{r['steps']} η={r['eta']:g}"
+
+
+def cfg_tradeoff(rows: list[dict], floor: dict | None = None):
+    """The classifier-free guidance trade-off: FID, IS and conditional accuracy against w, one line per
+    sampler; the real-data `floor` (same keys) as a dotted line in each panel.
+
+    rows: dicts with method, steps, eta, guidance, fid, is_mean, cond_accuracy."""
+    fig, axes = plt.subplots(1, len(CFG_PANELS), figsize=(12, 3.8))
+    series = {}
+    for r in rows:
+        series.setdefault(sampler_label(r), []).append(r)
+    for i, (label, points) in enumerate(sorted(series.items())):
+        points = sorted(points, key=lambda r: r["guidance"])
+        for ax, (key, _) in zip(axes, CFG_PANELS):
+            ax.plot([r["guidance"] for r in points], [r[key] for r in points], "o-", color=f"C{i % 10}", label=label)
+    for ax, (key, name) in zip(axes, CFG_PANELS):
+        if floor is not None and key in floor:
+            ax.axhline(floor[key], ls=":", color="gray", label="real data")
+        ax.set(xlabel="guidance weight w", ylabel=name)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Classifier-free guidance: quality vs w (conditional model)")
+    fig.tight_layout()
+    return fig
+
+
+def csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:
+    """The `columns` of each record as CSV text with a header line (floats to 6 significant digits)."""
+    cell = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)
+    return ",".join(columns) + "\n" + "".join(",".join(cell(r[c]) for c in columns) + "\n" for r in rows)

@@ -1,61 +1,97 @@
-"""evaluate: score every sample set against the prepared test split with FID, IS and KID
-(torch-fidelity, the domain classifier as feature extractor) and, for the conditional model,
-the classifier's accuracy on the requested classes.
+"""evaluate: score every sample set against the stored real-data reference (the reference stage) with
+FID, IS, KID and precision/recall (torch-fidelity, on each extractor of evaluate.extractors), each next to
+its floor (real train images scored the same way), and, for the conditional model, the classifier's
+accuracy on the requested classes.
 
-usage: python -m stages.evaluate --data DIR --classifier FILE --metrics FILE --plot CSV --figure PNG SAMPLE_DIR...
+usage: python -m stages.evaluate --data DIR --classifier FILE --reference DIR --metrics FILE
+         --plot CSV --figure PNG --cfg-plot CSV --cfg-figure PNG SAMPLE_DIR...
+metrics: results[variant][tag] = the classifier's metrics (+ fid_over_floor, cond_accuracy), with each other
+extractor's under its name; results["floor"][extractor]; results["protocol"] (how the numbers were made).
 """
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 from ddpm import load_classifier, resolve_device, safe_load
-from ddpm.metrics import conditional_accuracy, evaluate_samples
-from ddpm.plots import fid_vs_steps
+from ddpm.metrics import Scorer, make_extractor
+from ddpm.plots import cfg_tradeoff, csv_text, fid_vs_steps
 
-from .common import (
-    load_prepared,
-    run,
-    save_figure,
-    seed_everything,
-    write_json,
-    write_text,
-)
-from .params import load_params
+from .common import load_info, run, save_figure, seed_everything, write_json, write_text
+from .params import load_params, sections
+from .reference import inception_weights
+from .tracking import stage_run
+
+SETTING = ("method", "steps", "eta", "guidance", "seed", "num_samples")  # of each sample set, from its index.json
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
-    for name in ("--data", "--classifier", "--metrics", "--plot"):
+    for name in ("--data", "--classifier", "--reference", "--metrics", "--plot", "--figure", "--cfg-plot",
+                 "--cfg-figure"):
         ap.add_argument(name, type=Path, required=True)
-    ap.add_argument("--figure", type=Path, required=True)
     ap.add_argument("samples", type=Path, nargs="+")
     a = ap.parse_args(argv)
     p = load_params()
+    weights = inception_weights(p)
+    params = sections(p, "seed", "device", "evaluate", "sample.num_samples")
+    with stage_run("evaluate", params=params, data_hash=load_info(a.data)["content_hash"]) as tracker:
+        results, rows = evaluate(a, p, weights)
+        write_outputs(a, results, rows)
+        tracker.set_tags(tags(results["protocol"]))
+        tracker.log_metrics({k: v for k, v in results.items() if k != "protocol"}, parent=True)
+        for f in (a.metrics, a.plot, a.figure, a.cfg_plot, a.cfg_figure):
+            tracker.log_artifact(f)
+
+
+def evaluate(a, p, weights) -> tuple[dict, list[dict]]:
     seed_everything(p.seed)
-    device = resolve_device(p.device)
+    device, info = resolve_device(p.device), load_info(a.data)
     classifier = load_classifier(a.classifier, device)
-    reference, _, info = load_prepared(a.data, "test")
-    results, rows = {}, []
+    refs = {e: safe_load(a.reference / f"{e}.pt", ("test", "floor", "test_labels", "floor_labels"))
+            for e in p.evaluate.extractors}
+    extractors = {e: make_extractor(e, classifier=classifier, weights=weights, device=device) for e in refs}
+    scorer = Scorer(extractors, refs, seed=p.seed, batch_size=p.evaluate.batch_size, device=device)
+    results, rows, samplers, n_floor = {}, [], {}, scorer.settings()["num_floor"]
     for folder in a.samples:
         for s in json.loads((folder / "index.json").read_text()):
             data = safe_load(folder / f"{s['tag']}.pt", ("images", "labels"))
-            scores = evaluate_samples(data["images"], reference, classifier, device=device,
-                                      batch_size=p.evaluate.batch_size, seed=p.seed)
-            if len(data["labels"]):
-                overall, per_class = conditional_accuracy(classifier, data["images"], data["labels"], device=device)
-                scores["cond_accuracy"] = overall
-                scores["cond_accuracy_per_class"] = dict(zip(info["class_names"], per_class))
-            results.setdefault(s["variant"], {})[s["tag"]] = scores
-            rows.append({k: s[k] for k in ("variant", "method", "steps", "eta", "guidance")} | {"fid": scores["fid"]})
-            print(f"{s['variant']} {s['tag']}: FID {scores['fid']:.3f}  IS {scores['is_mean']:.3f}")
-    results["protocol"] = {"extractor": "domain classifier", "reference_split": "test",
-                           "num_real": len(reference), "num_generated": p.sample.num_samples, "seed": p.seed,
-                           "dataset": info["dataset"], "data_hash": info["content_hash"]}
+            if len(data["images"]) != n_floor:
+                warnings.warn(f"{folder}/{s['tag']}: {len(data['images'])} images, floor {n_floor}", stacklevel=1)
+            scores = scorer(data["images"], data["labels"] if len(data["labels"]) else None)
+            entry = scores.pop("classifier")  # the classifier's numbers at the top level, the others nested
+            if "cond_accuracy_per_class" in entry:
+                entry["cond_accuracy_per_class"] = dict(zip(info["class_names"], entry["cond_accuracy_per_class"]))
+            results.setdefault(s["variant"], {})[s["tag"]] = entry | scores
+            samplers.setdefault(s["variant"], {})[s["tag"]] = {key: s[key] for key in SETTING}
+            rows.append({key: s[key] for key in ("variant", "method", "steps", "eta", "guidance")} | entry)
+            print(f"{s['variant']} {s['tag']}: FID {entry['fid']:.3f} ({entry['fid_over_floor']:.2f} x floor)  "
+                  f"IS {entry['is_mean']:.3f}  P {entry['precision']:.3f}  R {entry['recall']:.3f}")
+    results["floor"] = scorer.floor
+    results["protocol"] = {"extractor": "classifier", "extractors": list(refs), "reference_split": "test",
+                           "floor_split": "train", "num_generated": p.sample.num_samples, "seed": p.seed,
+                           **scorer.settings(), "dataset": info["dataset"], "data_hash": info["content_hash"],
+                           "samplers": samplers}
+    return results, rows
+
+
+def tags(protocol: dict) -> dict:
+    """protocol.<key> for each setting and sampler.<variant>.<tag> = "method=ddim steps=10 ..." for each sample set."""
+    out = {f"protocol.{k}": ",".join(v) if isinstance(v, list) else v for k, v in protocol.items() if k != "samplers"}
+    for variant, sets in protocol["samplers"].items():
+        out |= {f"sampler.{variant}.{tag}": " ".join(f"{k}={v}" for k, v in s.items()) for tag, s in sets.items()}
+    return out
+
+
+def write_outputs(a, results: dict, rows: list[dict]) -> None:
+    floor = results["floor"]["classifier"]
     write_json(a.metrics, results)
-    write_text(a.plot, "variant,method,steps,eta,guidance,fid\n" + "".join(
-        f"{r['variant']},{r['method']},{r['steps']},{r['eta']},{r['guidance']},{r['fid']:.5f}\n" for r in rows))
-    save_figure(fid_vs_steps(rows), a.figure)
+    write_text(a.plot, csv_text(rows, ("variant", "method", "steps", "eta", "guidance", "fid")))
+    save_figure(fid_vs_steps(rows, floor=floor["fid"]), a.figure)
+    cond = [r for r in rows if r["variant"] == "cond"]
+    write_text(a.cfg_plot, csv_text(cond, ("method", "steps", "eta", "guidance", "fid", "is_mean", "cond_accuracy")))
+    save_figure(cfg_tradeoff(cond, floor), a.cfg_figure)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,29 @@
-"""FID / IS / KID through torch-fidelity with the domain classifier as feature extractor."""
+"""FID / IS / KID / precision-recall through torch-fidelity, with the domain classifier as feature extractor
+on synthetic images, and the Inception-v3 path (weights found locally or a clear error, never a download)."""
 
 import socket
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch_fidelity
+from torch_fidelity import feature_extractor_inceptionv3
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from ddpm.classifier import Classifier, ClassifierConfig, accuracy, to_unit_range, train_classifier
-from ddpm.metrics import EXTRACTOR_NAME, UInt8Dataset, conditional_accuracy, evaluate_samples
+from ddpm.metrics import (
+    EXTRACTOR_NAME,
+    INCEPTION_WEIGHTS_FILE,
+    MissingWeightsError,
+    UInt8Dataset,
+    conditional_accuracy,
+    evaluate_samples,
+    extract_features,
+    find_inception_weights,
+    make_extractor,
+)
 
 
 def quadrant_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +142,15 @@ def test_leaves_the_classifier_as_it_was(classifier, real):
     assert all(torch.equal(v, classifier.state_dict()[k]) for k, v in before.items())
 
 
-def test_needs_no_network_and_writes_no_cache(classifier, real, monkeypatch, tmp_path):
-    def offline(*args, **kwargs):
+def offline(monkeypatch):
+    def refuse(*args, **kwargs):
         raise AssertionError("tried to open a network connection")
-    monkeypatch.setattr(socket, "getaddrinfo", offline)
-    monkeypatch.setattr(socket.socket, "connect", offline)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_needs_no_network_and_writes_no_cache(classifier, real, monkeypatch, tmp_path):
+    offline(monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # where torch-fidelity would download and cache
     images, _ = real
     evaluate_samples(images, images, classifier, prc=True, kid_subset_size=100)
@@ -146,3 +164,51 @@ def test_conditional_accuracy_on_real_labels_equals_accuracy(classifier, real):
     assert len(per_class) == 4 and overall == pytest.approx(np.mean(per_class))  # balanced classes
     _, missing = conditional_accuracy(classifier, images[labels != 3], labels[labels != 3])
     assert np.isnan(missing[3])
+
+
+@pytest.fixture(scope="module")
+def fake_inception(tmp_path_factory) -> Path:
+    """A randomly initialised Inception-v3 saved in torch-fidelity's weights format (the real ones are not here)."""
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_FILE
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(feature_extractor_inceptionv3, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_inception_without_weights_is_a_clear_error_and_no_download(monkeypatch, tmp_path):
+    offline(monkeypatch)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    expected = tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    with pytest.raises(MissingWeightsError) as error:
+        make_extractor("inception")
+    message = str(error.value)
+    assert message.startswith(f"Inception-v3 weights not found at {expected}: put torch-fidelity's "
+                              f"{INCEPTION_WEIGHTS_FILE}")
+    assert "\n" not in message and "nothing is downloaded" in message
+    with pytest.raises(MissingWeightsError, match=f"not found at {tmp_path / 'elsewhere.pth'}"):
+        find_inception_weights(tmp_path / "elsewhere.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inception_weights_come_from_the_given_path_else_torch_fidelitys_cache(fake_inception, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(fake_inception)
+    assert find_inception_weights() == cached
+    assert find_inception_weights(fake_inception) == fake_inception
+
+
+def test_inception_sees_grayscale_as_its_rgb_repeat(fake_inception, real):
+    images, _ = real
+    extractor = make_extractor("inception", weights=fake_inception)
+    gray = extract_features(extractor, images[:2], batch_size=1)
+    rgb = extract_features(extractor, images[:2].repeat(1, 3, 1, 1), batch_size=2)
+    assert gray["features"].shape == (2, 2048) and gray["logits"].shape == (2, 1008)
+    for layer in ("features", "logits"):  # compared at their own scale: a random network's activations are tiny
+        scale = gray[layer].abs().max()
+        assert scale > 0 and (gray[layer] - rgb[layer]).abs().max() <= 1e-4 * scale
+        assert (gray[layer][0] - gray[layer][1]).abs().max() > 1e-2 * scale  # different images, different features

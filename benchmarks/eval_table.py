@@ -1,0 +1,96 @@
+"""The full evaluation table of one trained model: each sampler setting sampled, timed and scored.
+
+For a model file, the prepared data (train.pt, test.pt, info.json) and the domain classifier, it samples
+DDPM and DDIM at each --steps x --eta (x each --guidance for a conditional model) and prints one row per
+setting: FID, KID, IS, precision/recall, conditional accuracy, FID over the floor, wall time and images/s.
+The first row is the floor: a class-stratified real train subset of --num-samples images scored against the
+test split exactly as the samples are, the best this protocol lets a model score.
+
+    python benchmarks/eval_table.py --model models/cond/model.pt --data data/prepared \\
+        --classifier models/classifier/classifier.pt --num-samples 1000 --steps 10 20 50 --guidance 1 2 4
+"""
+
+import argparse
+import itertools
+import time
+
+import torch
+
+from ddpm import generate, load_classifier, load_model, resolve_device, safe_load
+from ddpm.data import stratified_subset
+from ddpm.metrics import Scorer, make_extractor, reference_features
+
+COLUMNS = [("FID", "fid", "{:8.3f}"), ("xfloor", "fid_over_floor", "{:7.2f}"), ("KID", "kid_mean", "{:8.4f}"),
+           ("±", "kid_std", "{:7.4f}"), ("IS", "is_mean", "{:6.2f}"), ("±", "is_std", "{:5.2f}"),
+           ("P", "precision", "{:5.3f}"), ("R", "recall", "{:5.3f}"), ("acc", "cond_accuracy", "{:5.3f}")]
+
+
+def settings(args, timesteps: int, conditional: bool) -> list[dict]:
+    """DDPM (unless --no-ddpm) and DDIM at each steps x eta, each at every guidance weight when conditional."""
+    ws = args.guidance if conditional else [0.0]
+    grid = [] if args.no_ddpm else [("ddpm", timesteps, 1.0)]
+    grid += [("ddim", s, e) for s, e in itertools.product(args.steps, args.eta) if s <= timesteps]
+    return [{"method": m, "steps": s, "eta": e, "guidance": w} for (m, s, e), w in itertools.product(grid, ws)]
+
+
+def scorer_for(args, device: torch.device, n: int) -> Scorer:
+    """Reference features of the test split and of the floor subset, for each requested extractor."""
+    test, train = (safe_load(f"{args.data}/{split}.pt", ("images", "labels")) for split in ("test", "train"))
+    floor = stratified_subset(train["images"], train["labels"], n, args.seed + 2)  # as the reference stage draws it
+    classifier = load_classifier(args.classifier, device)
+    extractors = {e: make_extractor(e, classifier=classifier, weights=args.inception_weights, device=device)
+                  for e in args.extractors}
+    refs = {e: reference_features(fe, (test["images"], test["labels"]), floor, batch_size=args.batch_size,
+                                  device=device) for e, fe in extractors.items()}
+    return Scorer(extractors, refs, seed=args.seed, batch_size=args.batch_size, device=device)
+
+
+def row(name: str, scores: dict[str, dict], seconds: float | None = None, n: int = 0) -> str:
+    main = scores["classifier"]
+    cells = [fmt.format(main[key]) if key in main else " " * len(fmt.format(0.0)) for _, key, fmt in COLUMNS]
+    cells += [f"{s['fid']:9.3f}" for e, s in scores.items() if e != "classifier"]
+    cells += [f"{seconds:8.1f} {n / seconds:8.1f}" if seconds else f"{'':8} {'':8}"]
+    return f"{name:<20} " + " ".join(cells)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="a folder written by the prepare stage")
+    ap.add_argument("--classifier", required=True)
+    ap.add_argument("--num-samples", type=int, default=1000)
+    ap.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50], help="DDIM steps")
+    ap.add_argument("--eta", type=float, nargs="+", default=[0.0])
+    ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="for a conditional model")
+    ap.add_argument("--no-ddpm", action="store_true", help="skip ancestral sampling over all T steps")
+    ap.add_argument("--extractors", nargs="+", default=["classifier"], choices=["classifier", "inception"])
+    ap.add_argument("--inception-weights", help="torch-fidelity's Inception-v3 file (else its cache; no download)")
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    args.extractors = ["classifier", *(e for e in args.extractors if e != "classifier")]
+
+    device = resolve_device(args.device)
+    model, diffusion, _ = load_model(args.model, device)
+    k, n = model.config.num_classes, args.num_samples
+    scorer = scorer_for(args, device, n)
+    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+    labels = torch.arange(n) % k if k else None
+    print(f"{n} samples per row on {device}; reference: {scorer.settings()['num_real']} test images; "
+          f"floor: {scorer.settings()['num_floor']} train images; extractors: {', '.join(args.extractors)}")
+    print(f"{'setting':<20} " + " ".join(f"{h:>{len(fmt.format(0.0))}}" for h, _, fmt in COLUMNS) + "".join(
+        f" {'FID ' + e[:4]:>9}" for e in args.extractors[1:]) + f" {'wall s':>8} {'img/s':>8}")
+    print(row("floor (real train)", scorer.floor))
+    for s in settings(args, diffusion.timesteps, k is not None):
+        start = time.perf_counter()
+        images = generate(model, diffusion, n, shape, seed=args.seed, method=s["method"], steps=s["steps"],
+                          eta=s["eta"], labels=labels, guidance=s["guidance"], batch_size=args.batch_size)
+        seconds = time.perf_counter() - start
+        name = ("ddpm" if s["method"] == "ddpm" else f"ddim{s['steps']} eta{s['eta']:g}") + (
+            f" w{s['guidance']:g}" if k else "")
+        print(row(name, scorer(images, labels), seconds, n), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""reference: the real-data features every evaluation compares against, computed once per
+(dataset, extractor, N) instead of once per sample set.
+
+usage: python -m stages.reference --data DIR --classifier FILE --out DIR
+Writes OUT/<extractor>.pt for each of evaluate.extractors: the features and logits of the whole test
+split (the reference set) and of a class-stratified train subset of sample.num_samples images, the
+same N as each generated set (the floor: real data scored as if it were generated), with both sets'
+labels.
+"""
+
+import argparse
+import warnings
+from pathlib import Path
+
+from ddpm import atomic_save, load_classifier, resolve_device
+from ddpm.data import stratified_subset
+from ddpm.metrics import MissingWeightsError, find_inception_weights, make_extractor, reference_features
+
+from .common import atomic_dir, load_prepared, run, seed_everything
+from .params import load_params, sections
+from .tracking import stage_run
+
+FLOOR_SEED_OFFSET = 2  # prepare draws its train and test subsets with seed and seed + 1
+
+
+def inception_weights(p) -> Path | None:
+    """The local Inception-v3 weights when evaluate.extractors asks for them, checked before any work."""
+    if "inception" not in p.evaluate.extractors:
+        return None
+    try:
+        return find_inception_weights(p.evaluate.inception_weights)
+    except MissingWeightsError as e:
+        raise MissingWeightsError(f"{e} (params.yaml: evaluate.inception_weights)") from None
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    for name in ("--data", "--classifier", "--out"):
+        ap.add_argument(name, type=Path, required=True)
+    a = ap.parse_args(argv)
+    p = load_params()
+    weights = inception_weights(p)
+    params = sections(p, "seed", "device", "evaluate.batch_size", "evaluate.extractors", "evaluate.inception_weights",
+                      "sample.num_samples")
+    test_images, test_labels, info = load_prepared(a.data, "test")
+    with stage_run("reference", params=params, data_hash=info["content_hash"]) as tracker:
+        seed_everything(p.seed)
+        images, labels, _ = load_prepared(a.data, "train")
+        n = p.sample.num_samples
+        if n > len(images):
+            warnings.warn(f"the floor uses all {len(images)} train images, fewer than the {n} generated", stacklevel=1)
+        floor_images, floor_labels = stratified_subset(images, labels, n, p.seed + FLOOR_SEED_OFFSET)
+        device = resolve_device(p.device)
+        classifier = load_classifier(a.classifier, device)
+        with atomic_dir(a.out) as tmp:
+            for name in p.evaluate.extractors:
+                extractor = make_extractor(name, classifier=classifier, weights=weights, device=device)
+                ref = reference_features(extractor, (test_images, test_labels), (floor_images, floor_labels),
+                                         batch_size=p.evaluate.batch_size, device=device)
+                atomic_save({"extractor": name, "dataset": info["dataset"], "data_hash": info["content_hash"],
+                             "floor_split": "train", "seed": p.seed, **ref}, tmp / f"{name}.pt")
+                print(f"reference {name}: {len(test_images)} test and {len(floor_images)} train images, "
+                      f"{ref['test']['features'].shape[1]} features")
+        tracker.log_metrics({"num_real": len(test_images), "num_floor": len(floor_images)})
+
+
+if __name__ == "__main__":
+    run(main)

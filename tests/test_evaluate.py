@@ -1,0 +1,276 @@
+"""Evaluation on real MNIST digits: the floor, sensitivity to corruption, IS, conditional accuracy,
+agreement with torch-fidelity, and the reference + evaluate stages on a small workspace."""
+
+import dataclasses
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch_fidelity
+import yaml
+from mlflow.tracking import MlflowClient
+from torchvision.transforms.functional import gaussian_blur
+
+from ddpm import atomic_save, safe_load
+from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
+from ddpm.data import read_idx
+from ddpm.metrics import (
+    EXTRACTOR_NAME,
+    INCEPTION_WEIGHTS_FILE,
+    PRC_BATCH_SIZE,
+    Scorer,
+    UInt8Dataset,
+    conditional_accuracy,
+    extract_features,
+    make_extractor,
+    metrics_from_features,
+    reference_features,
+)
+from stages import evaluate, reference
+from stages.common import run
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = Path(__file__).resolve().parents[2] / "shared/data/mnist-t10k"
+pytestmark = pytest.mark.skipif(not MNIST.is_dir(), reason=f"real MNIST test split not at {MNIST}")
+TRAIN, HELD, REF = slice(0, 3000), slice(3000, 6000), slice(6000, 8000)  # classifier's, held out, reference
+
+
+def corrupt(images: torch.Tensor, noise: float = 0.0, blur: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """Gaussian pixel noise of std `noise` (in 0..255 units) and/or a Gaussian blur of std `blur` pixels."""
+    x = images.float()
+    if blur:
+        k = 2 * round(3 * blur) + 1
+        x = gaussian_blur(x, [k, k], [blur, blur])
+    if noise:
+        x = x + noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    images = read_idx(MNIST / "t10k-images-idx3-ubyte.gz").unsqueeze(1)  # (10000, 1, 28, 28) uint8
+    return images, read_idx(MNIST / "t10k-labels-idx1-ubyte.gz").long()
+
+
+@pytest.fixture(scope="module")
+def classifier(mnist) -> Classifier:
+    images, labels = mnist
+    torch.manual_seed(0)
+    model = Classifier(ClassifierConfig(width=8, feature_dim=32))
+    train_classifier(model, images[TRAIN], labels[TRAIN], epochs=2, lr=1e-2, batch_size=50, seed=0, progress=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def extractor(classifier):
+    return make_extractor("classifier", classifier=classifier)
+
+
+@pytest.fixture(scope="module")
+def ref(mnist, extractor) -> dict:
+    """Reference: 2000 held-out digits; floor: 500 digits the classifier was trained on (as in the pipeline)."""
+    images, labels = mnist
+    return reference_features(extractor, (images[REF], labels[REF]), (images[:500], labels[:500]))
+
+
+def fid_kid(extractor, images, ref) -> tuple[float, float]:
+    m = metrics_from_features(extract_features(extractor, images), ref["test"], metrics=("fid", "kid"), kid_subsets=20)
+    return m["fid"], m["kid_mean"]
+
+
+def test_another_real_subset_scores_near_the_floor_and_the_reference_itself_zero(mnist, extractor, ref):
+    images, _ = mnist
+    floor = metrics_from_features(ref["floor"], ref["test"], metrics=("fid",))["fid"]
+    other = fid_kid(extractor, images[HELD][:500], ref)[0]
+    itself = metrics_from_features(ref["test"], ref["test"], metrics=("fid",))["fid"]
+    mildly_noisy = fid_kid(extractor, corrupt(images[HELD][:500], noise=32), ref)[0]
+    assert 0.5 < other / floor < 2, (other, floor)
+    assert abs(itself) < 1e-6 * floor
+    assert mildly_noisy > 5 * max(floor, other)
+
+
+@pytest.mark.parametrize("kind, levels", [("noise", (16, 32, 64, 128)), ("blur", (0.5, 1.0, 1.5, 2.5))])
+def test_fid_and_kid_rise_with_corruption(mnist, extractor, ref, kind, levels):
+    clean = mnist[0][HELD][:500]
+    scores = [fid_kid(extractor, clean, ref)] + [fid_kid(extractor, corrupt(clean, **{kind: s}), ref) for s in levels]
+    fids, kids = zip(*scores)
+    assert list(fids) == sorted(fids) and len(set(fids)) == len(fids), fids
+    assert list(kids) == sorted(kids) and len(set(kids)) == len(kids), kids
+
+
+def test_inception_score_of_one_class_is_one_and_of_the_balanced_test_set_high(mnist, extractor):
+    images, labels = mnist
+    ones = images[REF][labels[REF] == 1]
+    one_class = metrics_from_features(extract_features(extractor, ones), metrics=("isc",))["is_mean"]
+    balanced = metrics_from_features(extract_features(extractor, images[REF]), metrics=("isc",))["is_mean"]
+    assert one_class == pytest.approx(1.0, abs=0.1)
+    assert balanced > 5  # at most 10 with 10 balanced classes
+
+
+def test_conditional_accuracy_of_real_labelled_digits_is_the_classifier_test_accuracy(mnist, classifier, extractor,
+                                                                                     ref):
+    images, labels = mnist
+    test_accuracy = accuracy(classifier, images[REF], labels[REF])
+    scorer = Scorer({"classifier": extractor}, {"classifier": ref})
+    assert scorer.floor["classifier"]["cond_accuracy"] == pytest.approx(test_accuracy)
+    held, held_labels = images[HELD][:300], labels[HELD][:300]
+    scores = scorer(held, held_labels)["classifier"]
+    assert scores["cond_accuracy"] == pytest.approx(accuracy(classifier, held, held_labels))
+    assert scores["cond_accuracy"] == pytest.approx(conditional_accuracy(classifier, held, held_labels)[0])
+    assert 0.9 < test_accuracy < 1
+
+
+def test_metrics_from_stored_features_equal_torch_fidelity_on_the_images(mnist, classifier, extractor, ref, tmp_path):
+    images, _ = mnist
+    generated = corrupt(images[HELD][:300], noise=24)
+    atomic_save(ref, tmp_path / "reference.pt")
+    stored = safe_load(tmp_path / "reference.pt")
+    ours = metrics_from_features(extract_features(extractor, generated), stored["test"], kid_subset_size=300, seed=7)
+    direct = torch_fidelity.calculate_metrics(
+        input1=UInt8Dataset(generated), input2=UInt8Dataset(images[REF]), fid=True, isc=True, kid=True, prc=True,
+        kid_subset_size=300, prc_batch_size=PRC_BATCH_SIZE, rng_seed=7, feature_extractor=EXTRACTOR_NAME,
+        feature_extractor_classifier=classifier, cuda=False, cache=False, save_cpu_ram=True, verbose=False)
+    keys = {"fid": "FID", "is_mean": "ISC_MEAN", "is_std": "ISC_STD", "kid_mean": "KID_MEAN", "kid_std": "KID_STD",
+            "precision": "PRECISION", "recall": "RECALL", "f_score": "F_SCORE"}
+    assert set(ours) == set(keys)
+    for key, name in keys.items():
+        theirs = getattr(torch_fidelity, f"KEY_METRIC_{name}")
+        assert ours[key] == pytest.approx(direct[theirs], rel=1e-5), key
+
+
+# The reference and evaluate stages on a small workspace: 3000 training digits, a 1000-digit test split,
+# and "samples" that are held-out digits with noise (less noise for more steps), 200 per set.
+N = 200
+SETS = {("uncond", "ddpm"): [("ddpm", 1000, 1.0, 0.0, 8)],
+        ("uncond", "ddim"): [("ddim5_eta0", 5, 0.0, 0.0, 48), ("ddim10_eta0", 10, 0.0, 0.0, 24)],
+        ("cond", "ddpm"): [("ddpm_w1", 1000, 1.0, 1.0, 8), ("ddpm_w3", 1000, 1.0, 3.0, 16)],
+        ("cond", "ddim"): [("ddim5_eta0_w1", 5, 0.0, 1.0, 48), ("ddim5_eta0_w3", 5, 0.0, 3.0, 40)]}
+
+
+def make_workspace(root: Path, mnist, classifier, extractors=("classifier",)) -> list[str]:
+    """Prepared data, classifier, sample sets and params.yaml in `root`; returns evaluate's argv."""
+    images, labels = mnist
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(device="cpu", seed=0)
+    params["sample"]["num_samples"] = N
+    params["evaluate"]["extractors"] = list(extractors)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())  # MLflow's parent run is keyed on it
+    info = {"dataset": "mnist", "class_names": [str(c) for c in range(10)], "content_hash": "0" * 64}
+    atomic_save({"images": images[TRAIN], "labels": labels[TRAIN]}, root / "data/prepared/train.pt")
+    atomic_save({"images": images[6000:7000], "labels": labels[6000:7000]}, root / "data/prepared/test.pt")
+    (root / "data/prepared/info.json").write_text(json.dumps(info))
+    atomic_save({"config": dataclasses.asdict(classifier.config), "weights": classifier.state_dict()},
+                root / "models/classifier.pt")
+    for (variant, method), sets in SETS.items():
+        folder, index = root / "samples" / variant / method, []
+        for tag, steps, eta, w, noise in sets:
+            held = slice(3000 + 10 * len(index), 3000 + 10 * len(index) + N)
+            atomic_save({"images": corrupt(images[held], noise=noise, seed=len(index)),
+                         "labels": labels[held] if variant == "cond" else torch.zeros(0, dtype=torch.long)},
+                        folder / f"{tag}.pt")
+            index.append({"method": method, "steps": steps, "eta": eta, "guidance": w, "tag": tag,
+                          "variant": variant, "num_samples": N, "seed": 0})
+        (folder / "index.json").write_text(json.dumps(index))
+    return ["--data", "data/prepared", "--classifier", "models/classifier.pt", "--reference", "data/reference",
+            "--metrics", "metrics/eval.json", "--plot", "plots/fid_vs_steps.csv", "--figure", "plots/fid_vs_steps.png",
+            "--cfg-plot", "plots/cfg_tradeoff.csv", "--cfg-figure", "plots/cfg_tradeoff.png",
+            *[f"samples/{v}/{m}" for v, m in SETS]]
+
+
+@pytest.fixture(scope="module")
+def workspace(mnist, classifier, tmp_path_factory) -> Path:
+    """The workspace after the reference and evaluate stages, tracked in a SQLite MLflow store of its own."""
+    root = tmp_path_factory.mktemp("evaluate")
+    argv = make_workspace(root, mnist, classifier)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.delenv("DDPM_TRACKING", raising=False)
+        reference.main(["--data", "data/prepared", "--classifier", "models/classifier.pt", "--out", "data/reference"])
+        evaluate.main(argv)
+    return root
+
+
+def test_reference_holds_the_test_split_and_a_balanced_train_subset_of_n(workspace):
+    ref = safe_load(workspace / "data/reference/classifier.pt")
+    assert ref["test"]["features"].shape == (1000, 32) and ref["test"]["logits"].shape == (1000, 10)
+    assert ref["floor"]["features"].shape == (N, 32) and torch.bincount(ref["floor_labels"]).tolist() == [20] * 10
+    assert ref["extractor"] == "classifier" and ref["floor_split"] == "train"
+
+
+def test_eval_json_puts_every_number_next_to_its_floor_and_protocol(workspace):
+    ev = json.loads((workspace / "metrics/eval.json").read_text())
+    assert set(ev) == {"uncond", "cond", "floor", "protocol"}
+    floor = ev["floor"]["classifier"]
+    assert set(floor) == {"fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "f_score",
+                          "cond_accuracy"}
+    for variant, sets in SETS.items():
+        for tag, *_ in sets:
+            entry = ev[variant[0]][tag]
+            assert entry["fid_over_floor"] == pytest.approx(entry["fid"] / floor["fid"])
+            assert {"is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall"} <= set(entry)
+    assert ev["uncond"]["ddim10_eta0"]["fid"] < ev["uncond"]["ddim5_eta0"]["fid"]  # less noise, better FID
+    assert ev["cond"]["ddpm_w1"]["cond_accuracy"] > 0.8 and set(ev["cond"]["ddpm_w1"]["cond_accuracy_per_class"]) == {
+        str(c) for c in range(10)}
+    assert "cond_accuracy" not in ev["uncond"]["ddpm"]
+    protocol = ev["protocol"]
+    assert protocol["num_real"] == 1000 and protocol["num_generated"] == N and protocol["num_floor"] == N
+    assert protocol["extractors"] == ["classifier"] and protocol["reference_split"] == "test"
+    assert protocol["kid_subset_size"] == N
+    assert protocol["samplers"]["cond"]["ddim5_eta0_w3"] == {"method": "ddim", "steps": 5, "eta": 0.0,
+                                                             "guidance": 3.0, "seed": 0, "num_samples": N}
+
+
+def test_plots_fid_vs_steps_and_the_guidance_tradeoff(workspace):
+    fid = (workspace / "plots/fid_vs_steps.csv").read_text().splitlines()
+    assert fid[0] == "variant,method,steps,eta,guidance,fid" and len(fid) == 1 + 7
+    cfg = (workspace / "plots/cfg_tradeoff.csv").read_text().splitlines()
+    assert cfg[0] == "method,steps,eta,guidance,fid,is_mean,cond_accuracy" and len(cfg) == 1 + 4
+    assert all((workspace / f"plots/{name}.png").stat().st_size > 10_000 for name in ("fid_vs_steps", "cfg_tradeoff"))
+
+
+def test_mlflow_run_carries_the_protocol_and_the_floor(workspace):
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    (run_,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'evaluate'")
+    tags, metrics = run_.data.tags, run_.data.metrics
+    assert tags["protocol.extractors"] == "classifier" and tags["protocol.num_real"] == "1000"
+    assert tags["sampler.cond.ddim5_eta0_w3"] == "method=ddim steps=5 eta=0.0 guidance=3.0 seed=0 num_samples=200"
+    assert run_.data.params["evaluate.extractors"] == '["classifier"]'
+    assert {"floor.classifier.fid", "cond.ddpm_w1.fid_over_floor", "cond.ddpm_w1.precision"} <= set(metrics)
+    parent = client.get_run(tags["mlflow.parentRunId"]).data.metrics
+    assert parent["floor.classifier.fid"] == metrics["floor.classifier.fid"]
+
+
+def test_inception_without_weights_stops_the_stages_with_one_line(mnist, classifier, tmp_path, monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise AssertionError("tried to open a network connection")
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("DDPM_TRACKING", "off")
+    (tmp_path / "ws").mkdir()
+    argv = make_workspace(tmp_path / "ws", mnist, classifier, extractors=("classifier", "inception"))
+    monkeypatch.chdir(tmp_path / "ws")
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    for stage, args in [(reference, ["--data", "data/prepared", "--classifier", "models/classifier.pt", "--out",
+                                     "data/reference"]), (evaluate, argv)]:
+        monkeypatch.setattr(sys, "argv", ["stage", *args])
+        with pytest.raises(SystemExit) as stop:
+            run(stage.main)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 1 and len(err) == 1, err
+        assert err[0].startswith(f"error: Inception-v3 weights not found at {expected}: put torch-fidelity's "
+                                 f"{INCEPTION_WEIGHTS_FILE}") and "evaluate.inception_weights" in err[0]
+    assert not (tmp_path / "ws/data/reference").exists() and not (tmp_path / "torch").exists()
+
+
+def test_a_sweep_list_reruns_only_sampling_and_evaluation():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        sweep = ("sample", "sample.ddim_steps", "sample.eta", "sample.guidance")
+        reads_sweep = any(str(p) in sweep for p in stage.get("params", []))
+        assert reads_sweep == (name == "sample"), name  # evaluate sees the sweep only through the sample folders
