@@ -25,12 +25,18 @@ NULL_LABEL = -1
 class DiffusionConfig:
     schedule: str = "linear"
     timesteps: int = 1000
-    beta_start: float = 1e-4   # linear schedule only
-    beta_end: float = 0.02     # linear schedule only
+    beta_start: float | None = None  # linear only; None: 1e-4 * 1000 / T
+    beta_end: float | None = None    # linear only; None: 0.02 * 1000 / T
 
     def betas(self) -> torch.Tensor:
-        kw = {"beta_start": self.beta_start, "beta_end": self.beta_end} if self.schedule == "linear" else {}
-        return make_betas(self.schedule, self.timesteps, **kw)
+        """The schedule's betas. Unset linear ends scale with 1000 / T (Nichol & Dhariwal 2021), so
+        that any T ends as close to pure noise as Ho et al.'s T = 1000 does."""
+        if self.schedule != "linear":
+            return make_betas(self.schedule, self.timesteps)
+        scale = 1000 / self.timesteps
+        start = self.beta_start if self.beta_start is not None else 1e-4 * scale
+        end = self.beta_end if self.beta_end is not None else min(0.02 * scale, 0.999)
+        return make_betas("linear", self.timesteps, beta_start=start, beta_end=end)
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:

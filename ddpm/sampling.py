@@ -117,7 +117,8 @@ def ddim_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, steps
 
 def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int, int, int], *, seed: int,
              method: str = "ddim", steps: int = 50, eta: float = 0.0, labels: torch.Tensor | None = None,
-             guidance: float = 0.0, batch_size: int = 250, progress: bool = False) -> torch.Tensor:
+             guidance: float = 0.0, batch_size: int = 250, clip_x0: bool = False,
+             progress: bool = False) -> torch.Tensor:
     """`num` images as uint8 (num, C, H, W) on the CPU, sampled in batches; image i's noise depends
     only on (seed, i), so the result does not depend on `batch_size`."""
     if method not in ("ddpm", "ddim"):
@@ -130,9 +131,10 @@ def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int,
         x_T = gen.randn((len(idx), *shape))
         y = labels[start:start + len(idx)].to(device) if labels is not None else None
         if method == "ddpm":
-            x = ddpm_sample(model, diffusion, x_T, y=y, guidance=guidance, generator=gen, progress=progress)
+            x = ddpm_sample(model, diffusion, x_T, y=y, guidance=guidance, generator=gen, clip_x0=clip_x0,
+                            progress=progress)
         else:
             x = ddim_sample(model, diffusion, x_T, steps, eta=eta, y=y, guidance=guidance, generator=gen,
-                            progress=progress)
+                            clip_x0=clip_x0, progress=progress)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)

@@ -23,6 +23,7 @@ class ParamsError(ValueError):
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "glyphs")
 SCHEDULES = ("linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+EXTRACTORS = ("classifier", "inception")  # ddpm.metrics.EXTRACTORS
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ClassifierParams:
 @dataclass(frozen=True)
 class TrainParams(TrainConfig):
     checkpoint_every: int = 500      # steps between resumable checkpoints (and at every epoch end)
+    nproc: int = 1                   # data-parallel processes on this machine (torchrun); batch_size is global
     grid_size: int = 64              # images in the per-epoch sample grid
     grid_ddim_steps: int = 50        # DDIM steps for the per-epoch grid
 
@@ -70,12 +72,25 @@ class SampleParams:
     ddim_steps: tuple[int, ...] = (5, 10, 20, 50)
     eta: tuple[float, ...] = (0.0,)
     guidance: tuple[float, ...] = (2.0,)
+    clip_x0: bool = False            # clip predicted x0 to [-1, 1] at every step (helps the cosine schedule)
     grid_size: int = 100
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 250
+    extractors: tuple[str, ...] = ("classifier",)  # feature extractors: classifier (always), inception
+    inception_weights: str | None = None             # Inception-v3 weights file (else torch-fidelity's cache)
+
+
+@dataclass(frozen=True)
+class VisualizeParams:
+    per_class: int = 10              # images per class in the conditional model's class grid
+    num_images: int = 4              # rows of the reverse-process, interpolation and comparison pictures
+    frames: int = 10                 # columns of the reverse-process strip and of the interpolation
+    steps: int = 50                  # DDIM steps for the class grid, reverse strip, interpolation (at most T)
+    guidance: float = 2.0            # classifier-free guidance weight w for the conditional model
+    compare_steps: tuple[int, ...] = (5, 10, 20, 50)   # DDPM vs DDIM step counts (those above T are skipped)
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     sample: SampleParams = field(default_factory=SampleParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    visualize: VisualizeParams = field(default_factory=VisualizeParams)
 
 
 def _coerce(value, kind, key: str):
@@ -135,7 +151,8 @@ def parse(cls, values: dict, prefix: str = ""):
 
 def _checks(p: Params):
     """(key, ok, what is allowed) for every range and choice constraint."""
-    s, t, T = p.sample, p.train, p.diffusion.timesteps
+    s, t, v, T = p.sample, p.train, p.visualize, p.diffusion.timesteps
+    b0, b1 = p.diffusion.beta_start, p.diffusion.beta_end
     return [
         ("seed", p.seed >= 0, ">= 0"),
         ("device", p.device in DEVICES or p.device.startswith("cuda:"), "one of " + ", ".join(DEVICES)),
@@ -144,8 +161,8 @@ def _checks(p: Params):
         ("data.test_limit", p.data.test_limit is None or p.data.test_limit >= 1, ">= 1 or null"),
         ("diffusion.schedule", p.diffusion.schedule in SCHEDULES, "one of " + ", ".join(SCHEDULES)),
         ("diffusion.timesteps", T >= 1, ">= 1"),
-        ("diffusion.beta_start", 0 < p.diffusion.beta_start < 1, "in (0, 1)"),
-        ("diffusion.beta_end", p.diffusion.beta_start <= p.diffusion.beta_end < 1, "in [beta_start, 1)"),
+        ("diffusion.beta_start", b0 is None or 0 < b0 < 1, "in (0, 1) or null"),
+        ("diffusion.beta_end", b1 is None or (b0 or 0) <= b1 < 1, "in [beta_start, 1) or null"),
         ("model.base_channels", p.model.base_channels >= 1, ">= 1"),
         ("model.channel_mults", len(p.model.channel_mults) >= 1 and min(p.model.channel_mults) >= 1,
          "a non-empty list of integers >= 1"),
@@ -166,6 +183,7 @@ def _checks(p: Params):
         ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
         ("train.p_uncond", 0 <= t.p_uncond <= 1, "in [0, 1]"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
+        ("train.nproc", t.nproc >= 1 and t.batch_size % t.nproc == 0, ">= 1 and a divisor of train.batch_size"),
         ("train.grid_size", t.grid_size >= 1, ">= 1"),
         ("train.grid_ddim_steps", 1 <= t.grid_ddim_steps <= T, f"in [1, diffusion.timesteps = {T}]"),
         ("sample.num_samples", s.num_samples >= 1, ">= 1"),
@@ -176,6 +194,16 @@ def _checks(p: Params):
         ("sample.guidance", len(s.guidance) >= 1 and all(w >= 0 for w in s.guidance), "a list of values >= 0"),
         ("sample.grid_size", s.grid_size >= 1, ">= 1"),
         ("evaluate.batch_size", p.evaluate.batch_size >= 1, ">= 1"),
+        ("evaluate.extractors", "classifier" in p.evaluate.extractors and set(p.evaluate.extractors) <= set(EXTRACTORS)
+         and len(set(p.evaluate.extractors)) == len(p.evaluate.extractors),
+         "a list of distinct names from " + ", ".join(EXTRACTORS) + ", classifier included"),
+        ("visualize.per_class", v.per_class >= 1, ">= 1"),
+        ("visualize.num_images", v.num_images >= 1, ">= 1"),
+        ("visualize.frames", v.frames >= 2, ">= 2"),
+        ("visualize.steps", v.steps >= 1, ">= 1 (capped at diffusion.timesteps)"),
+        ("visualize.guidance", v.guidance >= 0, ">= 0"),
+        ("visualize.compare_steps", len(v.compare_steps) >= 1 and min(v.compare_steps) >= 1,
+         "a non-empty list of steps >= 1 (those above diffusion.timesteps are skipped)"),
     ]
 
 
@@ -196,3 +224,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
                 value = value[part]
             raise ParamsError(f"params.yaml: {key} = {value!r} is out of range; allowed: {allowed}")
     return params
+
+
+def sections(p: Params, *names: str) -> dict:
+    """The named params as plain values, for logging: sections("seed", "train") -> {"seed": 0, "train": {...}}."""
+    out = {}
+    for name in names:
+        head, _, rest = name.partition(".")
+        value = getattr(p, head)
+        value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        if rest:
+            out.setdefault(head, {})[rest] = value[rest]
+        else:
+            out[head] = value
+    return out

@@ -1,17 +1,12 @@
 """The DVC pipeline end to end: real git, real DVC, the tiny config on the CPU."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, make_repo, run, stages_run
+from helpers import ALL_STAGES, TINY, make_repo, run, stages_run
 
 from ddpm import load_model
-
-ALL_STAGES = {"prepare", "classifier", "train@uncond", "train@cond", "sample@uncond-ddpm", "sample@uncond-ddim",
-              "sample@cond-ddpm", "sample@cond-ddim", "evaluate"}
-DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 pytestmark = pytest.mark.slow
 
@@ -74,16 +69,13 @@ def test_second_repro_runs_nothing(tiny_repo):
     assert "changed" not in run(["dvc", "status"], repo).stdout
 
 
-def test_changing_a_sample_param_reruns_only_sampling_and_evaluation(tiny_repo):
-    repo, _ = tiny_repo
-    proc = run(["dvc", "exp", "run", "-n", "eta-half", "-S", "sample.eta=[0.5]"], repo)
-    assert stages_run(proc.stdout) == {s for s in ALL_STAGES if s.startswith(("sample", "evaluate"))}
+def test_changing_a_sample_param_reruns_only_sampling_and_evaluation(tiny_experiments):
+    assert stages_run(tiny_experiments["eta-half"]) == {s for s in ALL_STAGES if s.startswith(("sample", "evaluate"))}
 
 
-def test_changing_train_lr_reruns_train_sample_evaluate(tiny_repo):
+def test_changing_train_lr_reruns_train_sample_evaluate(tiny_repo, tiny_experiments):
     repo, _ = tiny_repo
-    proc = run(["dvc", "exp", "run", "-n", "lr-high", "-S", "train.lr=2e-3"], repo)
-    assert stages_run(proc.stdout) == ALL_STAGES - {"prepare", "classifier"}
+    assert stages_run(tiny_experiments["lr-high"]) == ALL_STAGES - {"prepare", "classifier", "reference"}
     diff = run(["dvc", "metrics", "diff", "--json", "HEAD", "lr-high"], repo).stdout
     changes = json.loads(diff)["metrics/eval.json"]
     assert "uncond.ddpm.fid" in changes and "cond.ddim10_eta0_w1.fid" in changes
@@ -105,14 +97,3 @@ def test_missing_dataset_offline_is_a_clear_error(tmp_path):
     assert proc.returncode == 1 and len(err) == 1 and err[0].startswith("error:"), proc.stderr
     assert "mnist" in err[0] and "data/raw/mnist" in err[0]
     assert not (repo / "data/prepared").exists()
-
-
-@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
-def test_real_fashion_mnist_end_to_end(tmp_path):
-    repo = make_repo(tmp_path / "fashion", {**TINY, "data": {"name": "fashion_mnist", "limit": 300,
-                                                              "test_limit": 100}})
-    proc = run(["dvc", "repro"], repo)
-    assert stages_run(proc.stdout) == ALL_STAGES
-    info = json.loads((repo / "data/prepared/info.json").read_text())
-    assert info["class_names"][0] == "T-shirt/top" and info["train_count"] == 300
-    assert "fid" in json.loads((repo / "metrics/eval.json").read_text())["cond"]["ddpm_w1"]
