@@ -4,6 +4,7 @@ An unknown key (with a "did you mean" hint), a wrong type or an out-of-range val
 stage with one line naming the key and what is allowed.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -17,7 +18,7 @@ from ddpm import DiffusionConfig, TrainConfig, UNetConfig
 
 
 class ParamsError(ValueError):
-    pass
+    """A params.yaml key that is unknown, of the wrong type or out of range."""
 
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "glyphs")
@@ -121,11 +122,9 @@ def _coerce(value, kind, key: str):
         if not isinstance(value, dict):
             raise ParamsError(f"params.yaml: {key} must be a mapping of keys, got {value!r}")
         return parse(kind, value, key)
-    if kind is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "2e-4" (no dot) as a string
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     ok = (isinstance(value, bool) if kind is bool else
           isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
           isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, kind))

@@ -27,7 +27,7 @@ BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
 class TrackingError(RuntimeError):
-    pass
+    """The tracking store cannot be reached."""
 
 
 def repo_root() -> Path:
