@@ -274,11 +274,12 @@ def make_glyphs(n_train: int, n_test: int, seed: int) -> ImageData:
 
 # ---- subsets and statistics ----
 
-def stratified_subset(images: torch.Tensor, labels: torch.Tensor, limit: int,
+def stratified_subset(images: torch.Tensor, labels: torch.Tensor, limit: int | None,
                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`limit` examples, as equal per class as possible, in their original order. (N, ...) -> (limit, ...)."""
+    """`limit` examples, as equal per class as possible, in their original order. (N, ...) -> (limit, ...).
+    None (no limit) or a limit of N or more returns everything."""
     n = len(labels)
-    if limit >= n:
+    if limit is None or limit >= n:
         return images, labels
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ddpm import atomic_save, resolve_device
 from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
 
-from .common import atomic_dir, load_info, load_prepared, run, seed_everything, write_json
+from .common import atomic_dir, class_names, load_info, load_prepared, run, seed_everything, write_json
 from .params import load_params, sections
 from .tracking import stage_run
 
@@ -21,8 +21,10 @@ def main(argv: list[str]) -> None:
         ap.add_argument(name, type=Path, required=True)
     a = ap.parse_args(argv)
     p = load_params()
+    info = load_info(a.data)
+    class_names(info, "the classifier behind FID/IS")
     with stage_run("classifier", params=sections(p, "seed", "device", "classifier"),
-                   data_hash=load_info(a.data)["content_hash"]) as tracker:
+                   data_hash=info["content_hash"]) as tracker:
         train(a, p, tracker)
 
 

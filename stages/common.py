@@ -99,6 +99,17 @@ def load_info(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def class_names(info: dict, needed_by: str) -> list[str]:
+    """The prepared data's class names; `needed_by` (conditional training, the classifier) needs two or more."""
+    names = info["class_names"]
+    if len(names) < 2:
+        have = f"only class {names[0]!r}" if names else "no classes (an image folder without class subfolders)"
+        raise DataError(f"{needed_by} needs at least 2 classes but the prepared data has {have}; "
+                        "use class subfolders or data.classes, or run only the unconditional stages "
+                        "(dvc repro sample@uncond-ddpm sample@uncond-ddim)")
+    return names
+
+
 def load_prepared(folder: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(images uint8 (N, C, H, W), labels int64 (N,), info) of a split written by the prepare stage."""
     info = load_info(folder)

@@ -21,7 +21,7 @@ class ParamsError(ValueError):
     """A params.yaml key that is unknown, of the wrong type or out of range."""
 
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "glyphs")
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "glyphs", "imagefolder")
 SCHEDULES = ("linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EXTRACTORS = ("classifier", "inception")  # ddpm.metrics.EXTRACTORS
@@ -31,23 +31,33 @@ EXTRACTORS = ("classifier", "inception")  # ddpm.metrics.EXTRACTORS
 class DataParams:
     name: str = "mnist"
     root: str | None = None          # a folder holding the dataset's files (else data/raw/<name>, Debian, download)
+    classes: tuple[str | int, ...] | None = None  # keep these classes (names or indices), relabelled 0..K-1
+    image_size: int | None = None    # resize (center square) to this; null: the dataset's own (imagefolder: 32)
+    channels: int | None = None      # 1 (grayscale) or 3 (RGB); null: the dataset's own (imagefolder: 3)
     limit: int | None = None         # class-stratified subset of the train split
     test_limit: int | None = None    # class-stratified subset of the test split
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    """UNetConfig without the fields that follow from the data (channels, size, classes)."""
+    """UNetConfig without the fields that follow from the data (channels, size, classes).
+
+    channel_mults and attention_resolutions may be null: they then follow the image size (see unet())."""
     base_channels: int = 64
-    channel_mults: tuple[int, ...] = (1, 2, 2)
+    channel_mults: tuple[int, ...] | None = None         # null: (1, 2, 2) up to 32 px, (1, 2, 2, 2) above
     num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (7,)
+    attention_resolutions: tuple[int, ...] | None = None  # null: the resolution after two downsamplings
     num_heads: int = 4
     dropout: float = 0.1
 
     def unet(self, in_channels: int, image_size: int, num_classes: int | None) -> UNetConfig:
-        return UNetConfig(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
-                          **dataclasses.asdict(self))
+        """The full UNetConfig for data of this shape, with the size-dependent defaults filled in:
+        28 px -> mults (1, 2, 2), attention at 7; 32 -> (1, 2, 2), 8; 64 -> (1, 2, 2, 2), 16."""
+        mults = self.channel_mults or ((1, 2, 2) if image_size <= 32 else (1, 2, 2, 2))
+        quarter = (((image_size + 1) // 2) + 1) // 2  # the UNet halves sizes rounding up
+        attention = self.attention_resolutions if self.attention_resolutions is not None else (quarter,)
+        fields = {**dataclasses.asdict(self), "channel_mults": mults, "attention_resolutions": attention}
+        return UNetConfig(in_channels=in_channels, image_size=image_size, num_classes=num_classes, **fields)
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,16 @@ def _coerce(value, kind, key: str):
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
+        errors = []
+        for arg in (a for a in args if a is not type(None)):  # the first alternative that fits
+            try:
+                return _coerce(value, arg, key)
+            except ParamsError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in args if a is not type(None))
+        raise ParamsError(f"params.yaml: {key} must be {names}, got {value!r}")
     if origin is tuple:
         items = value if isinstance(value, list) else [value]
         return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
@@ -152,10 +171,17 @@ def _checks(p: Params):
     """(key, ok, what is allowed) for every range and choice constraint."""
     s, t, v, T = p.sample, p.train, p.visualize, p.diffusion.timesteps
     b0, b1 = p.diffusion.beta_start, p.diffusion.beta_end
+    mults = p.model.channel_mults
     return [
         ("seed", p.seed >= 0, ">= 0"),
         ("device", p.device in DEVICES or p.device.startswith("cuda:"), "one of " + ", ".join(DEVICES)),
         ("data.name", p.data.name in DATASETS, "one of " + ", ".join(DATASETS)),
+        ("data.root", p.data.name != "imagefolder" or p.data.root is not None,
+         "a folder of images (required when data.name is imagefolder)"),
+        ("data.classes", p.data.classes is None or (len(p.data.classes) >= 1 and len(set(p.data.classes)) == len(
+            p.data.classes)), "a non-empty list of distinct class names or indices, or null"),
+        ("data.image_size", p.data.image_size is None or 8 <= p.data.image_size <= 256, "in [8, 256] or null"),
+        ("data.channels", p.data.channels in (None, 1, 3), "1, 3 or null"),
         ("data.limit", p.data.limit is None or p.data.limit >= 1, ">= 1 or null"),
         ("data.test_limit", p.data.test_limit is None or p.data.test_limit >= 1, ">= 1 or null"),
         ("diffusion.schedule", p.diffusion.schedule in SCHEDULES, "one of " + ", ".join(SCHEDULES)),
@@ -163,11 +189,11 @@ def _checks(p: Params):
         ("diffusion.beta_start", b0 is None or 0 < b0 < 1, "in (0, 1) or null"),
         ("diffusion.beta_end", b1 is None or (b0 or 0) <= b1 < 1, "in [beta_start, 1) or null"),
         ("model.base_channels", p.model.base_channels >= 1, ">= 1"),
-        ("model.channel_mults", len(p.model.channel_mults) >= 1 and min(p.model.channel_mults) >= 1,
-         "a non-empty list of integers >= 1"),
+        ("model.channel_mults", mults is None or (len(mults) >= 1 and min(mults) >= 1),
+         "a non-empty list of integers >= 1, or null"),
         ("model.num_res_blocks", p.model.num_res_blocks >= 1, ">= 1"),
         ("model.num_heads", p.model.num_heads >= 1 and all(
-            p.model.base_channels * m % p.model.num_heads == 0 for m in p.model.channel_mults),
+            p.model.base_channels * m % p.model.num_heads == 0 for m in mults or (1, 2)),
          "a divisor of every level's channel count"),
         ("model.dropout", 0 <= p.model.dropout < 1, "in [0, 1)"),
         ("classifier.epochs", p.classifier.epochs >= 1, ">= 1"),

@@ -4,7 +4,8 @@ usage: python -m stages.prepare OUT_DIR
 """
 
 from ddpm import atomic_save
-from ddpm.data import class_histogram, load_dataset, stratified_subset
+from ddpm.data import ImageData, class_histogram, load_dataset, stratified_subset
+from ddpm.images import convert, load_image_folder, select_classes
 
 from .common import atomic_dir, run, seed_everything, write_json
 from .params import load_params, sections
@@ -20,10 +21,10 @@ def main(argv: list[str]) -> None:
 
 def prepare(p, out, tracker) -> None:
     seed_everything(p.seed)
-    data = load_dataset(p.data.name, root=p.data.root, seed=p.seed)
+    data = load(p.data, p.seed)
     train = stratified_subset(data.train_images, data.train_labels, p.data.limit, p.seed)
     test = stratified_subset(data.test_images, data.test_labels, p.data.test_limit, p.seed + 1)
-    num_classes = len(data.class_names)
+    num_classes = len(data.class_names)  # 0: an unlabelled image folder
     with atomic_dir(out) as tmp:
         atomic_save({"images": train[0], "labels": train[1]}, tmp / "train.pt")
         atomic_save({"images": test[0], "labels": test[1]}, tmp / "test.pt")
@@ -34,8 +35,8 @@ def prepare(p, out, tracker) -> None:
             "class_names": list(data.class_names),
             "train_count": len(train[0]),
             "test_count": len(test[0]),
-            "train_histogram": class_histogram(train[1], num_classes),
-            "test_histogram": class_histogram(test[1], num_classes),
+            "train_histogram": class_histogram(train[1], num_classes) if num_classes else [],
+            "test_histogram": class_histogram(test[1], num_classes) if num_classes else [],
             "content_hash": subset.content_hash(),
         }
         write_json(tmp / "info.json", info)
@@ -44,6 +45,19 @@ def prepare(p, out, tracker) -> None:
     tracker.log_artifact(f"{out}/info.json")
     print(f"prepared {p.data.name}: {len(train[0])} train / {len(test[0])} test images of shape "
           f"{tuple(train[0].shape[1:])}")
+
+
+def load(d, seed: int) -> ImageData:
+    """The dataset that the data params describe: its classes, size and channels."""
+    if d.name == "imagefolder":
+        data = load_image_folder(d.root, d.image_size or 32, d.channels or 3, seed)
+    else:
+        data = load_dataset(d.name, root=d.root, seed=seed)
+    if d.classes is not None:
+        data = select_classes(data, list(d.classes))
+    return ImageData(*(convert(x, d.image_size, d.channels) if x.dim() == 4 else x for x in
+                       (data.train_images, data.train_labels, data.test_images, data.test_labels)),
+                     class_names=data.class_names)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from ddpm.plots import loss_curve
 from .common import (
     atomic_dir,
     barrier,
+    class_names,
     init_distributed,
     load_info,
     load_prepared,
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> None:
         sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc_per_node={p.train.nproc}", "-m", "stages.train", *argv]))
     info = load_info(a.data)
-    num_classes = len(info["class_names"]) if a.variant == "cond" else None
+    num_classes = len(class_names(info, "conditional training")) if a.variant == "cond" else None
     unet = p.model.unet(info["shape"][0], info["shape"][1], num_classes)
     run_hash = config_hash({"unet": dataclasses.asdict(unet), "diffusion": dataclasses.asdict(p.diffusion),
                             "train": dataclasses.asdict(p.train), "seed": p.seed, "data": info["content_hash"],

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +70,22 @@ def make_repo(path: Path, overrides: dict) -> Path:
     run(["git", "add", "-A"], path)
     run(["git", "commit", "-qm", "tiny project"], path)
     return path
+
+
+def make_image_folder(root: Path, per_class: int = 12, classes=("circle", "square")) -> Path:
+    """A folder of RGB PNGs of odd sizes, one subfolder per class (none if `classes` is empty):
+    a bright red disc or a bright blue square on a dark, noisy background."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(classes or ("",)):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = int(rng.integers(30, 70)), int(rng.integers(30, 70))
+            img = Image.fromarray(rng.integers(0, 60, (h, w, 3), dtype=np.uint8))
+            box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+            draw = ImageDraw.Draw(img)
+            (draw.ellipse if k == 0 else draw.rectangle)(box, fill=(230, 40, 40) if k == 0 else (40, 40, 230))
+            img.save(folder / f"{name or 'img'}_{i:03d}.png")
+    return root

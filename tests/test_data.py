@@ -250,9 +250,10 @@ def test_stratified_subset_balanced_and_ordered():
     assert torch.equal(again, sub_images) and not torch.equal(other, sub_images)
 
 
-def test_stratified_subset_limit_above_size_returns_all():
+@pytest.mark.parametrize("limit", [10, None])
+def test_stratified_subset_limit_above_size_or_none_returns_all(limit):
     labels = torch.tensor([1, 0, 1])
-    images, out_labels = stratified_subset(torch.zeros(3, 1, 2, 2), labels, 10, seed=0)
+    images, out_labels = stratified_subset(torch.zeros(3, 1, 2, 2), labels, limit, seed=0)
     assert len(images) == 3 and torch.equal(out_labels, labels)
 
 

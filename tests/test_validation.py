@@ -28,6 +28,12 @@ CASES = [  # (section, key, bad value, expected message fragment)
     ("sample", "num_samples", 0, "sample.num_samples = 0 is out of range"),
     ("data", "name", "imagenet", "data.name = 'imagenet' is out of range; allowed: one of mnist, fashion_mnist"),
     ("data", "limit", 0, "data.limit = 0 is out of range; allowed: >= 1 or null"),
+    ("data", "name", "imagefolder", "data.root = None is out of range; allowed: a folder of images (required when "
+                                    "data.name is imagefolder)"),
+    ("data", "channels", 2, "data.channels = 2 is out of range; allowed: 1, 3 or null"),
+    ("data", "image_size", 4, "data.image_size = 4 is out of range; allowed: in [8, 256] or null"),
+    ("data", "classes", [], "data.classes = () is out of range; allowed: a non-empty list of distinct class names"),
+    ("data", "classes", ["ship", 1.5], "data.classes[1] must be str or int, got 1.5"),
     ("diffusion", "schedule", "quadratic", "diffusion.schedule = 'quadratic' is out of range; allowed: one of linear, "
                                            "cosine"),
     ("diffusion", "timesteps", 0, "diffusion.timesteps = 0 is out of range"),
