@@ -8,6 +8,7 @@ what inference needs: the EMA weights, the UNet config and the diffusion config.
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .diffusion import Diffusion, DiffusionConfig
 from .unet import UNet, UNetConfig
 
 MODEL_KEYS = ("format", "unet", "diffusion", "weights", "meta")
+ARCHIVE_MAGIC = b"PK\x03\x04"  # the zip header that starts every file torch.save (so atomic_save) writes
 
 
 class CheckpointError(ValueError):
@@ -52,12 +54,26 @@ def safe_load(path: str | Path, required: tuple[str, ...] = (), map_location="cp
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many kinds: UnpicklingError, RuntimeError, EOFError, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a valid checkpoint ({reason[:200]})") from None
+        why = _why_unloadable(path, e)
+        raise CheckpointError(f"{path}: not a checkpoint written by this project ({why})") from None
     missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
     if missing:
-        raise CheckpointError(f"{path}: not a valid checkpoint (missing {', '.join(missing)})")
+        raise CheckpointError(f"{path}: not the kind of file expected here (missing {', '.join(missing)})")
     return obj
+
+
+def _why_unloadable(path: Path, error: Exception) -> str:
+    """Why torch.load(weights_only=True) failed on `path`, in words that do not depend on the torch version."""
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if refused:
+        return f"it holds a pickled {refused[1]}, refused because loading it could run code"
+    with open(path, "rb") as f:
+        head = f.read(len(ARCHIVE_MAGIC))
+    if not head:
+        return "it is empty"
+    if head != ARCHIVE_MAGIC:
+        return "it is not a PyTorch file"
+    return "it is truncated or corrupt"
 
 
 def save_model(path: str | Path, model: torch.nn.Module, unet: UNetConfig, diffusion: DiffusionConfig,

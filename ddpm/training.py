@@ -111,24 +111,24 @@ class Trainer:
         on_step(trainer, loss: float, seconds: float) after every step;
         on_epoch_end(trainer, epoch: int) after every epoch (epochs count from 0)."""
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not progress,
-                   dynamic_ncols=True)
-        while self.step < self.total_steps:
-            epoch, i = divmod(self.step, self.steps_per_epoch)
-            start = time.perf_counter()
-            loss = self.train_step(self.batch_indices(epoch, i))
-            if self.world_size > 1:  # report the global batch's loss, the same on every rank
-                torch.distributed.all_reduce(loss)
-                loss = loss / self.world_size
-            loss = loss.item()
-            seconds = time.perf_counter() - start
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
-            if on_step:
-                on_step(self, loss, seconds)
-            if self.step % self.steps_per_epoch == 0 and on_epoch_end:
-                on_epoch_end(self, epoch)
-        bar.close()
+        # a context manager, so that an error is printed below the bar, not glued to its end
+        with tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            while self.step < self.total_steps:
+                epoch, i = divmod(self.step, self.steps_per_epoch)
+                start = time.perf_counter()
+                loss = self.train_step(self.batch_indices(epoch, i))
+                if self.world_size > 1:  # report the global batch's loss, the same on every rank
+                    torch.distributed.all_reduce(loss)
+                    loss = loss / self.world_size
+                loss = loss.item()
+                seconds = time.perf_counter() - start
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
+                if on_step:
+                    on_step(self, loss, seconds)
+                if self.step % self.steps_per_epoch == 0 and on_epoch_end:
+                    on_epoch_end(self, epoch)
 
     def state_dict(self) -> dict:
         state = {"model": self.net.state_dict(), "ema": self.ema.state_dict(),

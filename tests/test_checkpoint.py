@@ -116,17 +116,21 @@ def test_corrupt_files_raise_checkpoint_error_naming_the_path(tmp_path):
     good = tmp_path / "good.pt"
     save_model(good, perturbed_unet(), UNET, DIFFUSION)
     data = good.read_bytes()
-    cases = {
-        "truncated.pt": data[: len(data) // 2],
-        "random.pt": torch.randint(0, 256, (4096,), dtype=torch.uint8,
-                                   generator=torch.Generator().manual_seed(0)).numpy().tobytes(),
-        "empty.pt": b"",
+    cases = {  # name: (content, why the message gives)
+        "truncated.pt": (data[: len(data) // 2], "it is truncated or corrupt"),
+        "random.pt": (torch.randint(0, 256, (4096,), dtype=torch.uint8,
+                                    generator=torch.Generator().manual_seed(0)).numpy().tobytes(),
+                      "it is not a PyTorch file"),
+        "notes.txt": (b"a text file, not a model\n", "it is not a PyTorch file"),
+        "empty.pt": (b"", "it is empty"),
     }
-    for name, content in cases.items():
+    for name, (content, why) in cases.items():
         (tmp_path / name).write_bytes(content)
         for load in (safe_load, load_model):
-            with pytest.raises(CheckpointError, match=name):
+            with pytest.raises(CheckpointError) as error:
                 load(tmp_path / name)
+            # plain words naming the file, not torch's advice about its weights_only default
+            assert str(error.value) == f"{tmp_path / name}: not a checkpoint written by this project ({why})"
     with pytest.raises(CheckpointError, match="missing.pt"):
         load_model(tmp_path / "missing.pt")
 
@@ -157,7 +161,7 @@ def test_pickled_objects_are_refused_and_never_executed(tmp_path):
                         ("payload.pkl", lambda p: p.write_bytes(pickle.dumps(Payload(marker), protocol=2)))]:
         write(tmp_path / name)
         for load in (safe_load, load_model):
-            with pytest.raises(CheckpointError, match=name):
+            with pytest.raises(CheckpointError, match=f"{name}: .*pickled .*open, refused because loading it could"):
                 load(tmp_path / name)
         assert not marker.exists()
     # the payload is live: an unsafe load would have run it

@@ -168,7 +168,7 @@ def test_console_script_is_installed(tmp_path):
 # name: (args, the words the error line must contain); "{uncond}", "{cond}", "{text}" are model paths
 BAD = {
     "missing model": (["sample", "--model", "missing.pt"], ["missing.pt", "no such file"]),
-    "text file as model": (["sample", "--model", "{text}"], ["notes.txt", "not a valid checkpoint"]),
+    "text file as model": (["sample", "--model", "{text}"], ["notes.txt", "not a checkpoint written by this project"]),
     "class out of range": (["sample", "--model", "{cond}", "--class", "5"], ["--class 5", "0..2"]),
     "class on uncond": (["reverse", "--model", "{uncond}", "--class", "1"], ["--class", "unconditional"]),
     "guidance on uncond": (["sample", "--model", "{uncond}", "--guidance", "1"], ["--guidance", "unconditional"]),

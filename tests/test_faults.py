@@ -1,0 +1,136 @@
+"""Faults a user can hit, through the real stage processes: a kill mid-write, a diverging run,
+a damaged dataset file. Each leaves no partial output and says what went wrong in one line."""
+
+import gzip
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import TINY, make_repo, merge, run
+from mlflow.tracking import MlflowClient
+
+from ddpm import UNet, safe_load
+from stages.params import load_params
+
+pytestmark = pytest.mark.slow
+PREPARE = [sys.executable, "-m", "stages.prepare", "data/prepared"]
+TRAIN = [sys.executable, "-m", "stages.train", "uncond", "--data", "data/prepared", "--checkpoints", "ck",
+         "--out", "model", "--metrics", "metrics.json", "--plot", "loss.csv"]
+
+# The prepare stage, paused right after it wrote train.pt into its temporary folder, so that the
+# kill lands in the middle of writing its output every time.
+PAUSED_PREPARE = """
+import sys, time
+from stages import common, prepare
+def save_then_pause(obj, path, save=prepare.atomic_save):
+    save(obj, path)
+    time.sleep(600)
+prepare.atomic_save = save_then_pause
+sys.argv = ["prepare", "data/prepared"]
+common.run(prepare.main)
+"""
+
+
+def set_param(repo: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def kill_prepare_mid_write(repo: Path) -> None:
+    """Start the prepare stage, wait until its temporary folder holds train.pt, SIGKILL it."""
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_PREPARE], cwd=repo, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((repo / "data").glob(".prepared.tmp*/train.pt")) and proc.poll() is None:
+        assert time.time() < deadline, "prepare never started writing"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "prepare ended before it could be killed"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_stage_killed_mid_write_leaves_no_output(tmp_path):
+    repo = make_repo(tmp_path / "repo", TINY)
+    kill_prepare_mid_write(repo)
+    assert list((repo / "data").glob(".prepared.tmp*")), "the kill did not land mid-write"
+    assert not (repo / "data/prepared").exists()
+
+    run(PREPARE, repo)  # the rerun succeeds and clears what the killed run left
+    assert not list((repo / "data").glob(".prepared.tmp*"))
+    before = snapshot(repo / "data/prepared")
+    assert set(before) == {"train.pt", "test.pt", "info.json"}
+
+    set_param(repo, "data", "limit", 200)  # new params, killed again: the old output stays as it was
+    kill_prepare_mid_write(repo)
+    assert snapshot(repo / "data/prepared") == before
+
+
+def test_diverging_training_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    # lr 1 instead of 1e-4: the loss turns NaN within a few steps, after the checkpoint at step 2 or 4
+    repo = make_repo(tmp_path / "repo", merge(TINY, {"train": {"lr": 1.0, "checkpoint_every": 2}}))
+    run(PREPARE, repo)
+    proc = run(TRAIN, repo, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert [line for line in lines if "error" in line] == [lines[-1]], proc.stderr
+    error = re.fullmatch(r"error: training loss is (nan|inf) at step (\d+); lower train\.lr.*", lines[-1])
+    assert error, lines[-1]
+    bad_step = int(error[2])
+    assert bad_step > 2, f"diverged at step {bad_step}, before the first checkpoint"
+    assert not any((repo / name).exists() for name in ("model", "metrics.json", "loss.csv"))
+
+    state = safe_load(repo / "ck/last.pt", ("model", "ema", "step"))
+    assert state["step"] == (bad_step - 1) // 2 * 2  # the last checkpoint before the bad step
+    unet = load_params(repo / "params.yaml").model.unet(1, 28, None)  # glyphs are 1 x 28 x 28
+    for weights in (state["model"], state["ema"]["module"]):
+        UNet(unet).load_state_dict(weights)
+        assert all(torch.isfinite(w).all() for w in weights.values())
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    (train_run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'train'")
+    assert train_run.info.status == "FAILED"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """uint8 `array` as a gzipped idx file (magic 0x0801 labels, 0x0803 images)."""
+    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def damage(data: bytes, how: str) -> bytes:
+    if how == "truncated":
+        return data[: len(data) // 2]
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 16]) + data[middle + 16:]
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt"])
+def test_damaged_idx_file_is_one_line_naming_it(tmp_path, how):
+    raw = tmp_path / "mnist"
+    raw.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("t10k", 10)):
+        write_idx(raw / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    bad = raw / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(damage(bad.read_bytes(), how))
+
+    repo = make_repo(tmp_path / "repo", {"data": {"name": "mnist", "root": str(raw), "limit": None,
+                                                  "test_limit": None}})
+    proc = run(PREPARE, repo, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: cannot read idx file {bad}: "), lines[0]
+    assert not (repo / "data").exists()
