@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
-from helpers import TINY, make_image_folder, make_repo, merge, run, stages_run
+import yaml
+from helpers import ROOT, TINY, make_image_folder, make_repo, merge, run, stages_run
 
 from ddpm import load_model
 
@@ -51,23 +53,30 @@ def test_cli_draws_the_rgb_model(folder_repo, tmp_path):
     repo, _ = folder_repo
     run(["ddpm", "sample", "--model", "models/cond/model.pt", "--num", "4", "--steps", "3",
          "--save-array", str(tmp_path / "s.npz"), "--out", str(tmp_path / "s.png")], repo)
-    import numpy as np
     assert np.load(tmp_path / "s.npz")["images"].shape == (4, 3, 32, 32)
 
 
 @pytest.mark.parametrize("classes, have", [((), "no classes"), (("circle",), "only class 'circle'")])
 def test_conditional_stages_refuse_folders_without_two_classes(tmp_path, classes, have):
     root = make_image_folder(tmp_path / "photos", per_class=10, classes=classes)
-    repo = make_repo(tmp_path / "repo", folder_config(root))
-    run(["dvc", "repro", "prepare"], repo)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                                                               folder_config(root))))
+    env = {"PYTHONPATH": str(ROOT), "DDPM_TRACKING": "off"}
+    run("python -m stages.prepare data/prepared", tmp_path, env=env)
     for cmd, who in [("python -m stages.train cond --data data/prepared --checkpoints checkpoints/cond "
                       "--out models/cond --metrics m.json --plot p.csv", "conditional training"),
                      ("python -m stages.classifier --data data/prepared --out models/classifier --metrics c.json",
                       "the classifier behind FID/IS")]:
-        proc = run(cmd, repo, check=False)
+        proc = run(cmd, tmp_path, check=False, env=env)
         assert proc.returncode == 1
         assert proc.stderr.strip().startswith(f"error: {who} needs at least 2 classes but the prepared data has {have}")
-    assert not (repo / "models").exists() and not (repo / "checkpoints").exists()
-    if not classes:  # the command the message suggests: the unconditional model still trains and samples
-        run(["dvc", "repro", "sample@uncond-ddpm", "sample@uncond-ddim"], repo)
-        assert (repo / "samples/uncond/ddim/ddim5_eta0.pt").is_file()
+    assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_unlabelled_folder_trains_and_samples_unconditionally(tmp_path):
+    root = make_image_folder(tmp_path / "photos", per_class=20, classes=())
+    repo = make_repo(tmp_path / "repo", folder_config(root))
+    proc = run(["dvc", "repro", "sample@uncond-ddpm", "sample@uncond-ddim"], repo)  # what the refusal suggests
+    assert stages_run(proc.stdout) == {"prepare", "train@uncond", "sample@uncond-ddpm", "sample@uncond-ddim"}
+    images = torch.load(repo / "samples/uncond/ddim/ddim5_eta0.pt", weights_only=True)["images"]
+    assert images.shape == (12, 3, 32, 32)

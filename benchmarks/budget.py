@@ -1,0 +1,146 @@
+"""Sample quality for a fixed wall-clock training budget: steps, images/s, FID, its floor and the ratio.
+
+Reads params.yaml with DVC-style `-S key=value` overrides (a "profile"), prepares the data through the
+pipeline's own loading path, trains the unconditional model until --minutes have passed, samples
+--num-samples images with DDIM from the EMA weights and scores them with the domain classifier's
+features against the test split, next to the floor (a real train subset of the same size). Each run is
+logged to MLflow (experiment "budget") and appended to --results.
+
+    python -m benchmarks.budget --minutes 25 -S data.name=fashion_mnist -S model.base_channels=32 \\
+        -S train.lr=1e-3 -S train.ema_decay=0.999
+"""
+
+import argparse
+import csv
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ddpm import Diffusion, Trainer, UNet, generate, load_classifier, resolve_device
+from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
+from ddpm.data import stratified_subset
+from ddpm.metrics import Scorer, make_extractor, reference_features
+from stages.common import save_grid
+from stages.params import load_params, sections
+from stages.prepare import load
+from stages.tracking import flatten, repo_root, tracking_uri
+
+FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "ddim_steps", "fid", "floor",
+          "ratio", "sample_s"]
+
+
+def profile(overrides: list[str]):
+    """params.yaml with `key=value` overrides (values parsed as YAML, as `dvc exp run -S` does), validated."""
+    raw = yaml.safe_load((repo_root() / "params.yaml").read_text())
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *parents, last = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(raw, f)
+        f.flush()
+        return load_params(f.name)
+
+
+def classifier_for(p, data, path: Path, device) -> Classifier:
+    """The domain classifier for this dataset, trained once and kept at `path`."""
+    if path.is_file():
+        return load_classifier(path, device)
+    config = ClassifierConfig(in_channels=data.train_images.shape[1], image_size=data.train_images.shape[2],
+                              num_classes=len(data.class_names), width=p.classifier.width)
+    model = Classifier(config)
+    train_classifier(model, data.train_images, data.train_labels, epochs=p.classifier.epochs, lr=p.classifier.lr,
+                     batch_size=p.classifier.batch_size, seed=p.seed, device=device)
+    print(f"classifier test accuracy {accuracy(model, data.test_images, data.test_labels, device=device):.4f}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": dataclasses.asdict(config), "weights": model.cpu().state_dict()}, path)
+    return model.to(device)
+
+
+def train_for(p, data, minutes: float, device) -> tuple[Trainer, int, float]:
+    """The unconditional model trained for `minutes` of wall clock: (trainer, steps, images/s)."""
+    torch.manual_seed(p.seed)
+    unet = p.model.unet(data.train_images.shape[1], data.train_images.shape[2], None)
+    trainer = Trainer(UNet(unet).to(device), Diffusion(p.diffusion.betas()), data.train_images, None, p.train,
+                      device, seed=p.seed)
+    trainer.model.train()
+    start = time.perf_counter()
+    with tqdm(desc=f"train {minutes:g} min", unit="step") as bar:
+        while time.perf_counter() - start < 60 * minutes:
+            loss = trainer.train_step(trainer.batch_indices(*divmod(trainer.step, trainer.steps_per_epoch)))
+            bar.update(1)
+            if trainer.step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+    seconds = time.perf_counter() - start
+    return trainer, trainer.step, trainer.step * p.train.batch_size / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--minutes", type=float, default=25.0, help="wall-clock training budget")
+    ap.add_argument("--num-samples", type=int, default=1000)
+    ap.add_argument("--ddim-steps", type=int, default=50)
+    ap.add_argument("--name", default="", help="a label for the results table")
+    ap.add_argument("--results", type=Path, default=Path(__file__).with_name("budget_results.csv"))
+    ap.add_argument("--classifier", type=Path, help="default: benchmarks/.cache/<dataset>-classifier.pt")
+    args = ap.parse_args()
+
+    p = profile(args.overrides)
+    device = resolve_device(p.device)
+    data = load(p.data, p.seed)
+    train = stratified_subset(data.train_images, data.train_labels, p.data.limit, p.seed)
+    data = dataclasses.replace(data, train_images=train[0], train_labels=train[1])
+    cache = Path(__file__).with_name(".cache") / f"{p.data.name}-classifier.pt"
+    classifier = classifier_for(p, data, args.classifier or cache, device)
+    floor = stratified_subset(data.train_images, data.train_labels, args.num_samples, p.seed + 2)
+    extractor = make_extractor("classifier", classifier=classifier, device=device)
+    scorer = Scorer({"classifier": extractor},
+                    {"classifier": reference_features(extractor, (data.test_images, data.test_labels), floor,
+                                                      device=device)}, seed=p.seed, device=device)
+
+    trainer, steps, rate = train_for(p, data, args.minutes, device)
+    start = time.perf_counter()
+    images = generate(trainer.ema.module, trainer.diffusion, args.num_samples, tuple(data.train_images.shape[1:]),
+                      seed=p.seed, steps=min(args.ddim_steps, p.diffusion.timesteps), clip_x0=p.sample.clip_x0,
+                      progress=True)
+    sample_s = time.perf_counter() - start
+    fid, floor_fid = scorer(images)["classifier"]["fid"], scorer.floor["classifier"]["fid"]
+    row = {"name": args.name, "overrides": " ".join(args.overrides), "minutes": args.minutes, "steps": steps,
+           "images_per_s": round(rate, 1), "params_m": round(sum(x.numel() for x in trainer.net.parameters()) / 1e6, 2),
+           "ddim_steps": args.ddim_steps, "fid": round(fid, 4), "floor": round(floor_fid, 4),
+           "ratio": round(fid / floor_fid, 2), "sample_s": round(sample_s, 1)}
+    print("  ".join(f"{k}={v}" for k, v in row.items()))
+
+    grid = Path(tempfile.mkdtemp()) / "samples.png"
+    save_grid(images[:100], grid, nrow=10)
+    mlflow.set_tracking_uri(tracking_uri())
+    if mlflow.get_experiment_by_name("budget") is None:  # artifacts beside the pipeline's, as stages.tracking does
+        local = not os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.create_experiment("budget", (repo_root() / "mlartifacts").as_uri() if local else None)
+    mlflow.set_experiment("budget")
+    with mlflow.start_run(run_name=args.name or None):
+        mlflow.log_params({**flatten(sections(p, "data", "diffusion", "model", "train")), "minutes": args.minutes,
+                           "ddim_steps": args.ddim_steps, "overrides": row["overrides"][:500]})
+        mlflow.log_metrics({k: float(row[k]) for k in ("steps", "images_per_s", "fid", "floor", "ratio", "sample_s")})
+        mlflow.log_artifact(str(grid))
+    new = not args.results.exists()
+    with args.results.open("a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+if __name__ == "__main__":
+    main()
