@@ -124,9 +124,9 @@ def main() -> None:
 
     grid = Path(tempfile.mkdtemp()) / "samples.png"
     save_grid(images[:100], grid, nrow=10)
+    local = not os.environ.get("MLFLOW_TRACKING_URI")  # before set_tracking_uri, which sets the variable
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.get_experiment_by_name("budget") is None:  # artifacts beside the pipeline's, as stages.tracking does
-        local = not os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.create_experiment("budget", (repo_root() / "mlartifacts").as_uri() if local else None)
     mlflow.set_experiment("budget")
     with mlflow.start_run(run_name=args.name or None):
