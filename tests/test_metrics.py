@@ -212,3 +212,17 @@ def test_inception_sees_grayscale_as_its_rgb_repeat(fake_inception, real):
         scale = gray[layer].abs().max()
         assert scale > 0 and (gray[layer] - rgb[layer]).abs().max() <= 1e-4 * scale
         assert (gray[layer][0] - gray[layer][1]).abs().max() > 1e-2 * scale  # different images, different features
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_both_extractors_take_rgb_images_at_32_and_64_px(fake_inception, size):
+    images = torch.zeros(3, 3, size, size, dtype=torch.uint8)  # black, a red left half, a white top half
+    images[1, 0, :, : size // 2] = 255
+    images[2, :, : size // 2] = 255
+    classifier = Classifier(ClassifierConfig(in_channels=3, image_size=size, num_classes=2, width=4))
+    for name, dims in [("classifier", (3, 128)), ("inception", (3, 2048))]:
+        extractor = make_extractor(name, classifier=classifier, weights=fake_inception)
+        feats = extract_features(extractor, images, batch_size=2)["features"]
+        scale = feats.abs().max()  # a random network's activations are tiny: compare at their own scale
+        assert feats.shape == dims and torch.isfinite(feats).all() and scale > 0, name
+        assert (feats[0] - feats[1]).abs().max() > 1e-3 * scale, name  # different images, different features
