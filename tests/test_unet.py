@@ -25,6 +25,7 @@ def perturbed(config: UNetConfig, seed: int = 0) -> UNet:
     (28, 3, (1, 2), (14,)),
     (32, 1, (1, 2, 2), (8,)),
     (32, 3, (1, 2, 2, 2), (4,)),
+    (64, 3, (1, 2, 2, 2), (16,)),   # the size-following default at 64 px
     (15, 1, (1, 2, 2), (4,)),       # 15 -> 8 -> 4
 ])
 def test_output_shape_equals_input_shape(image_size, channels, mults, attn):
