@@ -23,7 +23,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ddpm import Diffusion, Trainer, UNet, generate, load_classifier, resolve_device
+from ddpm import Diffusion, Trainer, UNet, generate, load_classifier, resolve_device, save_classifier
 from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
 from ddpm.data import stratified_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
@@ -62,8 +62,7 @@ def classifier_for(p, data, path: Path, device) -> Classifier:
     train_classifier(model, data.train_images, data.train_labels, epochs=p.classifier.epochs, lr=p.classifier.lr,
                      batch_size=p.classifier.batch_size, seed=p.seed, device=device)
     print(f"classifier test accuracy {accuracy(model, data.test_images, data.test_labels, device=device):.4f}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": dataclasses.asdict(config), "weights": model.cpu().state_dict()}, path)
+    save_classifier(path, model.cpu())
     return model.to(device)
 
 

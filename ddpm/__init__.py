@@ -4,7 +4,16 @@
 The vocabulary (x0, x_t, t, eps, alpha_bar, y, w) is declared in `ddpm.diffusion`.
 """
 
-from .checkpoint import CheckpointError, atomic_save, config_hash, load_classifier, load_model, safe_load, save_model
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    config_hash,
+    load_classifier,
+    load_model,
+    safe_load,
+    save_classifier,
+    save_model,
+)
 from .diffusion import NULL_LABEL, Diffusion, DiffusionConfig, extract, to_model_range, to_uint8
 from .ema import EMA
 from .sampling import ImageGenerator, ddim_sample, ddim_timesteps, ddpm_sample, generate, guided_eps
@@ -13,7 +22,8 @@ from .training import TrainConfig, Trainer, resolve_device
 from .unet import UNet, UNetConfig
 
 __all__ = [
-    "CheckpointError", "atomic_save", "config_hash", "load_classifier", "load_model", "safe_load", "save_model",
+    "CheckpointError", "atomic_save", "config_hash", "load_classifier", "load_model", "safe_load", "save_classifier",
+    "save_model",
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
     "ImageGenerator", "ddim_sample", "ddim_timesteps", "ddpm_sample", "generate", "guided_eps", "make_betas",
     "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig",

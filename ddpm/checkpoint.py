@@ -98,6 +98,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
     return model.to(device).eval(), Diffusion(dcfg.betas()).to(device), obj["meta"]
 
 
+def save_classifier(path: str | Path, model: torch.nn.Module) -> None:
+    """Write a domain classifier as {"config": asdict(model.config), "weights": state_dict}, atomically."""
+    atomic_save({"config": asdict(model.config), "weights": model.state_dict()}, path)
+
+
 def load_classifier(path: str | Path, device: torch.device | str = "cpu"):
     """Read a domain classifier saved as {"config": asdict(ClassifierConfig), "weights": state_dict}."""
     from .classifier import Classifier, ClassifierConfig

@@ -3,23 +3,17 @@
 usage: python -m stages.classifier --data DIR --out DIR --metrics FILE
 """
 
-import argparse
-import dataclasses
-from pathlib import Path
 
-from ddpm import atomic_save, resolve_device
+from ddpm import resolve_device, save_classifier
 from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
 
-from .common import atomic_dir, class_names, load_info, load_prepared, run, seed_everything, write_json
+from .common import atomic_dir, class_names, load_info, load_prepared, path_parser, run, seed_everything, write_json
 from .params import load_params, sections
 from .tracking import stage_run
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser()
-    for name in ("--data", "--out", "--metrics"):
-        ap.add_argument(name, type=Path, required=True)
-    a = ap.parse_args(argv)
+    a = path_parser("--data", "--out", "--metrics").parse_args(argv)
     p = load_params()
     info = load_info(a.data)
     class_names(info, "the classifier behind FID/IS")
@@ -40,8 +34,7 @@ def train(a, p, tracker) -> None:
                               batch_size=p.classifier.batch_size, seed=p.seed, device=device)
     acc = accuracy(model, test_images, test_labels, device=device)
     with atomic_dir(a.out) as tmp:
-        atomic_save({"config": dataclasses.asdict(config), "weights": model.cpu().state_dict()},
-                    tmp / "classifier.pt")
+        save_classifier(tmp / "classifier.pt", model.cpu())
     metrics = {"test_accuracy": round(acc, 5), "final_loss": round(losses[-1], 5)}
     write_json(a.metrics, metrics)
     tracker.log_history("loss", list(enumerate(losses, 1)))

@@ -1,5 +1,6 @@
 """What every stage shares: error reporting, seeding, atomic outputs, the prepared data."""
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -30,6 +31,15 @@ def run(main) -> None:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def path_parser(*options: str) -> argparse.ArgumentParser:
+    """An argv parser with the given required path options ("--data", "--out", ...); a stage adds its
+    positional arguments, if any."""
+    ap = argparse.ArgumentParser()
+    for name in options:
+        ap.add_argument(name, type=Path, required=True)
+    return ap
 
 
 def seed_everything(seed: int) -> None:

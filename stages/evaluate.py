@@ -9,7 +9,6 @@ metrics: results[variant][tag] = the classifier's metrics (+ fid_over_floor, con
 extractor's under its name; results["floor"][extractor]; results["protocol"] (how the numbers were made).
 """
 
-import argparse
 import json
 import warnings
 from pathlib import Path
@@ -18,7 +17,7 @@ from ddpm import load_classifier, resolve_device, safe_load
 from ddpm.metrics import Scorer, make_extractor
 from ddpm.plots import cfg_tradeoff, csv_text, fid_vs_steps
 
-from .common import load_info, run, save_figure, seed_everything, write_json, write_text
+from .common import load_info, path_parser, run, save_figure, seed_everything, write_json, write_text
 from .params import load_params, sections
 from .reference import inception_weights
 from .tracking import stage_run
@@ -27,10 +26,8 @@ SETTING = ("method", "steps", "eta", "guidance", "seed", "num_samples")  # of ea
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser()
-    for name in ("--data", "--classifier", "--reference", "--metrics", "--plot", "--figure", "--cfg-plot",
-                 "--cfg-figure"):
-        ap.add_argument(name, type=Path, required=True)
+    ap = path_parser("--data", "--classifier", "--reference", "--metrics", "--plot", "--figure", "--cfg-plot",
+                     "--cfg-figure")
     ap.add_argument("samples", type=Path, nargs="+")
     a = ap.parse_args(argv)
     p = load_params()

@@ -8,7 +8,6 @@ same N as each generated set (the floor: real data scored as if it were generate
 labels.
 """
 
-import argparse
 import warnings
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from ddpm import atomic_save, load_classifier, resolve_device
 from ddpm.data import stratified_subset
 from ddpm.metrics import MissingWeightsError, find_inception_weights, make_extractor, reference_features
 
-from .common import atomic_dir, load_prepared, run, seed_everything
+from .common import atomic_dir, load_prepared, path_parser, run, seed_everything
 from .params import load_params, sections
 from .tracking import stage_run
 
@@ -34,10 +33,7 @@ def inception_weights(p) -> Path | None:
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser()
-    for name in ("--data", "--classifier", "--out"):
-        ap.add_argument(name, type=Path, required=True)
-    a = ap.parse_args(argv)
+    a = path_parser("--data", "--classifier", "--out").parse_args(argv)
     p = load_params()
     weights = inception_weights(p)
     params = sections(p, "seed", "device", "evaluate.batch_size", "evaluate.extractors", "evaluate.inception_weights",

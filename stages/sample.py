@@ -6,16 +6,14 @@ index.json (settings, wall time, images/s). The conditional model gets balanced 
 guidance weight of sample.guidance.
 """
 
-import argparse
 import itertools
 import time
-from pathlib import Path
 
 import torch
 
 from ddpm import atomic_save, generate, load_model, resolve_device
 
-from .common import atomic_dir, run, save_grid, seed_everything, write_json
+from .common import atomic_dir, path_parser, run, save_grid, seed_everything, write_json
 from .params import load_params, sections
 from .tracking import stage_run
 
@@ -35,11 +33,9 @@ def settings(method: str, p, timesteps: int, conditional: bool) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser()
+    ap = path_parser("--model", "--out")
     ap.add_argument("variant", choices=("uncond", "cond"))
     ap.add_argument("method", choices=("ddpm", "ddim"))
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     p = load_params()
     with stage_run("sample", f"{a.variant}-{a.method}", sections(p, "seed", "device", "sample")) as tracker:

@@ -6,7 +6,6 @@ Work in progress (checkpoint, loss history, per-epoch grids, the MLflow run id) 
 params, data and code, and continues the same MLflow run.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -29,6 +28,7 @@ from .common import (
     init_distributed,
     load_info,
     load_prepared,
+    path_parser,
     run,
     save_figure,
     save_grid,
@@ -42,10 +42,8 @@ from .tracking import Tracker, stage_run
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser()
+    ap = path_parser("--data", "--checkpoints", "--out", "--metrics", "--plot")
     ap.add_argument("variant", choices=("uncond", "cond"))
-    for name in ("--data", "--checkpoints", "--out", "--metrics", "--plot"):
-        ap.add_argument(name, type=Path, required=True)
     a = ap.parse_args(argv)
     p = load_params()
     if p.train.nproc > 1 and "WORLD_SIZE" not in os.environ:  # relaunch as train.nproc processes

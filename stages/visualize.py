@@ -8,7 +8,6 @@ DDIM), <variant>_interpolation.png (DDIM decodings of a slerp between two noises
 schedule.png (beta_t, alpha_bar_t and log-SNR of the linear and cosine schedules).
 """
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from ddpm import ImageGenerator, generate, load_model, resolve_device
 from ddpm.pictures import Picture, interpolation, reverse_strip, sampler_comparison, schedule_figure
 
-from .common import atomic_dir, run, save_figure, seed_everything
+from .common import atomic_dir, path_parser, run, save_figure, seed_everything
 from .params import load_params, sections
 from .tracking import stage_run
 
@@ -62,10 +61,7 @@ def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> 
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser()
-    for name in ("--uncond", "--cond", "--out"):
-        ap.add_argument(name, type=Path, required=True)
-    a = ap.parse_args(argv)
+    a = path_parser("--uncond", "--cond", "--out").parse_args(argv)
     p = load_params()
     with stage_run("visualize", params=sections(p, "seed", "device", "visualize")) as tracker:
         seed_everything(p.seed)
