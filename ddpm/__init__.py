@@ -16,7 +16,7 @@ from .checkpoint import (
 )
 from .diffusion import NULL_LABEL, Diffusion, DiffusionConfig, extract, to_model_range, to_uint8
 from .ema import EMA
-from .sampling import ImageGenerator, ddim_sample, ddim_timesteps, ddpm_sample, generate, guided_eps
+from .sampling import ImageGenerator, ddim_sample, ddim_timesteps, ddpm_sample, generate, guided_prediction
 from .schedules import make_betas
 from .training import TrainConfig, Trainer, resolve_device
 from .unet import UNet, UNetConfig
@@ -25,6 +25,6 @@ __all__ = [
     "CheckpointError", "atomic_save", "config_hash", "load_classifier", "load_model", "safe_load", "save_classifier",
     "save_model",
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
-    "ImageGenerator", "ddim_sample", "ddim_timesteps", "ddpm_sample", "generate", "guided_eps", "make_betas",
+    "ImageGenerator", "ddim_sample", "ddim_timesteps", "ddpm_sample", "generate", "guided_prediction", "make_betas",
     "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig",
 ]

@@ -95,7 +95,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
         dcfg = DiffusionConfig(**obj["diffusion"])
     except (TypeError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: model file does not match its config ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), Diffusion(dcfg.betas()).to(device), obj["meta"]
+    return model.to(device).eval(), Diffusion.from_config(dcfg).to(device), obj["meta"]
 
 
 def save_classifier(path: str | Path, model: torch.nn.Module) -> None:

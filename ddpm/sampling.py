@@ -36,9 +36,10 @@ def randn(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
 
 
 @torch.no_grad()
-def guided_eps(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
-               guidance: float) -> torch.Tensor:
+def guided_prediction(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                      guidance: float) -> torch.Tensor:
     """eps~ = (1 + w) eps(x_t, y) - w eps(x_t, null) (Ho & Salimans 2022, eq. 6), one batched call.
+    The same combination of v predictions gives the same eps~ and x0~, since both are linear in v.
 
     w = 0 (or no labels) is exactly the plain model prediction."""
     if y is None or guidance == 0:
@@ -61,9 +62,8 @@ def ddpm_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, y: to
     for i in tqdm(reversed(range(diffusion.timesteps)), total=diffusion.timesteps,
                   desc="DDPM", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        # 1. predict the noise, then x0 from it (eq. 15)
-        eps = guided_eps(model, x, t, y, guidance)
-        x0 = diffusion.predict_x0(x, t, eps)
+        # 1. predict the noise and x0 (eq. 15)
+        _, x0 = diffusion.eps_and_x0(x, t, guided_prediction(model, x, t, y, guidance))
         if clip_x0:
             x0 = x0.clamp(-1, 1)
         # 2. posterior mean mu~(x_t, x0) (eq. 7), then add sigma_t z; no noise at the last step
@@ -99,8 +99,7 @@ def ddim_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, steps
         t = torch.full((x.shape[0],), taus[j], device=x.device, dtype=torch.long)
         a, a_prev = ab[taus[j]], (ab[taus[j - 1]] if j > 0 else ab.new_tensor(1.0))
         # 1. predict eps and x0 ("predicted x0" term of eq. 12)
-        eps = guided_eps(model, x, t, y, guidance)
-        x0 = diffusion.predict_x0(x, t, eps)
+        eps, x0 = diffusion.eps_and_x0(x, t, guided_prediction(model, x, t, y, guidance))
         if clip_x0:
             x0 = x0.clamp(-1, 1)
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()

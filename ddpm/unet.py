@@ -1,4 +1,5 @@
-"""The noise-prediction network: a UNet `model(x_t, t, y=None) -> eps` that knows nothing of betas.
+"""The denoising network: a UNet `model(x_t, t, y=None) -> eps` (or v; see `ddpm.diffusion`) that
+knows nothing of betas.
 
 Residual blocks with GroupNorm and a sinusoidal time embedding (Ho et al. 2020, appendix B),
 self-attention at chosen resolutions, and for class-conditional models a learned class embedding
@@ -146,7 +147,7 @@ class UNet(nn.Module):
         return block
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t (B, C, H, W), t (B,) int, y (B,) int or None -> predicted eps (B, C, H, W)."""
+        """x_t (B, C, H, W), t (B,) int, y (B,) int or None -> predicted eps or v (B, C, H, W)."""
         emb = self.time_embed(timestep_embedding(t, self.config.base_channels))
         if self.class_embed is not None:
             if y is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ddpm import DiffusionConfig, TrainConfig, UNetConfig
+from ddpm.diffusion import PREDICTIONS
 
 
 class ParamsError(ValueError):
@@ -186,6 +187,7 @@ def _checks(p: Params):
         ("data.test_limit", p.data.test_limit is None or p.data.test_limit >= 1, ">= 1 or null"),
         ("diffusion.schedule", p.diffusion.schedule in SCHEDULES, "one of " + ", ".join(SCHEDULES)),
         ("diffusion.timesteps", T >= 1, ">= 1"),
+        ("diffusion.prediction", p.diffusion.prediction in PREDICTIONS, "one of " + ", ".join(PREDICTIONS)),
         ("diffusion.beta_start", b0 is None or 0 < b0 < 1, "in (0, 1) or null"),
         ("diffusion.beta_end", b1 is None or (b0 or 0) <= b1 < 1, "in [beta_start, 1) or null"),
         ("model.base_channels", p.model.base_channels >= 1, ">= 1"),
@@ -207,6 +209,7 @@ def _checks(p: Params):
         ("train.grad_clip", t.grad_clip >= 0, ">= 0 (0 disables clipping)"),
         ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
         ("train.p_uncond", 0 <= t.p_uncond <= 1, "in [0, 1]"),
+        ("train.min_snr_gamma", t.min_snr_gamma >= 0, ">= 0 (0: the plain loss)"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
         ("train.nproc", t.nproc >= 1 and t.batch_size % t.nproc == 0, ">= 1 and a divisor of train.batch_size"),
         ("train.grid_size", t.grid_size >= 1, ">= 1"),

@@ -85,7 +85,7 @@ def train(a, p, unet, num_classes, run_hash, tracker, device, rank, world_size) 
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         seed_everything(p.seed + rank)  # each rank its own dropout
-    trainer = Trainer(model, Diffusion(p.diffusion.betas()), images, labels if num_classes else None, p.train,
+    trainer = Trainer(model, Diffusion.from_config(p.diffusion), images, labels if num_classes else None, p.train,
                       device, p.seed, rank, world_size)
     history = resume(trainer, a.checkpoints / "last.pt", run_hash)
     logged = tracker.last_step("loss")  # points after it are in the checkpoint but not yet in MLflow

@@ -167,3 +167,70 @@ def test_p_uncond_drops_labels(diffusion):
     dropped = seen[0.5] == NULL_LABEL
     assert 0.45 < dropped.float().mean().item() < 0.55
     assert torch.equal(seen[0.5][~dropped], y[~dropped])
+
+
+def v_diffusion(schedule="linear", timesteps=1000):
+    return Diffusion(make_betas(schedule, timesteps), prediction="v")
+
+
+def test_unknown_prediction_is_refused():
+    with pytest.raises(ValueError, match="unknown prediction 'x0'"):
+        Diffusion(make_betas("linear", 10), prediction="x0")
+
+
+def test_eps_and_x0_recover_both_from_the_true_v():
+    """v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022): from (x_t, v) both eps and x0 come back."""
+    diffusion = v_diffusion("cosine")
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.rand(6, 1, 4, 4, generator=gen) * 2 - 1
+    eps = torch.randn(x0.shape, generator=gen)
+    t = torch.tensor([0, 1, 250, 500, 900, 999])
+    x_t = diffusion.q_sample(x0, t, eps)
+    ab = diffusion.alpha_bar[t].reshape(-1, 1, 1, 1).double()
+    v = ab.sqrt() * eps.double() - (1 - ab).sqrt() * x0.double()
+    eps_back, x0_back = diffusion.eps_and_x0(x_t, t, v.float())
+    torch.testing.assert_close(eps_back, eps, atol=1e-4, rtol=0)
+    torch.testing.assert_close(x0_back, x0, atol=1e-4, rtol=0)
+    # for an eps-predicting diffusion the output is eps itself
+    eps_same, x0_eps = Diffusion(make_betas("cosine", 1000)).eps_and_x0(x_t, t, eps)
+    assert eps_same is eps
+    torch.testing.assert_close(x0_eps, x0, atol=2e-3, rtol=0)
+
+
+def test_v_loss_is_mse_against_v_and_zero_for_an_oracle():
+    diffusion = v_diffusion()
+    gen = torch.Generator().manual_seed(8)
+    x0 = torch.rand(8, 1, 4, 4, generator=gen) * 2 - 1
+    spy = Spy()
+    loss = diffusion.loss(spy, x0, generator=torch.Generator().manual_seed(9))
+    (x_t, t, _), = spy.calls
+    a, s = extract(diffusion.sqrt_alpha_bar, t, x0.shape), extract(diffusion.sqrt_one_minus_alpha_bar, t, x0.shape)
+    eps = (x_t - a * x0) / s
+    v = a * eps - s * x0
+    torch.testing.assert_close(loss, v.pow(2).flatten(1).mean(1), rtol=1e-3, atol=1e-5)
+
+    def oracle(x_t, t):
+        a, s = extract(diffusion.sqrt_alpha_bar, t, x0.shape), extract(diffusion.sqrt_one_minus_alpha_bar, t, x0.shape)
+        return a * (x_t - a * x0) / s - s * x0
+    assert diffusion.loss(Spy(oracle), x0, generator=gen).max().item() < 1e-6
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_are_the_x0_loss_clamped_at_gamma(prediction):
+    """Min-SNR-gamma (Hang et al. 2023): with a zero prediction the weighted loss is
+    min(snr, gamma) / snr * |eps|^2 for eps and min(snr, gamma) / (snr + 1) * |v|^2 for v; both are
+    min(snr, gamma) times the error in x0 that the prediction implies."""
+    diffusion = Diffusion(make_betas("linear", 1000), prediction=prediction)
+    x0 = torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(10)) * 2 - 1
+    plain = diffusion.loss(Spy(), x0, generator=torch.Generator().manual_seed(11))
+    spy = Spy()
+    weighted = diffusion.loss(spy, x0, generator=torch.Generator().manual_seed(11), min_snr_gamma=5.0)
+    (x_t, t, _), = spy.calls
+    snr = diffusion.alpha_bar[t] / (1 - diffusion.alpha_bar[t])
+    expected = snr.clamp(max=5.0) / (snr if prediction == "eps" else snr + 1)
+    torch.testing.assert_close(weighted, plain * expected, rtol=1e-5, atol=1e-7)
+    assert (snr > 5).any() and (snr < 5).any()  # both sides of the clamp were drawn
+    # the weighted loss is min(snr, gamma) * |x0 - x0_pred|^2, x0_pred from the zero prediction
+    _, x0_pred = diffusion.eps_and_x0(x_t, t, torch.zeros_like(x_t))
+    torch.testing.assert_close(weighted, snr.clamp(max=5.0) * (x0 - x0_pred).pow(2).flatten(1).mean(1),
+                               rtol=1e-3, atol=1e-5)

@@ -73,10 +73,10 @@ def test_changing_a_sample_param_reruns_only_sampling_and_evaluation(tiny_experi
     assert stages_run(tiny_experiments["eta-half"]) == {s for s in ALL_STAGES if s.startswith(("sample", "evaluate"))}
 
 
-def test_changing_train_lr_reruns_train_sample_evaluate(tiny_repo, tiny_experiments):
+def test_changing_training_params_reruns_train_sample_evaluate(tiny_repo, tiny_experiments):
     repo, _ = tiny_repo
-    assert stages_run(tiny_experiments["lr-high"]) == ALL_STAGES - {"prepare", "classifier", "reference"}
-    diff = run(["dvc", "metrics", "diff", "--json", "HEAD", "lr-high"], repo).stdout
+    assert stages_run(tiny_experiments["quick"]) == ALL_STAGES - {"prepare", "classifier", "reference"}
+    diff = run(["dvc", "metrics", "diff", "--json", "HEAD", "quick"], repo).stdout
     changes = json.loads(diff)["metrics/eval.json"]
     assert "uncond.ddpm.fid" in changes and "cond.ddim10_eta0_w1.fid" in changes
 

@@ -14,7 +14,7 @@ from ddpm import (
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
-    guided_eps,
+    guided_prediction,
     make_betas,
 )
 
@@ -163,12 +163,12 @@ def test_guidance_combines_conditional_and_unconditional_predictions():
         eps_c = model(x_t, t, y)
         eps_u = model(x_t, t, torch.full_like(y, NULL_LABEL))
     assert not torch.allclose(eps_c, eps_u, atol=1e-3)  # the labels matter, or the test proves nothing
-    assert torch.equal(guided_eps(model, x_t, t, y, 0.0), eps_c)
+    assert torch.equal(guided_prediction(model, x_t, t, y, 0.0), eps_c)
     for w in (0.5, 3.0):
-        torch.testing.assert_close(guided_eps(model, x_t, t, y, w), (1 + w) * eps_c - w * eps_u,
+        torch.testing.assert_close(guided_prediction(model, x_t, t, y, w), (1 + w) * eps_c - w * eps_u,
                                    atol=1e-5, rtol=1e-5)
     # no labels: the plain (unconditional) prediction whatever w is
-    torch.testing.assert_close(guided_eps(model, x_t, t, None, 3.0), eps_u, atol=1e-6, rtol=0)
+    torch.testing.assert_close(guided_prediction(model, x_t, t, None, 3.0), eps_u, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
@@ -217,3 +217,33 @@ def test_return_trajectory():
     assert len(traj["x_t"]) == 8 and len(traj["x0"]) == 7
     assert torch.equal(traj["x_t"][0], x_T) and torch.equal(traj["x_t"][-1], x0)
     assert all(x.shape == x_T.shape for x in traj["x_t"] + traj["x0"])
+
+
+class AsV(nn.Module):
+    """An eps model's prediction rewritten as v = sqrt(ab) eps - sqrt(1 - ab) x0
+    = (eps - sqrt(1 - ab) x_t) / sqrt(ab)."""
+
+    def __init__(self, diffusion: Diffusion, eps_model: nn.Module):
+        super().__init__()
+        self.alpha_bar, self.eps_model = diffusion.alpha_bar.double(), eps_model
+
+    def forward(self, x_t, t, y=None):
+        ab = self.alpha_bar[t].reshape(-1, 1, 1, 1)
+        return ((self.eps_model(x_t, t, y).double() - (1 - ab).sqrt() * x_t.double()) / ab.sqrt()).float()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_v_prediction_samples_like_the_same_model_predicting_eps(diffusion, sampler):
+    """A v-predicting network that agrees with an eps-predicting one gives the same samples from the same noise."""
+    v_diffusion = Diffusion(DiffusionConfig(schedule="linear", timesteps=1000).betas(), prediction="v")
+    eps_model = GaussianDenoiser(diffusion, MU, S)
+    x_T = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(4))
+    out = {}
+    for name, d, model in (("eps", diffusion, eps_model), ("v", v_diffusion, AsV(diffusion, eps_model))):
+        gen = torch.Generator().manual_seed(5)
+        if sampler == "ddim":
+            out[name] = ddim_sample(model, d, x_T, steps=20, eta=0.5, generator=gen, clip_x0=True)
+        else:
+            out[name] = ddpm_sample(model, d, x_T, generator=gen)
+    torch.testing.assert_close(out["v"], out["eps"], atol=2e-3, rtol=0)
+    assert out["eps"].std() > 0.1  # a real spread of samples, not a collapse both agree on
