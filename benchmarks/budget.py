@@ -1,7 +1,8 @@
 """Sample quality for a fixed wall-clock training budget: steps, images/s, FID, its floor and the ratio.
 
 Reads params.yaml with DVC-style `-S key=value` overrides (a "profile"), prepares the data through the
-pipeline's own loading path, trains the unconditional model until --minutes have passed, samples
+pipeline's own loading path, trains the unconditional model until --minutes have passed (or for
+--steps optimizer steps, to compare settings at equal steps; minutes is then the time taken), samples
 --num-samples images with DDIM from the EMA weights and scores them with the domain classifier's
 features against the test split, next to the floor (a real train subset of the same size). Each run is
 logged to MLflow (experiment "budget") and appended to --results.
@@ -23,11 +24,11 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ddpm import Diffusion, Trainer, UNet, generate, load_classifier, resolve_device, save_classifier
+from ddpm import Diffusion, Trainer, UNet, generate, load_classifier, resolve_device, save_classifier, save_model
 from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
 from ddpm.data import stratified_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
-from stages.common import save_grid
+from stages.common import run, save_grid
 from stages.params import load_params, sections
 from stages.prepare import load
 from stages.tracking import flatten, repo_root, tracking_uri
@@ -66,41 +67,46 @@ def classifier_for(p, data, path: Path, device) -> Classifier:
     return model.to(device)
 
 
-def train_for(p, data, minutes: float, device) -> tuple[Trainer, int, float]:
-    """The unconditional model trained for `minutes` of wall clock: (trainer, steps, images/s)."""
+def train_for(p, data, minutes: float, device, max_steps: int | None = None) -> tuple[Trainer, float]:
+    """The unconditional model trained for `minutes` of wall clock, or for `max_steps` steps if given:
+    (trainer, seconds)."""
     torch.manual_seed(p.seed)
     unet = p.model.unet(data.train_images.shape[1], data.train_images.shape[2], None)
-    trainer = Trainer(UNet(unet).to(device), Diffusion(p.diffusion.betas()), data.train_images, None, p.train,
+    trainer = Trainer(UNet(unet).to(device), Diffusion.from_config(p.diffusion), data.train_images, None, p.train,
                       device, seed=p.seed)
     trainer.model.train()
     start = time.perf_counter()
-    with tqdm(desc=f"train {minutes:g} min", unit="step") as bar:
-        while time.perf_counter() - start < 60 * minutes:
+    budget = f"{max_steps} steps" if max_steps else f"{minutes:g} min"
+    with tqdm(desc=f"train {budget}", total=max_steps, unit="step") as bar:
+        while (trainer.step < max_steps) if max_steps else (time.perf_counter() - start < 60 * minutes):
             loss = trainer.train_step(trainer.batch_indices(*divmod(trainer.step, trainer.steps_per_epoch)))
             bar.update(1)
             if trainer.step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-    seconds = time.perf_counter() - start
-    return trainer, trainer.step, trainer.step * p.train.batch_size / seconds
+    return trainer, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--minutes", type=float, default=25.0, help="wall-clock training budget")
+    ap.add_argument("--steps", type=int, help="train for this many steps instead of --minutes")
     ap.add_argument("--num-samples", type=int, default=1000)
-    ap.add_argument("--ddim-steps", type=int, default=50)
+    ap.add_argument("--ddim-steps", type=int, nargs="+", default=[50], help="one result row per value")
     ap.add_argument("--name", default="", help="a label for the results table")
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("budget_results.csv"))
-    ap.add_argument("--classifier", type=Path, help="default: benchmarks/.cache/<dataset>-classifier.pt")
-    args = ap.parse_args()
+    ap.add_argument("--save-model", type=Path, help="also write the EMA model here (for `ddpm sample --model`)")
+    ap.add_argument("--classifier", type=Path,
+                    help="default: benchmarks/.cache/<dataset>[-<root folder>]-classifier.pt")
+    args = ap.parse_args(argv)
 
     p = profile(args.overrides)
     device = resolve_device(p.device)
     data = load(p.data, p.seed)
     train = stratified_subset(data.train_images, data.train_labels, p.data.limit, p.seed)
     data = dataclasses.replace(data, train_images=train[0], train_labels=train[1])
-    cache = Path(__file__).with_name(".cache") / f"{p.data.name}-classifier.pt"
+    source = p.data.name + (f"-{Path(p.data.root).name}" if p.data.root else "")
+    cache = Path(__file__).with_name(".cache") / f"{source}-classifier.pt"
     classifier = classifier_for(p, data, args.classifier or cache, device)
     floor = stratified_subset(data.train_images, data.train_labels, args.num_samples, p.seed + 2)
     extractor = make_extractor("classifier", classifier=classifier, device=device)
@@ -108,33 +114,49 @@ def main() -> None:
                     {"classifier": reference_features(extractor, (data.test_images, data.test_labels), floor,
                                                       device=device)}, seed=p.seed, device=device)
 
-    trainer, steps, rate = train_for(p, data, args.minutes, device)
-    start = time.perf_counter()
-    images = generate(trainer.ema.module, trainer.diffusion, args.num_samples, tuple(data.train_images.shape[1:]),
-                      seed=p.seed, steps=min(args.ddim_steps, p.diffusion.timesteps), clip_x0=p.sample.clip_x0,
-                      progress=True)
-    sample_s = time.perf_counter() - start
-    fid, floor_fid = scorer(images)["classifier"]["fid"], scorer.floor["classifier"]["fid"]
-    row = {"name": args.name, "overrides": " ".join(args.overrides), "minutes": args.minutes, "steps": steps,
-           "images_per_s": round(rate, 1), "params_m": round(sum(x.numel() for x in trainer.net.parameters()) / 1e6, 2),
-           "ddim_steps": args.ddim_steps, "fid": round(fid, 4), "floor": round(floor_fid, 4),
-           "ratio": round(fid / floor_fid, 2), "sample_s": round(sample_s, 1)}
-    print("  ".join(f"{k}={v}" for k, v in row.items()))
+    track()
+    trainer, seconds = train_for(p, data, args.minutes, device, args.steps)
+    steps, rate = trainer.step, trainer.step * p.train.batch_size / seconds
+    minutes = round(seconds / 60, 3) if args.steps else args.minutes
+    params_m = round(sum(x.numel() for x in trainer.net.parameters()) / 1e6, 2)
+    if args.save_model:
+        save_model(args.save_model, trainer.ema.module, trainer.net.config, p.diffusion,
+                   {"class_names": list(data.class_names), "steps": steps, "overrides": args.overrides})
+    for ddim_steps in args.ddim_steps:
+        start = time.perf_counter()
+        images = generate(trainer.ema.module, trainer.diffusion, args.num_samples,
+                          tuple(data.train_images.shape[1:]), seed=p.seed, steps=min(ddim_steps, p.diffusion.timesteps),
+                          clip_x0=p.sample.clip_x0, progress=True)
+        sample_s = time.perf_counter() - start
+        fid, floor_fid = scorer(images)["classifier"]["fid"], scorer.floor["classifier"]["fid"]
+        row = {"name": args.name, "overrides": " ".join(args.overrides), "minutes": minutes, "steps": steps,
+               "images_per_s": round(rate, 1), "params_m": params_m,
+               "ddim_steps": ddim_steps, "fid": float(f"{fid:.5g}"), "floor": float(f"{floor_fid:.5g}"),
+               "ratio": round(fid / floor_fid, 2), "sample_s": round(sample_s, 1)}
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+        record(args.name, p, row, images, args.results)
 
-    grid = Path(tempfile.mkdtemp()) / "samples.png"
-    save_grid(images[:100], grid, nrow=10)
+
+def track() -> None:
+    """Log to the pipeline's MLflow store, experiment "budget"."""
     local = not os.environ.get("MLFLOW_TRACKING_URI")  # before set_tracking_uri, which sets the variable
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.get_experiment_by_name("budget") is None:  # artifacts beside the pipeline's, as stages.tracking does
         mlflow.create_experiment("budget", (repo_root() / "mlartifacts").as_uri() if local else None)
     mlflow.set_experiment("budget")
-    with mlflow.start_run(run_name=args.name or None):
-        mlflow.log_params({**flatten(sections(p, "data", "diffusion", "model", "train")), "minutes": args.minutes,
-                           "ddim_steps": args.ddim_steps, "overrides": row["overrides"][:500]})
+
+
+def record(name: str, p, row: dict, images: torch.Tensor, results: Path) -> None:
+    """One result: an MLflow run (params, metrics, a sample grid) and a CSV row."""
+    grid = Path(tempfile.mkdtemp()) / "samples.png"
+    save_grid(images[:100], grid, nrow=10)
+    with mlflow.start_run(run_name=name or None):
+        mlflow.log_params({**flatten(sections(p, "data", "diffusion", "model", "train")), "minutes": row["minutes"],
+                           "ddim_steps": row["ddim_steps"], "overrides": row["overrides"][:500]})
         mlflow.log_metrics({k: float(row[k]) for k in ("steps", "images_per_s", "fid", "floor", "ratio", "sample_s")})
         mlflow.log_artifact(str(grid))
-    new = not args.results.exists()
-    with args.results.open("a", newline="") as f:
+    new = not results.exists()
+    with results.open("a", newline="") as f:
         writer = csv.DictWriter(f, FIELDS)
         if new:
             writer.writeheader()
@@ -142,4 +164,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,0 +1,85 @@
+"""The quality-per-compute benchmark and the MNIST-format split it runs on, end to end at a tiny size."""
+
+import csv
+import math
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, run
+from mlflow import MlflowClient
+
+from ddpm import load_model
+from ddpm.data import load_dataset, read_idx
+
+MNIST_T10K = ROOT.parent / "shared/data/mnist-t10k"
+
+
+def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path):
+    db = tmp_path / "mlflow.db"
+    results = tmp_path / "results.csv"
+    overrides = ["device=cpu", "data.name=glyphs", "data.limit=200", "data.test_limit=100", "diffusion.timesteps=50",
+                 "diffusion.prediction=v", "model.base_channels=8", "model.num_heads=2", "classifier.epochs=1",
+                 "classifier.width=8", "train.batch_size=32", "train.min_snr_gamma=5"]
+
+    def budget(*args: str):
+        return run([sys.executable, "-m", "benchmarks.budget", "--num-samples", "20", "--results", str(results),
+                    "--classifier", str(tmp_path / "classifier.pt"), *args,
+                    *[arg for item in overrides for arg in ("-S", item)]],
+                   cwd=ROOT, env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"})
+
+    proc = budget("--minutes", "0.05", "--ddim-steps", "2", "5", "--name", "smoke")
+    assert "classifier test accuracy" in proc.stdout  # trained once, then kept
+    assert (tmp_path / "classifier.pt").is_file()
+    proc = budget("--steps", "3", "--ddim-steps", "2", "--name", "equal-steps", "--save-model", str(tmp_path / "m.pt"))
+    assert "classifier test accuracy" not in proc.stdout
+    model, diffusion, meta = load_model(tmp_path / "m.pt")
+    assert diffusion.prediction == "v" and meta["steps"] == 3 and model.config.base_channels == 8
+    *rows, fixed = list(csv.DictReader(results.open()))
+    assert (fixed["name"], fixed["steps"], fixed["ddim_steps"]) == ("equal-steps", "3", "2")
+    assert 0 <= float(fixed["minutes"]) < 5 and float(fixed["images_per_s"]) > 0  # the time the 3 steps took
+    assert [(r["name"], int(r["ddim_steps"])) for r in rows] == [("smoke", 2), ("smoke", 5)]
+    for r in rows:
+        assert int(r["steps"]) >= 1 and float(r["images_per_s"]) > 0 and float(r["sample_s"]) >= 0
+        fid, floor = float(r["fid"]), float(r["floor"])
+        assert math.isfinite(fid) and fid > 0 and floor > 0  # kept to 5 significant digits, however small
+        assert float(r["ratio"]) == pytest.approx(fid / floor, rel=1e-2)
+        assert "diffusion.prediction=v" in r["overrides"]
+    assert rows[0]["steps"] == rows[1]["steps"]  # one training, sampled twice
+
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("budget").experiment_id
+    runs = [r for r in client.search_runs([experiment]) if r.info.run_name == "smoke"]
+    assert sorted(r.data.params["ddim_steps"] for r in runs) == ["2", "5"]
+    fid_by_steps = {r["ddim_steps"]: float(r["fid"]) for r in rows}
+    for mlrun in runs:
+        assert mlrun.data.params["diffusion.prediction"] == "v" and mlrun.data.params["train.min_snr_gamma"] == "5.0"
+        assert mlrun.data.metrics["fid"] == pytest.approx(fid_by_steps[mlrun.data.params["ddim_steps"]], abs=1e-3)
+        assert [a.path for a in client.list_artifacts(mlrun.info.run_id)] == ["samples.png"]
+
+
+def test_budget_benchmark_refuses_a_bad_override_before_training(tmp_path):
+    proc = run([sys.executable, "-m", "benchmarks.budget", "--results", str(tmp_path / "r.csv"),
+                "-S", "diffusion.prediction=x0"], cwd=ROOT, check=False,
+               env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert proc.returncode != 0
+    assert "diffusion.prediction = 'x0' is out of range" in proc.stderr
+    assert not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.skipif(not MNIST_T10K.is_dir(), reason="needs shared/data/mnist-t10k beside the checkout")
+def test_mnist_split_is_read_back_through_the_mnist_loading_path(tmp_path):
+    out = tmp_path / "split"
+    proc = run([sys.executable, "-m", "benchmarks.mnist_split", str(MNIST_T10K), str(out), "--train", "8000"],
+               cwd=ROOT)
+    assert "train: 8000 images" in proc.stdout and "t10k: 2000 images" in proc.stdout
+    ds = load_dataset("mnist", root=out, raw_dir=tmp_path / "raw")
+    source = read_idx(MNIST_T10K / "t10k-images-idx3-ubyte.gz")
+    assert ds.train_images.shape == (8000, 1, 28, 28) and ds.test_images.shape == (2000, 1, 28, 28)
+    assert torch.equal(ds.train_images[:, 0], source[:8000]) and torch.equal(ds.test_images[:, 0], source[8000:])
+    assert ds.class_names == tuple("0123456789") and len(ds.train_labels.unique()) == 10
+
+    bad = run([sys.executable, "-m", "benchmarks.mnist_split", str(MNIST_T10K), str(tmp_path / "bad"),
+               "--train", "10000"], cwd=ROOT, check=False)
+    assert bad.returncode != 0 and "--train must be in [1, 9999], got 10000" in bad.stderr
+    assert not (tmp_path / "bad").exists()
