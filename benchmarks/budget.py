@@ -29,7 +29,7 @@ from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classi
 from ddpm.data import stratified_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
 from stages.common import run, save_grid
-from stages.params import load_params, sections
+from stages.params import sections, validate
 from stages.prepare import load
 from stages.tracking import flatten, repo_root, tracking_uri
 
@@ -47,10 +47,7 @@ def profile(overrides: list[str]):
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = yaml.safe_load(value)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        yaml.safe_dump(raw, f)
-        f.flush()
-        return load_params(f.name)
+    return validate(raw)
 
 
 def classifier_for(p, data, path: Path, device) -> Classifier:

@@ -244,7 +244,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: no such file (run stages from the repository root)") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    params = parse(Params, raw if isinstance(raw, dict) else {})
+    return validate(raw if isinstance(raw, dict) else {})
+
+
+def validate(raw: dict) -> Params:
+    """params.yaml's content as Params; raises ParamsError with one line naming the offending key."""
+    params = parse(Params, raw)
     for key, ok, allowed in _checks(params):
         if not ok:
             value = dataclasses.asdict(params)
