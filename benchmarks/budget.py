@@ -5,7 +5,8 @@ pipeline's own loading path, trains the unconditional model until --minutes have
 --steps optimizer steps, to compare settings at equal steps; minutes is then the time taken), samples
 --num-samples images with DDIM from the EMA weights and scores them with the domain classifier's
 features against the test split, next to the floor (a real train subset of the same size). Each run is
-logged to MLflow (experiment "budget") and appended to --results.
+logged to MLflow (experiment "budget") and appended to --results. --model scores a model that an
+earlier run kept with --save-model (other samplers, no training).
 
     python -m benchmarks.budget --minutes 25 -S data.name=fashion_mnist -S model.base_channels=32 \\
         -S train.lr=1e-3 -S train.ema_decay=0.999
@@ -14,6 +15,7 @@ logged to MLflow (experiment "budget") and appended to --results.
 import argparse
 import csv
 import dataclasses
+import itertools
 import os
 import tempfile
 import time
@@ -24,17 +26,28 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ddpm import Diffusion, Trainer, UNet, generate, load_classifier, resolve_device, save_classifier, save_model
+from ddpm import (
+    Diffusion,
+    Trainer,
+    UNet,
+    generate,
+    load_classifier,
+    load_model,
+    resolve_device,
+    save_classifier,
+    save_model,
+)
 from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
 from ddpm.data import stratified_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
+from ddpm.sampling import SPACINGS
 from stages.common import run, save_grid
 from stages.params import sections, validate
 from stages.prepare import load
 from stages.tracking import flatten, repo_root, tracking_uri
 
-FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "ddim_steps", "fid", "floor",
-          "ratio", "sample_s"]
+FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "ddim_steps", "spacing", "fid",
+          "floor", "ratio", "sample_s"]
 
 
 def profile(overrides: list[str]):
@@ -74,9 +87,13 @@ def train_for(p, data, minutes: float, device, max_steps: int | None = None) -> 
     trainer.model.train()
     start = time.perf_counter()
     budget = f"{max_steps} steps" if max_steps else f"{minutes:g} min"
+    trainer.schedule_steps = max_steps
     with tqdm(desc=f"train {budget}", total=max_steps, unit="step") as bar:
         while (trainer.step < max_steps) if max_steps else (time.perf_counter() - start < 60 * minutes):
             loss = trainer.train_step(trainer.batch_indices(*divmod(trainer.step, trainer.steps_per_epoch)))
+            if not max_steps:  # the steps the budget will allow at the rate so far: where an lr decay ends
+                elapsed = time.perf_counter() - start
+                trainer.schedule_steps = max(trainer.step + 1, round(trainer.step * 60 * minutes / elapsed))
             bar.update(1)
             if trainer.step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -90,13 +107,21 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--steps", type=int, help="train for this many steps instead of --minutes")
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--ddim-steps", type=int, nargs="+", default=[50], help="one result row per value")
+    ap.add_argument("--spacing", nargs="+", default=["uniform"], choices=SPACINGS,
+                    help="DDIM timestep spacings, one result row per value and step count")
     ap.add_argument("--name", default="", help="a label for the results table")
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("budget_results.csv"))
     ap.add_argument("--save-model", type=Path, help="also write the EMA model here (for `ddpm sample --model`)")
+    ap.add_argument("--model", type=Path, help="score this --save-model file instead of training (its -S "
+                    "overrides unless given)")
     ap.add_argument("--classifier", type=Path,
                     help="default: benchmarks/.cache/<dataset>[-<root folder>]-classifier.pt")
     args = ap.parse_args(argv)
 
+    saved = None
+    if args.model:  # before any work: a missing or foreign file is one line
+        saved = load_model(args.model)
+        args.overrides = args.overrides or saved[2].get("overrides", [])
     p = profile(args.overrides)
     device = resolve_device(p.device)
     data = load(p.data, p.seed)
@@ -112,24 +137,31 @@ def main(argv: list[str]) -> None:
                                                       device=device)}, seed=p.seed, device=device)
 
     track()
-    trainer, seconds = train_for(p, data, args.minutes, device, args.steps)
-    steps, rate = trainer.step, trainer.step * p.train.batch_size / seconds
-    minutes = round(seconds / 60, 3) if args.steps else args.minutes
-    params_m = round(sum(x.numel() for x in trainer.net.parameters()) / 1e6, 2)
-    if args.save_model:
-        save_model(args.save_model, trainer.ema.module, trainer.net.config, p.diffusion,
-                   {"class_names": list(data.class_names), "steps": steps, "overrides": args.overrides})
-    for ddim_steps in args.ddim_steps:
+    if saved:
+        model, diffusion, meta = saved
+        model, diffusion = model.to(device), diffusion.to(device)
+        steps, rate, minutes = meta.get("steps"), meta.get("images_per_s"), meta.get("minutes")
+    else:
+        trainer, seconds = train_for(p, data, args.minutes, device, args.steps)
+        model, diffusion = trainer.ema.module, trainer.diffusion
+        steps, rate = trainer.step, round(trainer.step * p.train.batch_size / seconds, 1)
+        minutes = round(seconds / 60, 3) if args.steps else args.minutes
+        if args.save_model:
+            save_model(args.save_model, model, trainer.net.config, p.diffusion,
+                       {"class_names": list(data.class_names), "steps": steps, "overrides": args.overrides,
+                        "minutes": minutes, "images_per_s": rate})
+    params_m = round(sum(x.numel() for x in model.parameters()) / 1e6, 2)
+    for ddim_steps, spacing in itertools.product(args.ddim_steps, args.spacing):
         start = time.perf_counter()
-        images = generate(trainer.ema.module, trainer.diffusion, args.num_samples,
-                          tuple(data.train_images.shape[1:]), seed=p.seed, steps=min(ddim_steps, p.diffusion.timesteps),
-                          clip_x0=p.sample.clip_x0, progress=True)
+        images = generate(model, diffusion, args.num_samples, tuple(data.train_images.shape[1:]), seed=p.seed,
+                          steps=min(ddim_steps, p.diffusion.timesteps), clip_x0=p.sample.clip_x0, spacing=spacing,
+                          progress=True)
         sample_s = time.perf_counter() - start
         fid, floor_fid = scorer(images)["classifier"]["fid"], scorer.floor["classifier"]["fid"]
         row = {"name": args.name, "overrides": " ".join(args.overrides), "minutes": minutes, "steps": steps,
-               "images_per_s": round(rate, 1), "params_m": params_m,
-               "ddim_steps": ddim_steps, "fid": float(f"{fid:.5g}"), "floor": float(f"{floor_fid:.5g}"),
-               "ratio": round(fid / floor_fid, 2), "sample_s": round(sample_s, 1)}
+               "images_per_s": rate, "params_m": params_m, "ddim_steps": ddim_steps, "spacing": spacing,
+               "fid": float(f"{fid:.5g}"), "floor": float(f"{floor_fid:.5g}"), "ratio": round(fid / floor_fid, 2),
+               "sample_s": round(sample_s, 1)}
         print("  ".join(f"{k}={v}" for k, v in row.items()))
         record(args.name, p, row, images, args.results)
 
@@ -149,8 +181,10 @@ def record(name: str, p, row: dict, images: torch.Tensor, results: Path) -> None
     save_grid(images[:100], grid, nrow=10)
     with mlflow.start_run(run_name=name or None):
         mlflow.log_params({**flatten(sections(p, "data", "diffusion", "model", "train")), "minutes": row["minutes"],
-                           "ddim_steps": row["ddim_steps"], "overrides": row["overrides"][:500]})
-        mlflow.log_metrics({k: float(row[k]) for k in ("steps", "images_per_s", "fid", "floor", "ratio", "sample_s")})
+                           "ddim_steps": row["ddim_steps"], "spacing": row["spacing"],
+                           "overrides": row["overrides"][:500]})
+        mlflow.log_metrics({k: float(row[k]) for k in ("steps", "images_per_s", "fid", "floor", "ratio", "sample_s")
+                            if row[k] is not None})
         mlflow.log_artifact(str(grid))
     new = not results.exists()
     with results.open("a", newline="") as f:

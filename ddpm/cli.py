@@ -27,7 +27,7 @@ from torch import nn
 from . import pictures
 from .checkpoint import CheckpointError, load_model
 from .diffusion import NULL_LABEL, Diffusion
-from .sampling import ImageGenerator, generate
+from .sampling import SPACINGS, ImageGenerator, generate
 from .training import resolve_device
 
 DEFAULT_DDIM_STEPS = 50
@@ -94,6 +94,8 @@ def build_parser() -> Parser:
                 "model without --class draws ceil(num / classes) per class, one row per class")
     sampler(p, f"sampling steps in [1, T] (DDIM: {DEFAULT_DDIM_STEPS}; DDPM: T, fewer skips steps)")
     p.add_argument("--eta", type=at_least(0.0, float), help="DDIM stochasticity eta >= 0 (default 0)")
+    p.add_argument("--spacing", choices=SPACINGS, default="uniform", help="DDIM timesteps (uniform)")
+    p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
     p.add_argument("--batch-size", type=at_least(1), default=250, help="images per batch (250)")
     p.add_argument("--save-array", type=file_with_suffix(".npz"), metavar="FILE.npz",
                    help="also save images uint8 (N, C, H, W) and labels (N,) (-1: unconditional)")
@@ -236,8 +238,9 @@ def cmd_sample(args, m: Loaded) -> None:
         labels, nrow = m.labels(args.num), math.ceil(math.sqrt(args.num))
     images = generate(m.model, m.diffusion, len(labels) if labels is not None else args.num, m.shape,
                       seed=args.seed, method=method, steps=steps, eta=eta, labels=labels, guidance=m.guidance,
-                      batch_size=args.batch_size, progress=True)
-    title = m.describe(f"{args.method.upper()} {steps} steps" + (f", eta = {eta:g}" if args.method == "ddim" else ""))
+                      batch_size=args.batch_size, clip_x0=args.clip_x0, spacing=args.spacing, progress=True)
+    title = m.describe(f"{args.method.upper()} {steps} steps" + (
+        f", eta = {eta:g}, {args.spacing} spacing" if args.method == "ddim" else ""))
     rows = m.row_names(None if labels is None else labels[::nrow])
     write_picture(args, pictures.Picture(images, nrow, title, rows))
     if args.save_array:

@@ -78,20 +78,54 @@ def ddpm_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, y: to
     return (x, {"x_t": xs, "x0": x0s}) if return_trajectory else x
 
 
-def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
-    """The uniform sub-sequence tau_i = i * T / S, i = 0..S-1 (Song et al. 2020, appendix C.2)."""
+SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")
+
+
+def ddim_timesteps(timesteps: int, steps: int, spacing: str = "uniform",
+                   alpha_bar: torch.Tensor | None = None) -> list[int]:
+    """S = `steps` increasing timesteps tau_0 < ... < tau_{S-1} in [0, T) for DDIM to visit:
+
+    uniform    tau_i = i T / S (Song et al. 2020, appendix C.2): starts T / S below T - 1
+    trailing   tau_i = (i + 1) T / S - 1: starts at T - 1, where training's noise is purest
+               (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", table 2)
+    quadratic  tau_i = c i^2 with tau_{S-1} = T - 1 (Song et al. 2020, appendix D.2): dense near t = 0
+    logsnr     log-SNR evenly spaced from t = T - 1 to t = 0 (Lu et al. 2022, DPM-Solver, sec. 3.3);
+               needs the schedule's `alpha_bar`
+    Positions that round to a step already taken move up one, so there are always S distinct steps."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"steps must be in [1, {timesteps}], got {steps}")
-    return [i * timesteps // steps for i in range(steps)]
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    if spacing == "uniform":
+        return [i * timesteps // steps for i in range(steps)]
+    if spacing == "trailing":
+        return [(i + 1) * timesteps // steps - 1 for i in range(steps)]
+    if spacing == "quadratic":
+        positions = [(timesteps - 1) * (i / max(1, steps - 1)) ** 2 for i in range(steps)]
+    else:
+        if alpha_bar is None:
+            raise ValueError("spacing 'logsnr' needs the schedule's alpha_bar")
+        logsnr = (alpha_bar / (1 - alpha_bar)).double().log().cpu()    # decreasing in t
+        targets = torch.linspace(float(logsnr[0]), float(logsnr[-1]), steps, dtype=torch.float64)
+        # the first t whose log-SNR is at or below each target
+        positions = torch.searchsorted(-logsnr, -targets).clamp(max=timesteps - 1).tolist()
+    taus = []
+    for x in positions:
+        taus.append(max(round(x), taus[-1] + 1) if taus else round(x))
+    for i in range(steps - 1, -1, -1):  # pushed past T - 1: move down, keeping them distinct
+        taus[i] = min(taus[i], timesteps - steps + i)
+    return taus
 
 
 @torch.no_grad()
 def ddim_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, steps: int, eta: float = 0.0,
                 y: torch.Tensor | None = None, guidance: float = 0.0, generator=None,
-                return_trajectory: bool = False, clip_x0: bool = False, progress: bool = False):
-    """DDIM (Song et al. 2020, eq. 12) over S = `steps` timesteps, from high to low, the last step
-    landing on alpha_bar = 1. eta = 0 is deterministic given x_T; eta = 1 with S = T is DDPM."""
-    taus = ddim_timesteps(diffusion.timesteps, steps)
+                return_trajectory: bool = False, clip_x0: bool = False, progress: bool = False,
+                spacing: str = "uniform"):
+    """DDIM (Song et al. 2020, eq. 12) over S = `steps` timesteps chosen by `spacing` (see
+    ddim_timesteps), from high to low, the last step landing on alpha_bar = 1. eta = 0 is
+    deterministic given x_T; eta = 1 with S = T is DDPM."""
+    taus = ddim_timesteps(diffusion.timesteps, steps, spacing, diffusion.alpha_bar)
     x, xs, x0s = x_T, [x_T], []
     ab = diffusion.alpha_bar
     for j in tqdm(reversed(range(len(taus))), total=len(taus), desc=f"DDIM-{steps}",
@@ -116,7 +150,7 @@ def ddim_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, steps
 
 def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int, int, int], *, seed: int,
              method: str = "ddim", steps: int = 50, eta: float = 0.0, labels: torch.Tensor | None = None,
-             guidance: float = 0.0, batch_size: int = 250, clip_x0: bool = False,
+             guidance: float = 0.0, batch_size: int = 250, clip_x0: bool = False, spacing: str = "uniform",
              progress: bool = False) -> torch.Tensor:
     """`num` images as uint8 (num, C, H, W) on the CPU, sampled in batches; image i's noise depends
     only on (seed, i), so the result does not depend on `batch_size`."""
@@ -134,6 +168,6 @@ def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int,
                             progress=progress)
         else:
             x = ddim_sample(model, diffusion, x_T, steps, eta=eta, y=y, guidance=guidance, generator=gen,
-                            clip_x0=clip_x0, progress=progress)
+                            clip_x0=clip_x0, spacing=spacing, progress=progress)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)

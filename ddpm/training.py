@@ -1,4 +1,5 @@
-"""The training loop: AdamW, lr warm-up, gradient clipping, EMA, optional bf16 autocast.
+"""The training loop: AdamW, lr warm-up (and optional cosine decay), gradient clipping, EMA, optional
+bf16 autocast.
 
 The network, the diffusion and the data are passed in; the loop never writes files. A stage
 script observes it through callbacks (logging, checkpoints, sample grids) and can save and
@@ -19,6 +20,8 @@ from tqdm.auto import tqdm
 from .diffusion import Diffusion, to_model_range
 from .ema import EMA
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -26,6 +29,7 @@ class TrainConfig:
     batch_size: int = 128       # global batch, split across data-parallel processes
     lr: float = 2e-4
     warmup_steps: int = 500
+    lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" decay to 0 at the last step
     weight_decay: float = 0.0
     grad_clip: float = 1.0      # max gradient norm; 0 disables clipping
     ema_decay: float = 0.9999
@@ -63,6 +67,9 @@ class Trainer:
         self.net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.ema = EMA(self.net, config.ema_decay)
         self.step = 0
+        # where the cosine decay reaches 0: total_steps, unless a caller that trains for a wall-clock
+        # budget sets it (and re-estimates it as it goes)
+        self.schedule_steps: int | None = None
         self.generator = torch.Generator(device)
 
     @property
@@ -74,8 +81,16 @@ class Trainer:
         return self.config.epochs * self.steps_per_epoch
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up over `warmup_steps`, then constant (Ho et al. 2020 use 5000 steps)."""
-        return self.config.lr * min(1.0, (step + 1) / max(1, self.config.warmup_steps))
+        """Linear warm-up over `warmup_steps` (Ho et al. 2020 use 5000), then constant, or for
+        lr_schedule "cosine" lr * (1 + cos(pi * p)) / 2 with p going from 0 after warm-up to 1 at
+        `schedule_steps` (default total_steps; Loshchilov & Hutter 2017, without restarts)."""
+        warmup = max(1, self.config.warmup_steps)
+        lr = self.config.lr * min(1.0, (step + 1) / warmup)
+        if self.config.lr_schedule == "cosine":
+            end = self.schedule_steps or self.total_steps
+            progress = min(1.0, max(0.0, (step - warmup) / max(1, end - warmup)))
+            lr *= 0.5 * (1 + math.cos(math.pi * progress))
+        return lr
 
     def batch_indices(self, epoch: int, i: int) -> torch.Tensor:
         """This rank's slice of global batch i of `epoch` (same permutation on every rank)."""

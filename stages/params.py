@@ -16,6 +16,8 @@ import yaml
 
 from ddpm import DiffusionConfig, TrainConfig, UNetConfig
 from ddpm.diffusion import PREDICTIONS
+from ddpm.sampling import SPACINGS
+from ddpm.training import LR_SCHEDULES
 
 
 class ParamsError(ValueError):
@@ -83,6 +85,7 @@ class SampleParams:
     batch_size: int = 250
     ddim_steps: tuple[int, ...] = (5, 10, 20, 50)
     eta: tuple[float, ...] = (0.0,)
+    spacing: str = "uniform"         # DDIM timesteps: uniform | trailing | quadratic | logsnr (ddpm.ddim_timesteps)
     guidance: tuple[float, ...] = (2.0,)
     clip_x0: bool = False            # clip predicted x0 to [-1, 1] at every step (helps the cosine schedule)
     grid_size: int = 100
@@ -205,6 +208,7 @@ def _checks(p: Params):
         ("train.batch_size", t.batch_size >= 1, ">= 1"),
         ("train.lr", t.lr > 0, "> 0"),
         ("train.warmup_steps", t.warmup_steps >= 0, ">= 0"),
+        ("train.lr_schedule", t.lr_schedule in LR_SCHEDULES, "one of " + ", ".join(LR_SCHEDULES)),
         ("train.weight_decay", t.weight_decay >= 0, ">= 0"),
         ("train.grad_clip", t.grad_clip >= 0, ">= 0 (0 disables clipping)"),
         ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
@@ -219,6 +223,7 @@ def _checks(p: Params):
         ("sample.ddim_steps", len(s.ddim_steps) >= 1 and all(1 <= k <= T for k in s.ddim_steps),
          f"a list of steps in [1, diffusion.timesteps = {T}]"),
         ("sample.eta", len(s.eta) >= 1 and all(e >= 0 for e in s.eta), "a list of values >= 0"),
+        ("sample.spacing", s.spacing in SPACINGS, "one of " + ", ".join(SPACINGS)),
         ("sample.guidance", len(s.guidance) >= 1 and all(w >= 0 for w in s.guidance), "a list of values >= 0"),
         ("sample.grid_size", s.grid_size >= 1, ">= 1"),
         ("evaluate.batch_size", p.evaluate.batch_size >= 1, ">= 1"),

@@ -24,7 +24,7 @@ def settings(method: str, p, timesteps: int, conditional: bool) -> list[dict]:
     if method == "ddpm":
         grid = [{"method": "ddpm", "steps": timesteps, "eta": 1.0, "guidance": w} for w in ws]
     else:
-        grid = [{"method": "ddim", "steps": s, "eta": e, "guidance": w}
+        grid = [{"method": "ddim", "steps": s, "eta": e, "spacing": p.sample.spacing, "guidance": w}
                 for s, e, w in itertools.product(p.sample.ddim_steps, p.sample.eta, ws)]
     for g in grid:
         g["tag"] = ("ddpm" if method == "ddpm" else f"ddim{g['steps']}_eta{g['eta']:g}") + (
@@ -55,7 +55,8 @@ def sample(a, p, tracker) -> None:
             start = time.perf_counter()
             images = generate(model, diffusion, n, shape, seed=p.seed, method=s["method"], steps=s["steps"],
                               eta=s["eta"], labels=labels, guidance=s["guidance"],
-                              batch_size=p.sample.batch_size, clip_x0=p.sample.clip_x0, progress=True)
+                              batch_size=p.sample.batch_size, clip_x0=p.sample.clip_x0,
+                              spacing=s.get("spacing", "uniform"), progress=True)
             seconds = time.perf_counter() - start
             atomic_save({"images": images, "labels": labels if k else torch.zeros(0, dtype=torch.long)},
                         tmp / f"{s['tag']}.pt")

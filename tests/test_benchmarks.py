@@ -36,9 +36,20 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
     model, diffusion, meta = load_model(tmp_path / "m.pt")
     assert diffusion.prediction == "v" and meta["steps"] == 3 and model.config.base_channels == 8
     *rows, fixed = list(csv.DictReader(results.open()))
+    proc = budget("--model", str(tmp_path / "m.pt"), "--ddim-steps", "2", "--spacing", "uniform", "trailing",
+                  "--name", "rescored")
+    assert "train 25 min" not in proc.stderr  # no training (the default budget), only sampling
+    rescored = list(csv.DictReader(results.open()))[len(rows) + 1:]
+    assert [(r["name"], r["spacing"]) for r in rescored] == [("rescored", "uniform"), ("rescored", "trailing")]
+    for r in rescored:  # the saved model's own training numbers
+        assert [r[k] for k in ("steps", "minutes", "images_per_s")] == [fixed[k] for k in ("steps", "minutes",
+                                                                                             "images_per_s")]
+    assert rescored[0]["fid"] == fixed["fid"]  # the same model, sampler and seed as when it was trained
+    assert rescored[1]["fid"] != fixed["fid"]
     assert (fixed["name"], fixed["steps"], fixed["ddim_steps"]) == ("equal-steps", "3", "2")
     assert 0 <= float(fixed["minutes"]) < 5 and float(fixed["images_per_s"]) > 0  # the time the 3 steps took
-    assert [(r["name"], int(r["ddim_steps"])) for r in rows] == [("smoke", 2), ("smoke", 5)]
+    assert [(r["name"], int(r["ddim_steps"]), r["spacing"]) for r in rows] == [("smoke", 2, "uniform"),
+                                                                               ("smoke", 5, "uniform")]
     for r in rows:
         assert int(r["steps"]) >= 1 and float(r["images_per_s"]) > 0 and float(r["sample_s"]) >= 0
         fid, floor = float(r["fid"]), float(r["floor"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, save_model
+from ddpm import Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, generate, load_model, save_model
 from ddpm.cli import main
 from ddpm.data import make_glyphs
 
@@ -121,6 +121,17 @@ def test_sample_array_matches_the_grid_and_any_batching(models, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "s2.npz")["images"], data["images"])
 
 
+def test_sample_spacing_and_clipping_are_those_of_generate(models, tmp_path):
+    common = ["sample", "--model", models["uncond"], "--num", "3", "--steps", "4", "--device", "cpu"]
+    in_process(*common, "--spacing", "trailing", "--clip-x0", "--out", "t.png", "--save-array", "t.npz")
+    in_process(*common, "--out", "u.png", "--save-array", "u.npz")
+    model, diffusion, _ = load_model(models["uncond"])
+    expected = generate(model, diffusion, 3, (1, 28, 28), seed=0, steps=4, spacing="trailing", clip_x0=True)
+    trailing = np.load(tmp_path / "t.npz")["images"]
+    np.testing.assert_array_equal(trailing, expected.numpy())
+    assert not np.array_equal(trailing, np.load(tmp_path / "u.npz")["images"])
+
+
 def test_conditional_sample_has_one_row_per_class_and_takes_class_names(models, tmp_path):
     common = ["sample", "--model", models["cond"], "--steps", "3", "--device", "cpu"]
     in_process(*common, "--num", "4", "--out", "all.png", "--save-array", "all.npz")
@@ -180,6 +191,7 @@ BAD = {
     "eta with ddpm": (["sample", "--model", "{uncond}", "--method", "ddpm", "--eta", "1"], ["--eta", "ddim"]),
     "num 0": (["interpolate", "--model", "{uncond}", "--num", "0"], ["--num", ">= 1"]),
     "out not png": (["sample", "--model", "{uncond}", "--out", "x.jpg"], ["--out", ".png"]),
+    "unknown spacing": (["sample", "--model", "{uncond}", "--spacing", "cubic"], ["--spacing", "'cubic'"]),
 }
 
 

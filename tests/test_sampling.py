@@ -17,6 +17,7 @@ from ddpm import (
     guided_prediction,
     make_betas,
 )
+from ddpm.sampling import SPACINGS
 
 
 class PointDenoiser(nn.Module):
@@ -112,6 +113,42 @@ def test_ddim_timesteps():
     for bad in (0, 1001):
         with pytest.raises(ValueError):
             ddim_timesteps(1000, bad)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddim_spacings_give_distinct_increasing_steps_in_range(schedule):
+    ab = Diffusion(make_betas(schedule, 1000)).alpha_bar
+    assert ddim_timesteps(1000, 50, "trailing") == [20 * i + 19 for i in range(50)]
+    assert ddim_timesteps(10, 3, "trailing") == [2, 5, 9]
+    quad = ddim_timesteps(1000, 50, "quadratic")
+    assert quad[0] == 0 and quad[-1] == 999 and quad[1:4] == [1, 2, 4]  # c i^2, nudged up where they collide
+    gaps = [b - a for a, b in zip(quad, quad[1:])]
+    assert gaps[-1] > 10 * gaps[0]
+    logsnr = (ab / (1 - ab)).log()
+    for steps in (1, 5, 50, 999, 1000):
+        for spacing in SPACINGS:
+            taus = ddim_timesteps(1000, steps, spacing, ab)
+            assert len(taus) == steps and all(0 <= a < b < 1000 for a, b in zip(taus, taus[1:])), (spacing, steps)
+    even = ddim_timesteps(1000, 20, "logsnr", ab)
+    assert even[0] == 0 and even[-1] == 999
+    if schedule == "linear":  # smooth in t; the cosine's clipped last betas make its log-SNR jump at T - 1
+        steps_in_logsnr = torch.tensor((logsnr[even[:-1]] - logsnr[even[1:]]).tolist())
+        assert steps_in_logsnr.sub((logsnr[0] - logsnr[-1]) / 19).abs().max() < 0.3  # even, up to rounding
+    with pytest.raises(ValueError, match="needs the schedule's alpha_bar"):
+        ddim_timesteps(1000, 10, "logsnr")
+    with pytest.raises(ValueError, match="unknown spacing 'cubic'"):
+        ddim_timesteps(1000, 10, "cubic")
+
+
+def test_ddim_sample_visits_the_spaced_steps(diffusion):
+    seen = []
+
+    def model(x, t, y=None):
+        seen.append(int(t[0]))
+        return torch.zeros_like(x)
+
+    ddim_sample(model, diffusion, torch.randn(2, 1, 2, 2), steps=4, spacing="trailing")
+    assert seen == list(reversed(ddim_timesteps(diffusion.timesteps, 4, "trailing")))
 
 
 def test_ddim_eta_0_is_deterministic(diffusion):

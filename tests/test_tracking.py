@@ -139,6 +139,7 @@ def test_report_lists_experiments_with_fid(tiny_repo, tiny_experiments, tmp_path
     table = pd.read_csv(tmp_path / "table.csv", index_col=0)
     assert table.loc["quick", "train.lr"] == 0.002 and table["uncond.ddpm.fid"].notna().all()
     assert table.loc["quick", "diffusion.prediction"] == "v" and table.loc["quick", "train.min_snr_gamma"] == 5
+    assert table.loc["quick", "train.lr_schedule"] == "cosine" and table.loc["quick", "sample.spacing"] == "quadratic"
 
 
 def test_queued_experiments_in_parallel_both_land_in_mlflow(tiny_repo):

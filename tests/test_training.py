@@ -58,6 +58,24 @@ def test_lr_warms_up_linearly_then_stays_constant():
     assert no_warmup.lr_at(0) == pytest.approx(1e-3)
 
 
+def test_cosine_lr_decays_from_the_end_of_warm_up_to_zero_at_the_last_step():
+    images, _ = shapes(40, size=8)  # 10 steps an epoch
+    config = TrainConfig(epochs=3, batch_size=4, lr=1e-3, warmup_steps=10, lr_schedule="cosine")
+    trainer = Trainer(tiny_unet(8), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None, config, CPU)
+    assert trainer.total_steps == 30
+    assert trainer.lr_at(0) == pytest.approx(1e-4) and trainer.lr_at(10) == pytest.approx(1e-3)
+    assert trainer.lr_at(20) == pytest.approx(5e-4)  # halfway from step 10 to step 30
+    lrs = [trainer.lr_at(s) for s in range(10, 30)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and 0 < lrs[-1] < 1e-5
+    assert trainer.lr_at(30) == 0 and trainer.lr_at(99) == 0
+    trainer.schedule_steps = 110  # a wall-clock budget's estimate of where training will end
+    assert trainer.lr_at(60) == pytest.approx(5e-4)
+    used = []
+    trainer.schedule_steps = None
+    trainer.fit(on_step=lambda tr, loss, s: used.append(tr.optimizer.param_groups[0]["lr"]), progress=False)
+    assert used == pytest.approx([trainer.lr_at(s) for s in range(30)])
+
+
 class NanAfter(nn.Module):
     """Predicts eps = w * x_t, then NaN from call `n` on."""
 

@@ -39,6 +39,9 @@ CASES = [  # (section, key, bad value, expected message fragment)
     ("diffusion", "timesteps", 0, "diffusion.timesteps = 0 is out of range"),
     ("diffusion", "prediction", "x0", "diffusion.prediction = 'x0' is out of range; allowed: one of eps, v"),
     ("train", "min_snr_gamma", -1, "train.min_snr_gamma = -1.0 is out of range; allowed: >= 0"),
+    ("train", "lr_schedule", "step", "train.lr_schedule = 'step' is out of range; allowed: one of constant, cosine"),
+    ("sample", "spacing", "karras", "sample.spacing = 'karras' is out of range; allowed: one of uniform, trailing, "
+                                    "quadratic, logsnr"),
     ("model", "dropout", 1.5, "model.dropout = 1.5 is out of range"),
     ("model", "channel_mults", [], "model.channel_mults = () is out of range"),
     ("model", "num_heads", 3, "model.num_heads = 3 is out of range; allowed: a divisor of every level's channel"),
