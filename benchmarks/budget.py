@@ -40,14 +40,14 @@ from ddpm import (
 from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
 from ddpm.data import stratified_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
-from ddpm.sampling import SPACINGS
+from ddpm.sampling import METHODS, SPACINGS
 from stages.common import run, save_grid
 from stages.params import sections, validate
 from stages.prepare import load
 from stages.tracking import flatten, repo_root, tracking_uri
 
-FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "ddim_steps", "spacing", "fid",
-          "floor", "ratio", "sample_s"]
+FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "method", "ddim_steps", "spacing",
+          "fid", "floor", "ratio", "sample_s"]
 
 
 def profile(overrides: list[str]):
@@ -106,7 +106,10 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--minutes", type=float, default=25.0, help="wall-clock training budget")
     ap.add_argument("--steps", type=int, help="train for this many steps instead of --minutes")
     ap.add_argument("--num-samples", type=int, default=1000)
-    ap.add_argument("--ddim-steps", type=int, nargs="+", default=[50], help="one result row per value")
+    ap.add_argument("--method", nargs="+", default=["ddim"], choices=[m for m in METHODS if m != "ddpm"],
+                    help="samplers (dpmsolver: DPM-Solver++(2M), one model call per step as DDIM)")
+    ap.add_argument("--ddim-steps", type=int, nargs="+", default=[50],
+                    help="sampler steps (model calls); one result row per value")
     ap.add_argument("--spacing", nargs="+", default=["uniform"], choices=SPACINGS,
                     help="DDIM timestep spacings, one result row per value and step count")
     ap.add_argument("--name", default="", help="a label for the results table")
@@ -151,17 +154,17 @@ def main(argv: list[str]) -> None:
                        {"class_names": list(data.class_names), "steps": steps, "overrides": args.overrides,
                         "minutes": minutes, "images_per_s": rate})
     params_m = round(sum(x.numel() for x in model.parameters()) / 1e6, 2)
-    for ddim_steps, spacing in itertools.product(args.ddim_steps, args.spacing):
+    for method, ddim_steps, spacing in itertools.product(args.method, args.ddim_steps, args.spacing):
         start = time.perf_counter()
         images = generate(model, diffusion, args.num_samples, tuple(data.train_images.shape[1:]), seed=p.seed,
-                          steps=min(ddim_steps, p.diffusion.timesteps), clip_x0=p.sample.clip_x0, spacing=spacing,
-                          progress=True)
+                          method=method, steps=min(ddim_steps, p.diffusion.timesteps), clip_x0=p.sample.clip_x0,
+                          spacing=spacing, progress=True)
         sample_s = time.perf_counter() - start
         fid, floor_fid = scorer(images)["classifier"]["fid"], scorer.floor["classifier"]["fid"]
         row = {"name": args.name, "overrides": " ".join(args.overrides), "minutes": minutes, "steps": steps,
-               "images_per_s": rate, "params_m": params_m, "ddim_steps": ddim_steps, "spacing": spacing,
-               "fid": float(f"{fid:.5g}"), "floor": float(f"{floor_fid:.5g}"), "ratio": round(fid / floor_fid, 2),
-               "sample_s": round(sample_s, 1)}
+               "images_per_s": rate, "params_m": params_m, "method": method, "ddim_steps": ddim_steps,
+               "spacing": spacing, "fid": float(f"{fid:.5g}"), "floor": float(f"{floor_fid:.5g}"),
+               "ratio": round(fid / floor_fid, 2), "sample_s": round(sample_s, 1)}
         print("  ".join(f"{k}={v}" for k, v in row.items()))
         record(args.name, p, row, images, args.results)
 
@@ -181,7 +184,7 @@ def record(name: str, p, row: dict, images: torch.Tensor, results: Path) -> None
     save_grid(images[:100], grid, nrow=10)
     with mlflow.start_run(run_name=name or None):
         mlflow.log_params({**flatten(sections(p, "data", "diffusion", "model", "train")), "minutes": row["minutes"],
-                           "ddim_steps": row["ddim_steps"], "spacing": row["spacing"],
+                           "method": row["method"], "ddim_steps": row["ddim_steps"], "spacing": row["spacing"],
                            "overrides": row["overrides"][:500]})
         mlflow.log_metrics({k: float(row[k]) for k in ("steps", "images_per_s", "fid", "floor", "ratio", "sample_s")
                             if row[k] is not None})

@@ -1,5 +1,6 @@
 """ddpm: Denoising Diffusion Probabilistic Models (Ho et al. 2020) with DDIM sampling
-(Song et al. 2020) and classifier-free guidance (Ho & Salimans 2022).
+(Song et al. 2020), the DPM-Solver++(2M) ODE solver (Lu et al. 2022) and classifier-free
+guidance (Ho & Salimans 2022).
 
 The vocabulary (x0, x_t, t, eps, alpha_bar, y, w) is declared in `ddpm.diffusion`.
 """
@@ -16,7 +17,15 @@ from .checkpoint import (
 )
 from .diffusion import NULL_LABEL, Diffusion, DiffusionConfig, extract, to_model_range, to_uint8
 from .ema import EMA
-from .sampling import ImageGenerator, ddim_sample, ddim_timesteps, ddpm_sample, generate, guided_prediction
+from .sampling import (
+    ImageGenerator,
+    ddim_sample,
+    ddim_timesteps,
+    ddpm_sample,
+    dpm_solver_sample,
+    generate,
+    guided_prediction,
+)
 from .schedules import make_betas
 from .training import TrainConfig, Trainer, resolve_device
 from .unet import UNet, UNetConfig
@@ -25,6 +34,7 @@ __all__ = [
     "CheckpointError", "atomic_save", "config_hash", "load_classifier", "load_model", "safe_load", "save_classifier",
     "save_model",
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
-    "ImageGenerator", "ddim_sample", "ddim_timesteps", "ddpm_sample", "generate", "guided_prediction", "make_betas",
+    "ImageGenerator", "ddim_sample", "ddim_timesteps", "ddpm_sample", "dpm_solver_sample", "generate",
+    "guided_prediction", "make_betas",
     "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig",
 ]

@@ -27,7 +27,7 @@ from torch import nn
 from . import pictures
 from .checkpoint import CheckpointError, load_model
 from .diffusion import NULL_LABEL, Diffusion
-from .sampling import SPACINGS, ImageGenerator, generate
+from .sampling import METHODS, SPACINGS, ImageGenerator, generate
 from .training import resolve_device
 
 DEFAULT_DDIM_STEPS = 50
@@ -85,16 +85,18 @@ def build_parser() -> Parser:
         p.add_argument("--labels", action="store_true", help="write a figure with row and column labels")
         return p
 
-    def sampler(p: Parser, steps_help: str) -> None:
-        p.add_argument("--method", choices=("ddpm", "ddim"), default="ddim",
-                       help="ddim (eta 0 unless --eta) or ddpm (ancestral, eta 1)")
+    def sampler(p: Parser, steps_help: str, methods=("ddpm", "ddim")) -> None:
+        p.add_argument("--method", choices=methods, default="ddim",
+                       help="ddim (eta 0 unless --eta) or ddpm (ancestral, eta 1)" + (
+                           "; dpmsolver: DPM-Solver++(2M), deterministic" if "dpmsolver" in methods else ""))
         p.add_argument("--steps", type=at_least(1), help=steps_help)
 
     p = command("sample", "Sample a grid of images.", "samples.png", num=100, num_help="images; a conditional "
                 "model without --class draws ceil(num / classes) per class, one row per class")
-    sampler(p, f"sampling steps in [1, T] (DDIM: {DEFAULT_DDIM_STEPS}; DDPM: T, fewer skips steps)")
+    sampler(p, f"sampling steps in [1, T] (DDIM, DPM-Solver: {DEFAULT_DDIM_STEPS}; DDPM: T, fewer skips steps)",
+            METHODS)
     p.add_argument("--eta", type=at_least(0.0, float), help="DDIM stochasticity eta >= 0 (default 0)")
-    p.add_argument("--spacing", choices=SPACINGS, default="uniform", help="DDIM timesteps (uniform)")
+    p.add_argument("--spacing", choices=SPACINGS, default="uniform", help="DDIM and DPM-Solver timesteps (uniform)")
     p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
     p.add_argument("--batch-size", type=at_least(1), default=250, help="images per batch (250)")
     p.add_argument("--save-array", type=file_with_suffix(".npz"), metavar="FILE.npz",
@@ -221,16 +223,16 @@ def sampler_steps(args, m: Loaded) -> tuple[int, float]:
     """(steps, eta) of --method: DDIM takes 50 steps (at most T) and eta 0 unless told; DDPM is eta = 1,
     over all T steps unless told fewer (then it is DDIM with eta = 1, Song et al. 2020 eq. 16)."""
     T = m.diffusion.timesteps
+    if args.method != "ddim" and getattr(args, "eta", None) is not None:
+        raise UsageError(f"--eta is for --method ddim; {args.method} takes no eta")
     if args.method == "ddpm":
-        if getattr(args, "eta", None) is not None:
-            raise UsageError("--eta is for --method ddim; DDPM is eta = 1")
         return args.steps or T, 1.0
     return args.steps or min(DEFAULT_DDIM_STEPS, T), getattr(args, "eta", None) or 0.0
 
 
 def cmd_sample(args, m: Loaded) -> None:
     steps, eta = sampler_steps(args, m)
-    method = "ddpm" if args.method == "ddpm" and steps == m.diffusion.timesteps else "ddim"
+    method = "ddim" if args.method == "ddpm" and steps < m.diffusion.timesteps else args.method
     if m.class_names is not None and m.klass is None:  # one row per class
         per_class = math.ceil(args.num / len(m.class_names))
         labels, nrow = torch.arange(len(m.class_names)).repeat_interleave(per_class), per_class
@@ -239,8 +241,9 @@ def cmd_sample(args, m: Loaded) -> None:
     images = generate(m.model, m.diffusion, len(labels) if labels is not None else args.num, m.shape,
                       seed=args.seed, method=method, steps=steps, eta=eta, labels=labels, guidance=m.guidance,
                       batch_size=args.batch_size, clip_x0=args.clip_x0, spacing=args.spacing, progress=True)
-    title = m.describe(f"{args.method.upper()} {steps} steps" + (
-        f", eta = {eta:g}, {args.spacing} spacing" if args.method == "ddim" else ""))
+    name = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver": "DPM-Solver++(2M)"}[args.method]
+    title = m.describe(f"{name} {steps} steps" + (f", eta = {eta:g}" if args.method == "ddim" else "") + (
+        f", {args.spacing} spacing" if args.method != "ddpm" else ""))
     rows = m.row_names(None if labels is None else labels[::nrow])
     write_picture(args, pictures.Picture(images, nrow, title, rows))
     if args.save_array:

@@ -88,6 +88,7 @@ class Diffusion(nn.Module):
         buffer("sqrt_recip_alpha_bar", (1.0 / alpha_bar).sqrt())
         buffer("sqrt_recip_alpha_bar_m1", (1.0 / alpha_bar - 1.0).sqrt())
         buffer("snr", alpha_bar / (1.0 - alpha_bar))
+        buffer("log_snr", (alpha_bar / (1.0 - alpha_bar)).log())  # decreasing in t
         # posterior q(x_{t-1} | x_t, x_0) (Ho et al. eqs. 6-7)
         posterior_variance = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
         buffer("posterior_variance", posterior_variance)
@@ -122,9 +123,21 @@ class Diffusion(nn.Module):
                 + extract(self.posterior_coef_xt, t, x_t.shape) * x_t)
         return mean, extract(self.posterior_variance, t, x_t.shape)
 
+    def sample_t(self, n: int, device, generator: torch.Generator | None = None,
+                 logsnr_normal: tuple[float, float] | None = None) -> torch.Tensor:
+        """n training timesteps (n,): uniform over [0, T), or with log-SNR ~ N(mean, std^2) for
+        `logsnr_normal` = (mean, std), each mapped to the first t at or below it (clamped to [0, T)).
+        Karras et al. 2022 (EDM, sec. 5) draw ln sigma ~ N(-1.2, 1.2^2), i.e. log-SNR ~ N(2.4, 2.4^2): the
+        training compute goes to the noise levels that matter, not to the nearly clean or pure-noise ends."""
+        if logsnr_normal is None:
+            return torch.randint(0, self.timesteps, (n,), device=device, generator=generator)
+        mean, std = logsnr_normal
+        target = mean + std * torch.randn(n, device=device, generator=generator)
+        return torch.searchsorted(-self.log_snr, -target).clamp(max=self.timesteps - 1)
+
     def loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None = None,
              p_uncond: float = 0.0, generator: torch.Generator | None = None,
-             min_snr_gamma: float = 0.0) -> torch.Tensor:
+             min_snr_gamma: float = 0.0, logsnr_normal: tuple[float, float] | None = None) -> torch.Tensor:
         """Per-example simple loss ||target - model(x_t, t, y)||^2 (Ho et al. eq. 14), (B,); the
         target is eps or v, as `prediction` says.
 
@@ -133,8 +146,8 @@ class Diffusion(nn.Module):
         min(snr_t, gamma) ||x0 - x0_pred||^2: the x0 error, weighted as the plain loss does up to snr gamma
         and no more, so that the nearly noiseless steps stop dominating the gradient.
         With probability `p_uncond` a label is replaced by NULL_LABEL, so one network learns both
-        the conditional and the unconditional model (Ho & Salimans 2022)."""
-        t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        the conditional and the unconditional model (Ho & Salimans 2022). t is drawn by `sample_t`."""
+        t = self.sample_t(x0.shape[0], x0.device, generator, logsnr_normal)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.q_sample(x0, t, eps)
         if y is not None and p_uncond > 0:

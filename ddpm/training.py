@@ -35,6 +35,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     p_uncond: float = 0.1       # label drop rate for classifier-free guidance (conditional models)
     min_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: the plain loss
+    logsnr_normal: tuple[float, ...] | None = None  # (mean, std): training t with log-SNR ~ N; None: uniform t
     bf16: bool = False          # bfloat16 autocast for the forward/backward pass
 
 
@@ -108,7 +109,7 @@ class Trainer:
         self.generator.manual_seed((self.seed << 40) + (self.step << 8) + self.rank)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             loss = self.diffusion.loss(self.model, x0, y, self.config.p_uncond, self.generator,
-                                       self.config.min_snr_gamma).mean()
+                                       self.config.min_snr_gamma, self.config.logsnr_normal).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.step + 1}; "
                                      "lower train.lr, keep train.grad_clip > 0 or disable train.bf16")

@@ -85,7 +85,8 @@ class SampleParams:
     batch_size: int = 250
     ddim_steps: tuple[int, ...] = (5, 10, 20, 50)
     eta: tuple[float, ...] = (0.0,)
-    spacing: str = "uniform"         # DDIM timesteps: uniform | trailing | quadratic | logsnr (ddpm.ddim_timesteps)
+    dpmsolver_steps: tuple[int, ...] = (10, 20)  # DPM-Solver++(2M) steps (ddpm.dpm_solver_sample)
+    spacing: str = "uniform"         # DDIM and DPM-Solver timesteps: uniform | trailing | quadratic | logsnr
     guidance: tuple[float, ...] = (2.0,)
     clip_x0: bool = False            # clip predicted x0 to [-1, 1] at every step (helps the cosine schedule)
     grid_size: int = 100
@@ -214,6 +215,8 @@ def _checks(p: Params):
         ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
         ("train.p_uncond", 0 <= t.p_uncond <= 1, "in [0, 1]"),
         ("train.min_snr_gamma", t.min_snr_gamma >= 0, ">= 0 (0: the plain loss)"),
+        ("train.logsnr_normal", t.logsnr_normal is None or (len(t.logsnr_normal) == 2 and t.logsnr_normal[1] > 0),
+         "[mean, std] with std > 0, or null (uniform timesteps)"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
         ("train.nproc", t.nproc >= 1 and t.batch_size % t.nproc == 0, ">= 1 and a divisor of train.batch_size"),
         ("train.grid_size", t.grid_size >= 1, ">= 1"),
@@ -223,6 +226,8 @@ def _checks(p: Params):
         ("sample.ddim_steps", len(s.ddim_steps) >= 1 and all(1 <= k <= T for k in s.ddim_steps),
          f"a list of steps in [1, diffusion.timesteps = {T}]"),
         ("sample.eta", len(s.eta) >= 1 and all(e >= 0 for e in s.eta), "a list of values >= 0"),
+        ("sample.dpmsolver_steps", len(s.dpmsolver_steps) >= 1 and all(1 <= k <= T for k in s.dpmsolver_steps),
+         f"a list of steps in [1, diffusion.timesteps = {T}]"),
         ("sample.spacing", s.spacing in SPACINGS, "one of " + ", ".join(SPACINGS)),
         ("sample.guidance", len(s.guidance) >= 1 and all(w >= 0 for w in s.guidance), "a list of values >= 0"),
         ("sample.grid_size", s.grid_size >= 1, ">= 1"),

@@ -1,4 +1,5 @@
-"""sample: draw images from a trained model with DDPM or with DDIM at each of sample.ddim_steps.
+"""sample: draw images from a trained model with DDPM, with DDIM at each of sample.ddim_steps or with
+DPM-Solver++(2M) at each of sample.dpmsolver_steps.
 
 usage: python -m stages.sample VARIANT METHOD --model FILE --out DIR
 Writes, per sampler setting, <tag>.pt (uint8 images + requested labels), <tag>.png (a grid) and
@@ -12,6 +13,7 @@ import time
 import torch
 
 from ddpm import atomic_save, generate, load_model, resolve_device
+from ddpm.sampling import METHODS
 
 from .common import atomic_dir, path_parser, run, save_grid, seed_everything, write_json
 from .params import load_params, sections
@@ -23,19 +25,22 @@ def settings(method: str, p, timesteps: int, conditional: bool) -> list[dict]:
     ws = p.sample.guidance if conditional else (0.0,)
     if method == "ddpm":
         grid = [{"method": "ddpm", "steps": timesteps, "eta": 1.0, "guidance": w} for w in ws]
-    else:
+    elif method == "ddim":
         grid = [{"method": "ddim", "steps": s, "eta": e, "spacing": p.sample.spacing, "guidance": w}
                 for s, e, w in itertools.product(p.sample.ddim_steps, p.sample.eta, ws)]
+    else:  # deterministic: eta 0, as DDIM's ODE sampler
+        grid = [{"method": method, "steps": s, "eta": 0.0, "spacing": p.sample.spacing, "guidance": w}
+                for s, w in itertools.product(p.sample.dpmsolver_steps, ws)]
     for g in grid:
-        g["tag"] = ("ddpm" if method == "ddpm" else f"ddim{g['steps']}_eta{g['eta']:g}") + (
-            f"_w{g['guidance']:g}" if conditional else "")
+        name = {"ddpm": "ddpm", "ddim": f"ddim{g['steps']}_eta{g['eta']:g}"}.get(method, f"{method}{g['steps']}")
+        g["tag"] = name + (f"_w{g['guidance']:g}" if conditional else "")
     return grid
 
 
 def main(argv: list[str]) -> None:
     ap = path_parser("--model", "--out")
     ap.add_argument("variant", choices=("uncond", "cond"))
-    ap.add_argument("method", choices=("ddpm", "ddim"))
+    ap.add_argument("method", choices=METHODS)
     a = ap.parse_args(argv)
     p = load_params()
     with stage_run("sample", f"{a.variant}-{a.method}", sections(p, "seed", "device", "sample")) as tracker:
@@ -56,7 +61,7 @@ def sample(a, p, tracker) -> None:
             images = generate(model, diffusion, n, shape, seed=p.seed, method=s["method"], steps=s["steps"],
                               eta=s["eta"], labels=labels, guidance=s["guidance"],
                               batch_size=p.sample.batch_size, clip_x0=p.sample.clip_x0,
-                              spacing=s.get("spacing", "uniform"), progress=True)
+                              spacing=p.sample.spacing, progress=True)
             seconds = time.perf_counter() - start
             atomic_save({"images": images, "labels": labels if k else torch.zeros(0, dtype=torch.long)},
                         tmp / f"{s['tag']}.pt")

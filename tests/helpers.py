@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
 
 ALL_STAGES = {"prepare", "classifier", "reference", "train@uncond", "train@cond", "sample@uncond-ddpm",
-              "sample@uncond-ddim", "sample@cond-ddpm", "sample@cond-ddim", "evaluate", "visualize"}
+              "sample@uncond-ddim", "sample@uncond-dpmsolver", "sample@cond-ddpm", "sample@cond-ddim",
+              "sample@cond-dpmsolver", "evaluate", "visualize"}
 
 # Small enough that a full `dvc repro` takes a minute or two on 2 CPU cores.
 TINY = {
@@ -26,7 +27,8 @@ TINY = {
     "train": {"epochs": 2, "batch_size": 50, "warmup_steps": 2, "checkpoint_every": 4, "grid_size": 20,
               "grid_ddim_steps": 5},
     "visualize": {"per_class": 2, "num_images": 2, "frames": 4, "steps": 5, "compare_steps": [5, 10]},
-    "sample": {"num_samples": 40, "batch_size": 40, "ddim_steps": [5, 10], "guidance": [1.0], "grid_size": 20},
+    "sample": {"num_samples": 40, "batch_size": 40, "ddim_steps": [5, 10], "dpmsolver_steps": [5], "guidance": [1.0],
+               "grid_size": 20},
 }
 
 

@@ -46,10 +46,15 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
                                                                                              "images_per_s")]
     assert rescored[0]["fid"] == fixed["fid"]  # the same model, sampler and seed as when it was trained
     assert rescored[1]["fid"] != fixed["fid"]
+    budget("--model", str(tmp_path / "m.pt"), "--method", "dpmsolver", "--ddim-steps", "2", "--name", "solver")
+    solver = list(csv.DictReader(results.open()))[-1]
+    assert (solver["name"], solver["method"], solver["ddim_steps"]) == ("solver", "dpmsolver", "2")
+    # DPM-Solver++(2M) with 2 steps is DDIM's 2 steps (up to float rounding)
+    assert float(solver["fid"]) == pytest.approx(float(fixed["fid"]), rel=1e-3)
     assert (fixed["name"], fixed["steps"], fixed["ddim_steps"]) == ("equal-steps", "3", "2")
     assert 0 <= float(fixed["minutes"]) < 5 and float(fixed["images_per_s"]) > 0  # the time the 3 steps took
-    assert [(r["name"], int(r["ddim_steps"]), r["spacing"]) for r in rows] == [("smoke", 2, "uniform"),
-                                                                               ("smoke", 5, "uniform")]
+    assert [(r["name"], r["method"], int(r["ddim_steps"]), r["spacing"]) for r in rows] == [
+        ("smoke", "ddim", 2, "uniform"), ("smoke", "ddim", 5, "uniform")]
     for r in rows:
         assert int(r["steps"]) >= 1 and float(r["images_per_s"]) > 0 and float(r["sample_s"]) >= 0
         fid, floor = float(r["fid"]), float(r["floor"])
@@ -65,6 +70,7 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
     fid_by_steps = {r["ddim_steps"]: float(r["fid"]) for r in rows}
     for mlrun in runs:
         assert mlrun.data.params["diffusion.prediction"] == "v" and mlrun.data.params["train.min_snr_gamma"] == "5.0"
+        assert mlrun.data.params["method"] == "ddim"
         assert mlrun.data.metrics["fid"] == pytest.approx(fid_by_steps[mlrun.data.params["ddim_steps"]], abs=1e-3)
         assert [a.path for a in client.list_artifacts(mlrun.info.run_id)] == ["samples.png"]
 

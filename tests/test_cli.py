@@ -132,6 +132,14 @@ def test_sample_spacing_and_clipping_are_those_of_generate(models, tmp_path):
     assert not np.array_equal(trailing, np.load(tmp_path / "u.npz")["images"])
 
 
+def test_sample_method_dpmsolver_is_that_of_generate(models, tmp_path):
+    in_process("sample", "--model", models["uncond"], "--num", "3", "--steps", "4", "--method", "dpmsolver",
+               "--spacing", "trailing", "--device", "cpu", "--out", "d.png", "--save-array", "d.npz")
+    model, diffusion, _ = load_model(models["uncond"])
+    expected = generate(model, diffusion, 3, (1, 28, 28), seed=0, method="dpmsolver", steps=4, spacing="trailing")
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npz")["images"], expected.numpy())
+
+
 def test_conditional_sample_has_one_row_per_class_and_takes_class_names(models, tmp_path):
     common = ["sample", "--model", models["cond"], "--steps", "3", "--device", "cpu"]
     in_process(*common, "--num", "4", "--out", "all.png", "--save-array", "all.npz")
@@ -189,6 +197,8 @@ BAD = {
     "negative guidance": (["sample", "--model", "{cond}", "--guidance", "-1"], ["--guidance", ">= 0"]),
     "negative eta": (["sample", "--model", "{uncond}", "--eta", "-0.5"], ["--eta", ">= 0"]),
     "eta with ddpm": (["sample", "--model", "{uncond}", "--method", "ddpm", "--eta", "1"], ["--eta", "ddim"]),
+    "eta with dpmsolver": (["sample", "--model", "{uncond}", "--method", "dpmsolver", "--eta", "1"],
+                           ["--eta", "ddim"]),
     "num 0": (["interpolate", "--model", "{uncond}", "--num", "0"], ["--num", ">= 1"]),
     "out not png": (["sample", "--model", "{uncond}", "--out", "x.jpg"], ["--out", ".png"]),
     "unknown spacing": (["sample", "--model", "{uncond}", "--spacing", "cubic"], ["--spacing", "'cubic'"]),

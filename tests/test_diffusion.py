@@ -154,6 +154,27 @@ def test_loss_draws_timesteps_over_the_whole_range(diffusion):
     assert t.min().item() < 10 and t.max().item() > 990
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_logsnr_normal_draws_timesteps_with_that_log_snr_distribution(schedule):
+    diffusion = Diffusion(make_betas(schedule, 1000))
+    spy = Spy()
+    diffusion.loss(spy, torch.zeros(20000, 1, 1, 1), generator=torch.Generator().manual_seed(6),
+                   logsnr_normal=(1.0, 2.0))
+    t = spy.calls[0][1]
+    log_snr = (diffusion.alpha_bar[t] / (1 - diffusion.alpha_bar[t])).double().log()
+    assert abs(log_snr.mean().item() - 1.0) < 0.06 and abs(log_snr.std().item() - 2.0) < 0.06
+    assert t.min().item() >= 0 and t.max().item() <= 999
+    # far out in the tails: clamped to the ends of the schedule, not out of range
+    far = diffusion.sample_t(100, "cpu", torch.Generator().manual_seed(7), logsnr_normal=(0.0, 100.0))
+    assert far.min().item() == 0 and far.max().item() == 999
+
+
+def test_uniform_timesteps_are_unchanged_by_the_logsnr_option(diffusion):
+    gen = torch.Generator().manual_seed(8)
+    expected = torch.randint(0, 1000, (64,), generator=gen)
+    assert torch.equal(diffusion.sample_t(64, "cpu", torch.Generator().manual_seed(8)), expected)
+
+
 def test_p_uncond_drops_labels(diffusion):
     x0 = torch.zeros(2000, 1, 1, 1)
     y = torch.randint(0, 10, (2000,), generator=torch.Generator().manual_seed(5))

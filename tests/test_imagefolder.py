@@ -76,7 +76,8 @@ def test_conditional_stages_refuse_folders_without_two_classes(tmp_path, classes
 def test_unlabelled_folder_trains_and_samples_unconditionally(tmp_path):
     root = make_image_folder(tmp_path / "photos", per_class=20, classes=())
     repo = make_repo(tmp_path / "repo", folder_config(root))
-    proc = run(["dvc", "repro", "sample@uncond-ddpm", "sample@uncond-ddim"], repo)  # what the refusal suggests
-    assert stages_run(proc.stdout) == {"prepare", "train@uncond", "sample@uncond-ddpm", "sample@uncond-ddim"}
+    samplers = ["sample@uncond-ddpm", "sample@uncond-ddim", "sample@uncond-dpmsolver"]
+    proc = run(["dvc", "repro", *samplers], repo)  # what the refusal suggests
+    assert stages_run(proc.stdout) == {"prepare", "train@uncond", *samplers}
     images = torch.load(repo / "samples/uncond/ddim/ddim5_eta0.pt", weights_only=True)["images"]
     assert images.shape == (12, 3, 32, 32)

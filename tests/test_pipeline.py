@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import ALL_STAGES, TINY, make_repo, run, stages_run
 
-from ddpm import load_model
+from ddpm import generate, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +24,16 @@ def test_repro_runs_every_stage_and_writes_every_output(tiny_repo):
             data = torch.load(repo / f"samples/{variant}/ddim/{tag}.pt", weights_only=True)
             assert data["images"].shape == (40, 1, 28, 28) and data["images"].dtype == torch.uint8
             assert (repo / f"samples/{variant}/ddim/{tag}.png").is_file()
+
+
+def test_dpmsolver_samples_are_those_of_generate(tiny_repo):
+    repo, _ = tiny_repo
+    model, diffusion, _ = load_model(repo / "models/uncond/model.pt")
+    expected = generate(model, diffusion, 40, (1, 28, 28), seed=0, method="dpmsolver", steps=5)
+    assert torch.equal(torch.load(repo / "samples/uncond/dpmsolver/dpmsolver5.pt", weights_only=True)["images"],
+                       expected)
+    (setting,) = json.loads((repo / "samples/uncond/dpmsolver/index.json").read_text())
+    assert (setting["method"], setting["steps"], setting["spacing"]) == ("dpmsolver", 5, "uniform")
 
 
 def test_prepared_data_matches_params(tiny_repo):
@@ -54,8 +64,8 @@ def test_trained_model_loads_and_is_conditional(tiny_repo):
 def test_eval_metrics_cover_every_sampler(tiny_repo):
     repo, _ = tiny_repo
     ev = json.loads((repo / "metrics/eval.json").read_text())
-    assert set(ev["uncond"]) == {"ddpm", "ddim5_eta0", "ddim10_eta0"}
-    assert set(ev["cond"]) == {"ddpm_w1", "ddim5_eta0_w1", "ddim10_eta0_w1"}
+    assert set(ev["uncond"]) == {"ddpm", "ddim5_eta0", "ddim10_eta0", "dpmsolver5"}
+    assert set(ev["cond"]) == {"ddpm_w1", "ddim5_eta0_w1", "ddim10_eta0_w1", "dpmsolver5_w1"}
     for scores in [*ev["uncond"].values(), *ev["cond"].values()]:
         assert scores["fid"] >= 0 and scores["is_mean"] >= 1 - 1e-6
     assert 0 <= ev["cond"]["ddpm_w1"]["cond_accuracy"] <= 1

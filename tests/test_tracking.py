@@ -15,7 +15,8 @@ from ddpm import generate, load_model
 
 pytestmark = pytest.mark.slow
 STAGE_RUNS = {"prepare", "classifier", "reference", "train-uncond", "train-cond", "sample-uncond-ddpm",
-              "sample-uncond-ddim", "sample-cond-ddpm", "sample-cond-ddim", "evaluate", "visualize"}
+              "sample-uncond-ddim", "sample-uncond-dpmsolver", "sample-cond-ddpm", "sample-cond-ddim",
+              "sample-cond-dpmsolver", "evaluate", "visualize"}
 
 
 def client_for(repo: Path) -> MlflowClient:

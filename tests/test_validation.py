@@ -40,6 +40,10 @@ CASES = [  # (section, key, bad value, expected message fragment)
     ("diffusion", "prediction", "x0", "diffusion.prediction = 'x0' is out of range; allowed: one of eps, v"),
     ("train", "min_snr_gamma", -1, "train.min_snr_gamma = -1.0 is out of range; allowed: >= 0"),
     ("train", "lr_schedule", "step", "train.lr_schedule = 'step' is out of range; allowed: one of constant, cosine"),
+    ("train", "logsnr_normal", [2.4, 0], "train.logsnr_normal = (2.4, 0.0) is out of range; allowed: [mean, std] "
+                                    "with std > 0, or null (uniform timesteps)"),
+    ("train", "logsnr_normal", [2.4], "train.logsnr_normal = (2.4,) is out of range; allowed: [mean, std] "
+                                    "with std > 0, or null (uniform timesteps)"),
     ("sample", "spacing", "karras", "sample.spacing = 'karras' is out of range; allowed: one of uniform, trailing, "
                                     "quadratic, logsnr"),
     ("model", "dropout", 1.5, "model.dropout = 1.5 is out of range"),
