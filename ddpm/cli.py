@@ -85,16 +85,16 @@ def build_parser() -> Parser:
         p.add_argument("--labels", action="store_true", help="write a figure with row and column labels")
         return p
 
-    def sampler(p: Parser, steps_help: str, methods=("ddpm", "ddim")) -> None:
-        p.add_argument("--method", choices=methods, default="ddim",
-                       help="ddim (eta 0 unless --eta) or ddpm (ancestral, eta 1)" + (
-                           "; dpmsolver: DPM-Solver++(2M), deterministic" if "dpmsolver" in methods else ""))
+    def sampler(p: Parser, steps_help: str, methods=("ddpm", "ddim"),
+                method_help="ddim (eta 0 unless --eta) or ddpm (ancestral, eta 1)") -> None:
+        p.add_argument("--method", choices=methods, default="ddim", help=method_help)
         p.add_argument("--steps", type=at_least(1), help=steps_help)
 
     p = command("sample", "Sample a grid of images.", "samples.png", num=100, num_help="images; a conditional "
                 "model without --class draws ceil(num / classes) per class, one row per class")
     sampler(p, f"sampling steps in [1, T] (DDIM, DPM-Solver: {DEFAULT_DDIM_STEPS}; DDPM: T, fewer skips steps)",
-            METHODS)
+            METHODS, "ddim (eta 0 unless --eta), ddpm (ancestral, eta 1) or dpmsolver (DPM-Solver++(2M), "
+            "deterministic)")
     p.add_argument("--eta", type=at_least(0.0, float), help="DDIM stochasticity eta >= 0 (default 0)")
     p.add_argument("--spacing", choices=SPACINGS, default="uniform", help="DDIM and DPM-Solver timesteps (uniform)")
     p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")

@@ -86,7 +86,7 @@ METHODS = ("ddpm", "ddim", "dpmsolver")  # dpmsolver: DPM-Solver++(2M), determin
 
 
 def ddim_timesteps(timesteps: int, steps: int, spacing: str = "uniform",
-                   alpha_bar: torch.Tensor | None = None) -> list[int]:
+                   log_snr: torch.Tensor | None = None) -> list[int]:
     """S = `steps` increasing timesteps tau_0 < ... < tau_{S-1} in [0, T) for DDIM to visit:
 
     uniform    tau_i = i T / S (Song et al. 2020, appendix C.2): starts T / S below T - 1
@@ -94,7 +94,7 @@ def ddim_timesteps(timesteps: int, steps: int, spacing: str = "uniform",
                (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", table 2)
     quadratic  tau_i = c i^2 with tau_{S-1} = T - 1 (Song et al. 2020, appendix D.2): dense near t = 0
     logsnr     log-SNR evenly spaced from t = T - 1 to t = 0 (Lu et al. 2022, DPM-Solver, sec. 3.3);
-               needs the schedule's `alpha_bar`
+               needs the schedule's `log_snr` (Diffusion.log_snr)
     Positions that round to a step already taken move up one, so there are always S distinct steps."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"steps must be in [1, {timesteps}], got {steps}")
@@ -107,9 +107,9 @@ def ddim_timesteps(timesteps: int, steps: int, spacing: str = "uniform",
     if spacing == "quadratic":
         positions = [(timesteps - 1) * (i / max(1, steps - 1)) ** 2 for i in range(steps)]
     else:
-        if alpha_bar is None:
-            raise ValueError("spacing 'logsnr' needs the schedule's alpha_bar")
-        logsnr = (alpha_bar / (1 - alpha_bar)).double().log().cpu()    # decreasing in t
+        if log_snr is None:
+            raise ValueError("spacing 'logsnr' needs the schedule's log_snr")
+        logsnr = log_snr.double().cpu()    # decreasing in t
         targets = torch.linspace(float(logsnr[0]), float(logsnr[-1]), steps, dtype=torch.float64)
         # the first t whose log-SNR is at or below each target
         positions = torch.searchsorted(-logsnr, -targets).clamp(max=timesteps - 1).tolist()
@@ -129,7 +129,7 @@ def ddim_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, steps
     """DDIM (Song et al. 2020, eq. 12) over S = `steps` timesteps chosen by `spacing` (see
     ddim_timesteps), from high to low, the last step landing on alpha_bar = 1. eta = 0 is
     deterministic given x_T; eta = 1 with S = T is DDPM."""
-    taus = ddim_timesteps(diffusion.timesteps, steps, spacing, diffusion.alpha_bar)
+    taus = ddim_timesteps(diffusion.timesteps, steps, spacing, diffusion.log_snr)
     x, xs, x0s = x_T, [x_T], []
     ab = diffusion.alpha_bar
     for j in tqdm(reversed(range(len(taus))), total=len(taus), desc=f"DDIM-{steps}",
@@ -164,8 +164,10 @@ def dpm_solver_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor,
     r = h_prev / h, a step t -> s is x_s = (sigma_s / sigma_t) x_t - alpha_s (e^-h - 1) D with
     D = (1 + 1 / 2r) x0_t - (1 / 2r) x0_prev (eq. 5 and algorithm 2; D = x0_t at the first step, which
     is the DDIM step). The last step lands on alpha_bar = 1, where x = x0 (first order, as DDIM)."""
-    taus = ddim_timesteps(diffusion.timesteps, steps, spacing, diffusion.alpha_bar)
-    ab = diffusion.alpha_bar.double().tolist()
+    taus = ddim_timesteps(diffusion.timesteps, steps, spacing, diffusion.log_snr)
+    # from the float64-derived buffers: 1 - alpha_bar in float32 loses digits near t = 0
+    lam = (0.5 * diffusion.log_snr.double()).tolist()
+    alpha, sigma = diffusion.sqrt_alpha_bar.double().tolist(), diffusion.sqrt_one_minus_alpha_bar.double().tolist()
     x, xs, x0s = x_T, [x_T], []
     x0_prev, h_prev = None, None
     for j in tqdm(reversed(range(len(taus))), total=len(taus), desc=f"DPM-Solver++-{steps}",
@@ -177,10 +179,10 @@ def dpm_solver_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor,
         if j == 0:  # to alpha_bar = 1: h is infinite and the step is x0 itself
             x = x0
         else:
-            a_t, a_s = ab[taus[j]], ab[taus[j - 1]]
-            h = 0.5 * (math.log(a_s / (1 - a_s)) - math.log(a_t / (1 - a_t)))
+            now, nxt = taus[j], taus[j - 1]
+            h = lam[nxt] - lam[now]
             d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
-            x = math.sqrt((1 - a_s) / (1 - a_t)) * x - math.sqrt(a_s) * math.expm1(-h) * d
+            x = sigma[nxt] / sigma[now] * x - alpha[nxt] * math.expm1(-h) * d
             x0_prev, h_prev = x0, h
         if return_trajectory:
             xs.append(x)

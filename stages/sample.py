@@ -32,7 +32,12 @@ def settings(method: str, p, timesteps: int, conditional: bool) -> list[dict]:
         grid = [{"method": method, "steps": s, "eta": 0.0, "spacing": p.sample.spacing, "guidance": w}
                 for s, w in itertools.product(p.sample.dpmsolver_steps, ws)]
     for g in grid:
-        name = {"ddpm": "ddpm", "ddim": f"ddim{g['steps']}_eta{g['eta']:g}"}.get(method, f"{method}{g['steps']}")
+        if method == "ddpm":
+            name = "ddpm"
+        elif method == "ddim":
+            name = f"ddim{g['steps']}_eta{g['eta']:g}"
+        else:
+            name = f"{method}{g['steps']}"
         g["tag"] = name + (f"_w{g['guidance']:g}" if conditional else "")
     return grid
 

@@ -159,24 +159,23 @@ def test_ddim_timesteps():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_ddim_spacings_give_distinct_increasing_steps_in_range(schedule):
-    ab = Diffusion(make_betas(schedule, 1000)).alpha_bar
+    logsnr = Diffusion(make_betas(schedule, 1000)).log_snr
     assert ddim_timesteps(1000, 50, "trailing") == [20 * i + 19 for i in range(50)]
     assert ddim_timesteps(10, 3, "trailing") == [2, 5, 9]
     quad = ddim_timesteps(1000, 50, "quadratic")
     assert quad[0] == 0 and quad[-1] == 999 and quad[1:4] == [1, 2, 4]  # c i^2, nudged up where they collide
     gaps = [b - a for a, b in zip(quad, quad[1:])]
     assert gaps[-1] > 10 * gaps[0]
-    logsnr = (ab / (1 - ab)).log()
     for steps in (1, 5, 50, 999, 1000):
         for spacing in SPACINGS:
-            taus = ddim_timesteps(1000, steps, spacing, ab)
+            taus = ddim_timesteps(1000, steps, spacing, logsnr)
             assert len(taus) == steps and all(0 <= a < b < 1000 for a, b in zip(taus, taus[1:])), (spacing, steps)
-    even = ddim_timesteps(1000, 20, "logsnr", ab)
+    even = ddim_timesteps(1000, 20, "logsnr", logsnr)
     assert even[0] == 0 and even[-1] == 999
     if schedule == "linear":  # smooth in t; the cosine's clipped last betas make its log-SNR jump at T - 1
         steps_in_logsnr = torch.tensor((logsnr[even[:-1]] - logsnr[even[1:]]).tolist())
         assert steps_in_logsnr.sub((logsnr[0] - logsnr[-1]) / 19).abs().max() < 0.3  # even, up to rounding
-    with pytest.raises(ValueError, match="needs the schedule's alpha_bar"):
+    with pytest.raises(ValueError, match="needs the schedule's log_snr"):
         ddim_timesteps(1000, 10, "logsnr")
     with pytest.raises(ValueError, match="unknown spacing 'cubic'"):
         ddim_timesteps(1000, 10, "cubic")
