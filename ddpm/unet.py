@@ -5,6 +5,9 @@ Residual blocks with GroupNorm and a sinusoidal time embedding (Ho et al. 2020, 
 self-attention at chosen resolutions, and for class-conditional models a learned class embedding
 with one extra "null" row used for classifier-free guidance (Ho & Salimans 2022).
 Odd sizes (28 -> 14 -> 7 -> 4) work: each upsampling step returns to its skip connection's size.
+With patch_size p > 1 the network runs on p x p patches folded into channels (pixel unshuffle,
+as in Hoogeboom et al. 2023's "simple diffusion"): a 28 x 28 x 1 image enters as 14 x 14 x 4, and
+the output is unfolded back, so the costly full-resolution level is skipped.
 """
 
 import math
@@ -28,6 +31,7 @@ class UNetConfig:
     num_heads: int = 4
     dropout: float = 0.1
     num_classes: int | None = None
+    patch_size: int = 1          # fold p x p pixels into channels; resolutions below count patches
 
 
 def norm(channels: int) -> nn.GroupNorm:
@@ -107,16 +111,19 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
+        if c.image_size % c.patch_size:
+            raise ValueError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
         ch = c.base_channels
         emb_dim = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # one extra row for NULL_LABEL, the "no class" input of classifier-free guidance
         self.class_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
-        self.input_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+        pixels = c.in_channels * c.patch_size ** 2   # channels of the folded input and output
+        self.input_conv = nn.Conv2d(pixels, ch, 3, padding=1)
 
         # Encoder: num_res_blocks per level, then a strided conv; remember each output's channels.
         self.down = nn.ModuleList()
-        skips, resolutions = [ch], [c.image_size]
+        skips, resolutions = [ch], [c.image_size // c.patch_size]
         for level, mult in enumerate(c.channel_mults):
             for _ in range(c.num_res_blocks):
                 self.down.append(self._block(ch, c.base_channels * mult, emb_dim, resolutions[level]))
@@ -138,7 +145,7 @@ class UNet(nn.Module):
                 ch = cout
             if level > 0:
                 self.up.append(Upsample(ch))
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, c.in_channels, 3, padding=1)))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, pixels, 3, padding=1)))
 
     def _block(self, cin: int, cout: int, emb_dim: int, res: int) -> nn.Module:
         block = ResBlock(cin, cout, emb_dim, self.config.dropout)
@@ -156,7 +163,7 @@ class UNet(nn.Module):
         elif y is not None:
             raise ValueError("labels were given to an unconditional model (num_classes is None)")
 
-        h = self.input_conv(x_t)
+        h = self.input_conv(F.pixel_unshuffle(x_t, self.config.patch_size))
         hs = [h]
         for block in self.down:
             h = block(h, emb)
@@ -168,7 +175,7 @@ class UNet(nn.Module):
                 h = block(h, hs[-1].shape[-2:])        # back to the size of the next skip
             else:
                 h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
+        return F.pixel_shuffle(self.out(h), self.config.patch_size)
 
 
 class _ResAttention(nn.Module):

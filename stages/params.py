@@ -52,12 +52,17 @@ class ModelParams:
     attention_resolutions: tuple[int, ...] | None = None  # null: the resolution after two downsamplings
     num_heads: int = 4
     dropout: float = 0.1
+    patch_size: int = 1              # fold p x p pixels into channels (1: plain pixels)
 
     def unet(self, in_channels: int, image_size: int, num_classes: int | None) -> UNetConfig:
         """The full UNetConfig for data of this shape, with the size-dependent defaults filled in:
         28 px -> mults (1, 2, 2), attention at 7; 32 -> (1, 2, 2), 8; 64 -> (1, 2, 2, 2), 16."""
+        if image_size % self.patch_size:
+            raise ParamsError(f"params.yaml: model.patch_size = {self.patch_size} does not divide the "
+                              f"image size {image_size}")
         mults = self.channel_mults or ((1, 2, 2) if image_size <= 32 else (1, 2, 2, 2))
-        quarter = (((image_size + 1) // 2) + 1) // 2  # the UNet halves sizes rounding up
+        size = image_size // self.patch_size
+        quarter = (((size + 1) // 2) + 1) // 2  # the UNet halves sizes rounding up
         attention = self.attention_resolutions if self.attention_resolutions is not None else (quarter,)
         fields = {**dataclasses.asdict(self), "channel_mults": mults, "attention_resolutions": attention}
         return UNetConfig(in_channels=in_channels, image_size=image_size, num_classes=num_classes, **fields)
@@ -202,6 +207,7 @@ def _checks(p: Params):
             p.model.base_channels * m % p.model.num_heads == 0 for m in mults or (1, 2)),
          "a divisor of every level's channel count"),
         ("model.dropout", 0 <= p.model.dropout < 1, "in [0, 1)"),
+        ("model.patch_size", p.model.patch_size >= 1, ">= 1"),
         ("classifier.epochs", p.classifier.epochs >= 1, ">= 1"),
         ("classifier.lr", p.classifier.lr > 0, "> 0"),
         ("classifier.batch_size", p.classifier.batch_size >= 1, ">= 1"),

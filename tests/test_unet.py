@@ -101,3 +101,27 @@ def test_gradients_reach_every_parameter():
     out.pow(2).mean().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_patch_size_folds_pixels_into_channels(channels):
+    """patch_size 2: a 28 x 28 image runs as 14 x 14 patches of 4 pixels (times channels) and comes back."""
+    config = UNetConfig(in_channels=channels, image_size=28, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(7,), num_heads=2, dropout=0.0, patch_size=2)
+    model = perturbed(config)
+    assert model.input_conv.in_channels == 4 * channels and model.out[-1].out_channels == 4 * channels
+    sizes = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: sizes.append(out.shape[-1]))
+    x = torch.randn(2, channels, 28, 28)
+    with torch.no_grad():
+        out = model(x, torch.tensor([3, 700]))
+    assert out.shape == x.shape and max(sizes) == 14 and min(sizes) == 7
+    # 14 -> 7: attention after the downsampling (one down, two up blocks) and in the middle
+    assert sum(isinstance(m, Attention) for m in model.modules()) == 1 + 1 + 2
+
+
+def test_patch_size_must_divide_the_image_size():
+    with pytest.raises(ValueError, match="image_size 28 is not a multiple of patch_size 3"):
+        UNet(replace(TINY, image_size=28, patch_size=3))

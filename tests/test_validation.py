@@ -8,6 +8,7 @@ from helpers import ROOT
 
 from stages import prepare
 from stages.common import run
+from stages.params import ModelParams, ParamsError
 
 BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -44,6 +45,7 @@ CASES = [  # (section, key, bad value, expected message fragment)
                                     "with std > 0, or null (uniform timesteps)"),
     ("train", "logsnr_normal", [2.4], "train.logsnr_normal = (2.4,) is out of range; allowed: [mean, std] "
                                     "with std > 0, or null (uniform timesteps)"),
+    ("model", "patch_size", 0, "model.patch_size = 0 is out of range; allowed: >= 1"),
     ("sample", "spacing", "karras", "sample.spacing = 'karras' is out of range; allowed: one of uniform, trailing, "
                                     "quadratic, logsnr"),
     ("model", "dropout", 1.5, "model.dropout = 1.5 is out of range"),
@@ -82,3 +84,11 @@ def test_params_file_that_is_not_yaml(tmp_path, monkeypatch, capsys):
 def test_dvc_style_float_without_a_dot_is_accepted():
     from stages.params import Params, parse
     assert parse(Params, {"train": {"lr": "2e-4"}}).train.lr == 2e-4
+
+
+def test_patch_size_must_divide_the_data_image_size():
+    """Known only once the data is: checked where the train stage builds the network, before training."""
+    with pytest.raises(ParamsError, match=r"^params.yaml: model.patch_size = 3 does not divide the image size 28$"):
+        ModelParams(patch_size=3).unet(1, 28, None)
+    unet = ModelParams(patch_size=2).unet(1, 28, None)
+    assert (unet.patch_size, unet.attention_resolutions) == (2, (4,))  # two halvings of 14 patches: 7, then 4
