@@ -6,7 +6,9 @@ pipeline's own loading path, trains the unconditional model until --minutes have
 --num-samples images with DDIM from the EMA weights and scores them with the domain classifier's
 features against the test split, next to the floor (a real train subset of the same size). Each run is
 logged to MLflow (experiment "budget") and appended to --results. --model scores a model that an
-earlier run kept with --save-model (other samplers, no training).
+earlier run kept with --save-model (other samplers, no training). --guidance trains the class-conditional
+model instead (labels dropped at train.p_uncond) and samples it with balanced labels at each
+classifier-free guidance weight.
 
     python -m benchmarks.budget --minutes 25 -S data.name=fashion_mnist -S model.base_channels=32 \\
         -S train.lr=1e-3 -S train.ema_decay=0.999
@@ -42,12 +44,12 @@ from ddpm.data import stratified_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
 from ddpm.sampling import METHODS, SPACINGS
 from stages.common import run, save_grid
-from stages.params import sections, validate
+from stages.params import ParamsError, sections, validate
 from stages.prepare import load
 from stages.tracking import flatten, repo_root, tracking_uri
 
 FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "method", "ddim_steps", "spacing",
-          "fid", "floor", "ratio", "sample_s"]
+          "guidance", "fid", "floor", "ratio", "sample_s"]  # guidance: blank for the unconditional model
 
 
 def profile(overrides: list[str]):
@@ -77,13 +79,15 @@ def classifier_for(p, data, path: Path, device) -> Classifier:
     return model.to(device)
 
 
-def train_for(p, data, minutes: float, device, max_steps: int | None = None) -> tuple[Trainer, float]:
-    """The unconditional model trained for `minutes` of wall clock, or for `max_steps` steps if given:
-    (trainer, seconds)."""
+def train_for(p, data, minutes: float, device, max_steps: int | None = None,
+              conditional: bool = False) -> tuple[Trainer, float]:
+    """The unconditional (or class-conditional) model trained for `minutes` of wall clock, or for
+    `max_steps` steps if given: (trainer, seconds)."""
     torch.manual_seed(p.seed)
-    unet = p.model.unet(data.train_images.shape[1], data.train_images.shape[2], None)
-    trainer = Trainer(UNet(unet).to(device), Diffusion.from_config(p.diffusion), data.train_images, None, p.train,
-                      device, seed=p.seed)
+    classes = len(data.class_names) if conditional else None
+    unet = p.model.unet(data.train_images.shape[1], data.train_images.shape[2], classes)
+    trainer = Trainer(UNet(unet).to(device), Diffusion.from_config(p.diffusion), data.train_images,
+                      data.train_labels if conditional else None, p.train, device, seed=p.seed)
     trainer.model.train()
     start = time.perf_counter()
     budget = f"{max_steps} steps" if max_steps else f"{minutes:g} min"
@@ -112,6 +116,9 @@ def main(argv: list[str]) -> None:
                     help="sampler steps (model calls); one result row per value")
     ap.add_argument("--spacing", nargs="+", default=["uniform"], choices=SPACINGS,
                     help="DDIM timestep spacings, one result row per value and step count")
+    ap.add_argument("--guidance", type=float, nargs="+", metavar="W",
+                    help="train the class-conditional model and sample it at these guidance weights (0: the "
+                    "conditional model alone); default: the unconditional model")
     ap.add_argument("--name", default="", help="a label for the results table")
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("budget_results.csv"))
     ap.add_argument("--save-model", type=Path, help="also write the EMA model here (for `ddpm sample --model`)")
@@ -125,6 +132,11 @@ def main(argv: list[str]) -> None:
     if args.model:  # before any work: a missing or foreign file is one line
         saved = load_model(args.model)
         args.overrides = args.overrides or saved[2].get("overrides", [])
+        if (saved[0].config.num_classes is not None) != (args.guidance is not None):
+            raise ParamsError(f"{args.model}: a class-conditional model needs --guidance, an unconditional one "
+                              "takes none")
+    if args.guidance is not None and min(args.guidance) < 0:
+        raise ParamsError(f"--guidance: weights must be >= 0, got {args.guidance}")
     p = profile(args.overrides)
     device = resolve_device(p.device)
     data = load(p.data, p.seed)
@@ -145,7 +157,7 @@ def main(argv: list[str]) -> None:
         model, diffusion = model.to(device), diffusion.to(device)
         steps, rate, minutes = meta.get("steps"), meta.get("images_per_s"), meta.get("minutes")
     else:
-        trainer, seconds = train_for(p, data, args.minutes, device, args.steps)
+        trainer, seconds = train_for(p, data, args.minutes, device, args.steps, args.guidance is not None)
         model, diffusion = trainer.ema.module, trainer.diffusion
         steps, rate = trainer.step, round(trainer.step * p.train.batch_size / seconds, 1)
         minutes = round(seconds / 60, 3) if args.steps else args.minutes
@@ -154,17 +166,20 @@ def main(argv: list[str]) -> None:
                        {"class_names": list(data.class_names), "steps": steps, "overrides": args.overrides,
                         "minutes": minutes, "images_per_s": rate})
     params_m = round(sum(x.numel() for x in model.parameters()) / 1e6, 2)
-    for method, ddim_steps, spacing in itertools.product(args.method, args.ddim_steps, args.spacing):
+    k = model.config.num_classes
+    labels = torch.arange(args.num_samples) % k if k else None  # balanced, as the sample stage draws them
+    for method, ddim_steps, spacing, w in itertools.product(args.method, args.ddim_steps, args.spacing,
+                                                            args.guidance or [None]):
         start = time.perf_counter()
         images = generate(model, diffusion, args.num_samples, tuple(data.train_images.shape[1:]), seed=p.seed,
                           method=method, steps=min(ddim_steps, p.diffusion.timesteps), clip_x0=p.sample.clip_x0,
-                          spacing=spacing, progress=True)
+                          spacing=spacing, labels=labels, guidance=w or 0.0, progress=True)
         sample_s = time.perf_counter() - start
         fid, floor_fid = scorer(images)["classifier"]["fid"], scorer.floor["classifier"]["fid"]
         row = {"name": args.name, "overrides": " ".join(args.overrides), "minutes": minutes, "steps": steps,
                "images_per_s": rate, "params_m": params_m, "method": method, "ddim_steps": ddim_steps,
-               "spacing": spacing, "fid": float(f"{fid:.5g}"), "floor": float(f"{floor_fid:.5g}"),
-               "ratio": round(fid / floor_fid, 2), "sample_s": round(sample_s, 1)}
+               "spacing": spacing, "guidance": "" if w is None else w, "fid": float(f"{fid:.5g}"),
+               "floor": float(f"{floor_fid:.5g}"), "ratio": round(fid / floor_fid, 2), "sample_s": round(sample_s, 1)}
         print("  ".join(f"{k}={v}" for k, v in row.items()))
         record(args.name, p, row, images, args.results)
 
@@ -185,6 +200,7 @@ def record(name: str, p, row: dict, images: torch.Tensor, results: Path) -> None
     with mlflow.start_run(run_name=name or None):
         mlflow.log_params({**flatten(sections(p, "data", "diffusion", "model", "train")), "minutes": row["minutes"],
                            "method": row["method"], "ddim_steps": row["ddim_steps"], "spacing": row["spacing"],
+                           **({"guidance": row["guidance"]} if row["guidance"] != "" else {}),
                            "overrides": row["overrides"][:500]})
         mlflow.log_metrics({k: float(row[k]) for k in ("steps", "images_per_s", "fid", "floor", "ratio", "sample_s")
                             if row[k] is not None})

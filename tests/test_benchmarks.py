@@ -22,11 +22,11 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
                  "diffusion.prediction=v", "model.base_channels=8", "model.num_heads=2", "classifier.epochs=1",
                  "classifier.width=8", "train.batch_size=32", "train.min_snr_gamma=5"]
 
-    def budget(*args: str):
+    def budget(*args: str, check: bool = True):
         return run([sys.executable, "-m", "benchmarks.budget", "--num-samples", "20", "--results", str(results),
                     "--classifier", str(tmp_path / "classifier.pt"), *args,
                     *[arg for item in overrides for arg in ("-S", item)]],
-                   cwd=ROOT, env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"})
+                   cwd=ROOT, env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}, check=check)
 
     proc = budget("--minutes", "0.05", "--ddim-steps", "2", "5", "--name", "smoke")
     assert "classifier test accuracy" in proc.stdout  # trained once, then kept
@@ -51,7 +51,19 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
     assert (solver["name"], solver["method"], solver["ddim_steps"]) == ("solver", "dpmsolver", "2")
     # DPM-Solver++(2M) with 2 steps is DDIM's 2 steps (up to float rounding)
     assert float(solver["fid"]) == pytest.approx(float(fixed["fid"]), rel=1e-3)
-    assert (fixed["name"], fixed["steps"], fixed["ddim_steps"]) == ("equal-steps", "3", "2")
+    budget("--steps", "3", "--ddim-steps", "2", "--guidance", "0", "1", "--name", "cond",
+           "--save-model", str(tmp_path / "cond.pt"), "-S", "train.lr=0.05")  # a high lr: labels matter at once
+    cond = list(csv.DictReader(results.open()))[-2:]
+    assert [(r["name"], r["guidance"], r["steps"]) for r in cond] == [("cond", "0.0", "3"), ("cond", "1.0", "3")]
+    assert cond[0]["fid"] != cond[1]["fid"]  # the guidance weight reaches the sampler
+    assert load_model(tmp_path / "cond.pt")[0].config.num_classes >= 2
+    for model_file, extra in (("cond.pt", ()), ("m.pt", ("--guidance", "1"))):
+        bad = budget("--model", str(tmp_path / model_file), *extra, "--ddim-steps", "2", check=False)
+        assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+            f"error: {tmp_path / model_file}: a class-conditional model needs --guidance, an unconditional one "
+            "takes none")
+    assert len(list(csv.DictReader(results.open()))) == len(rows) + 6  # the refused runs wrote no row
+    assert (fixed["name"], fixed["steps"], fixed["ddim_steps"], fixed["guidance"]) == ("equal-steps", "3", "2", "")
     assert 0 <= float(fixed["minutes"]) < 5 and float(fixed["images_per_s"]) > 0  # the time the 3 steps took
     assert [(r["name"], r["method"], int(r["ddim_steps"]), r["spacing"]) for r in rows] == [
         ("smoke", "ddim", 2, "uniform"), ("smoke", "ddim", 5, "uniform")]
@@ -65,6 +77,8 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
 
     client = MlflowClient(f"sqlite:///{db}")
     experiment = client.get_experiment_by_name("budget").experiment_id
+    guided = [r for r in client.search_runs([experiment]) if r.info.run_name == "cond"]
+    assert sorted(r.data.params["guidance"] for r in guided) == ["0.0", "1.0"]
     runs = [r for r in client.search_runs([experiment]) if r.info.run_name == "smoke"]
     assert sorted(r.data.params["ddim_steps"] for r in runs) == ["2", "5"]
     fid_by_steps = {r["ddim_steps"]: float(r["fid"]) for r in rows}
