@@ -89,12 +89,15 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
         assert [a.path for a in client.list_artifacts(mlrun.info.run_id)] == ["samples.png"]
 
 
-def test_budget_benchmark_refuses_a_bad_override_before_training(tmp_path):
-    proc = run([sys.executable, "-m", "benchmarks.budget", "--results", str(tmp_path / "r.csv"),
-                "-S", "diffusion.prediction=x0"], cwd=ROOT, check=False,
-               env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    assert proc.returncode != 0
-    assert "diffusion.prediction = 'x0' is out of range" in proc.stderr
+@pytest.mark.parametrize("args, message", [
+    (["-S", "diffusion.prediction=x0"], "diffusion.prediction = 'x0' is out of range"),
+    (["--guidance", "1", "-0.5"], "error: --guidance: weights must be >= 0, got [1.0, -0.5]"),
+])
+def test_budget_benchmark_refuses_bad_input_before_training(tmp_path, args, message):
+    proc = run([sys.executable, "-m", "benchmarks.budget", "--results", str(tmp_path / "r.csv"), *args],
+               cwd=ROOT, check=False, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert proc.returncode == 1 and "train " not in proc.stderr  # no training bar
+    assert message in proc.stderr
     assert not (tmp_path / "r.csv").exists()
 
 
