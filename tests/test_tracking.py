@@ -156,6 +156,9 @@ def test_queued_experiments_in_parallel_both_land_in_mlflow(tiny_repo):
             break
         time.sleep(3)
     assert status.count("Success") >= 2, status
+    for name in names:  # only sample params changed: the trained models are reused
+        log = run(["dvc", "queue", "logs", name], repo).stdout
+        assert "Stage 'train@uncond' didn't change, skipping" in log and "Running stage 'train@" not in log, log
     client = client_for(repo)
     exp = client.get_experiment_by_name("ddpm")
     for name in names:
