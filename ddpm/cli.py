@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from . import pictures
@@ -214,9 +213,8 @@ def write_picture(args, picture: pictures.Picture) -> None:
         fig = picture.figure()
         atomic_write(args.out, lambda tmp: fig.savefig(tmp, dpi=100))
         return
-    grid = picture.grid()
-    array = grid[0].numpy() if picture.images.shape[1] == 1 else grid.permute(1, 2, 0).numpy()
-    atomic_write(args.out, lambda tmp: Image.fromarray(array).save(tmp))
+    image = pictures.grid_image(picture.images, picture.nrow)
+    atomic_write(args.out, lambda tmp: image.save(tmp))
 
 
 def sampler_steps(args, m: Loaded) -> tuple[int, float]:

@@ -10,6 +10,7 @@ import textwrap
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch import nn
 
 from .diffusion import Diffusion, to_uint8
@@ -33,6 +34,12 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = GRID_PADDING, pad_
     return grid
 
 
+def grid_image(images: torch.Tensor, nrow: int) -> Image.Image:
+    """make_grid(images, nrow) of uint8 images as a PIL image: grayscale for one channel, else RGB."""
+    grid = make_grid(images, nrow)
+    return Image.fromarray(grid[0].numpy() if grid.shape[0] == 1 else grid.permute(1, 2, 0).numpy())
+
+
 @dataclass
 class Picture:
     """uint8 images (N, C, H, W) shown `nrow` to a row, with optional labels per grid row and column."""
@@ -41,10 +48,6 @@ class Picture:
     title: str = ""
     row_labels: list[str] | None = None
     col_labels: list[str] | None = None
-
-    def grid(self) -> torch.Tensor:
-        """The plain image grid, uint8 (C, H', W'), white padding of 2 pixels."""
-        return make_grid(self.images, self.nrow)
 
     def figure(self):
         """The grid as a matplotlib figure with the labels and the title."""

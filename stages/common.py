@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 import ddpm
 from ddpm import CheckpointError, safe_load
 from ddpm.data import DataError
+from ddpm.pictures import grid_image
 
 from .params import ParamsError
 from .tracking import TrackingError
@@ -85,19 +85,16 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    save_image(images.float() / 255.0, tmp, nrow=nrow, padding=2, pad_value=1.0)
+    grid_image(images, nrow).save(tmp)
     os.replace(tmp, path)
 
 
 def save_figure(fig, path: str | Path) -> None:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
+    """Save a matplotlib figure as PNG atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=120)
-    plt.close(fig)
     os.replace(tmp, path)
 
 
