@@ -110,13 +110,14 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             loss = self.diffusion.loss(self.model, x0, y, self.config.p_uncond, self.generator,
                                        self.config.min_snr_gamma, self.config.logsnr_normal).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {self.step + 1}; "
-                                     "lower train.lr, keep train.grad_clip > 0 or disable train.bf16")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        # the gradient norm, clipped to train.grad_clip (0: not clipped): a finite loss can have inf/NaN gradients
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
+        if not torch.isfinite(loss + norm):  # one host sync; the weights stay as they were
+            what, value = ("loss", loss) if not torch.isfinite(loss) else ("gradient norm", norm)
+            raise FloatingPointError(f"training {what} is {value.item()} at step {self.step + 1}; "
+                                     "lower train.lr, keep train.grad_clip > 0 or disable train.bf16")
         self.optimizer.step()
         self.ema.update(self.net)
         self.step += 1

@@ -98,6 +98,28 @@ def test_nan_loss_raises_naming_the_step():
     assert trainer.step == 2
 
 
+class InfiniteGradient(nn.Module):
+    """Predicts eps = w * x_t + 0 * sqrt(z) with z = 0: a finite loss whose gradient is NaN (0 * inf)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.z = nn.Parameter(torch.zeros(())), nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t, y=None):
+        return self.w * x_t + 0 * torch.sqrt(self.z)
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_non_finite_gradient_of_a_finite_loss_raises_before_the_update(grad_clip):
+    images, _ = shapes(8, size=8)
+    model = InfiniteGradient()
+    trainer = Trainer(model, Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
+                      TrainConfig(epochs=1, batch_size=4, grad_clip=grad_clip), CPU)
+    with pytest.raises(FloatingPointError, match=r"training gradient norm is nan at step 1; lower train.lr"):
+        trainer.fit(progress=False)
+    assert trainer.step == 0 and model.w.item() == 0 and model.z.item() == 0  # no update was made
+
+
 def test_divergent_lr_raises_floating_point_error():
     images, _ = shapes(8, size=8)
     trainer = Trainer(tiny_unet(8), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
