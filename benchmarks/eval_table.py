@@ -1,13 +1,15 @@
 """The full evaluation table of one trained model: each sampler setting sampled, timed and scored.
 
 For a model file, the prepared data (train.pt, test.pt, info.json) and the domain classifier, it samples
-DDPM and DDIM at each --steps x --eta (x each --guidance for a conditional model) and prints one row per
+DDPM, DDIM at each --steps x --eta and DPM-Solver++(2M) at each --dpmsolver-steps (x each --guidance for a
+conditional model), with the pipeline's sampler options (--spacing, --clip-x0), and prints one row per
 setting: FID, KID, IS, precision/recall, conditional accuracy, FID over the floor, wall time and images/s.
 The first row is the floor: a class-stratified real train subset of --num-samples images scored against the
 test split exactly as the samples are, the best this protocol lets a model score.
 
     python benchmarks/eval_table.py --model models/cond/model.pt --data data/prepared \\
-        --classifier models/classifier/classifier.pt --num-samples 1000 --steps 10 20 50 --guidance 1 2 4
+        --classifier models/classifier/classifier.pt --num-samples 1000 --steps 10 20 50 --dpmsolver-steps 10 20 \\
+        --guidance 1 2 4
 """
 
 import argparse
@@ -19,6 +21,7 @@ import torch
 from ddpm import generate, load_classifier, load_model, resolve_device, safe_load
 from ddpm.data import stratified_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
+from ddpm.sampling import SPACINGS
 
 COLUMNS = [("FID", "fid", "{:8.3f}"), ("xfloor", "fid_over_floor", "{:7.2f}"), ("KID", "kid_mean", "{:8.4f}"),
            ("±", "kid_std", "{:7.4f}"), ("IS", "is_mean", "{:6.2f}"), ("±", "is_std", "{:5.2f}"),
@@ -26,10 +29,12 @@ COLUMNS = [("FID", "fid", "{:8.3f}"), ("xfloor", "fid_over_floor", "{:7.2f}"), (
 
 
 def settings(args, timesteps: int, conditional: bool) -> list[dict]:
-    """DDPM (unless --no-ddpm) and DDIM at each steps x eta, each at every guidance weight when conditional."""
+    """DDPM (unless --no-ddpm), DDIM at each steps x eta and DPM-Solver++(2M) at each of its steps, each at
+    every guidance weight when conditional."""
     ws = args.guidance if conditional else [0.0]
     grid = [] if args.no_ddpm else [("ddpm", timesteps, 1.0)]
     grid += [("ddim", s, e) for s, e in itertools.product(args.steps, args.eta) if s <= timesteps]
+    grid += [("dpmsolver", s, 0.0) for s in args.dpmsolver_steps if s <= timesteps]
     return [{"method": m, "steps": s, "eta": e, "guidance": w} for (m, s, e), w in itertools.product(grid, ws)]
 
 
@@ -61,6 +66,9 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50], help="DDIM steps")
     ap.add_argument("--eta", type=float, nargs="+", default=[0.0])
+    ap.add_argument("--dpmsolver-steps", type=int, nargs="*", default=[], help="DPM-Solver++(2M) steps")
+    ap.add_argument("--spacing", default="uniform", choices=SPACINGS, help="DDIM and DPM-Solver timesteps")
+    ap.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="for a conditional model")
     ap.add_argument("--no-ddpm", action="store_true", help="skip ancestral sampling over all T steps")
     ap.add_argument("--extractors", nargs="+", default=["classifier"], choices=["classifier", "inception"])
@@ -85,10 +93,11 @@ def main() -> None:
     for s in settings(args, diffusion.timesteps, k is not None):
         start = time.perf_counter()
         images = generate(model, diffusion, n, shape, seed=args.seed, method=s["method"], steps=s["steps"],
-                          eta=s["eta"], labels=labels, guidance=s["guidance"], batch_size=args.batch_size)
+                          eta=s["eta"], labels=labels, guidance=s["guidance"], batch_size=args.batch_size,
+                          clip_x0=args.clip_x0, spacing=args.spacing)
         seconds = time.perf_counter() - start
-        name = ("ddpm" if s["method"] == "ddpm" else f"ddim{s['steps']} eta{s['eta']:g}") + (
-            f" w{s['guidance']:g}" if k else "")
+        name = {"ddpm": "ddpm", "ddim": f"ddim{s['steps']} eta{s['eta']:g}"}.get(s["method"], f"dpmsolver{s['steps']}")
+        name += f" w{s['guidance']:g}" if k else ""
         print(row(name, scorer(images, labels), seconds, n), flush=True)
 
 

@@ -1,6 +1,7 @@
 """The quality-per-compute benchmark and the MNIST-format split it runs on, end to end at a tiny size."""
 
 import csv
+import json
 import math
 import sys
 
@@ -125,3 +126,19 @@ def test_mnist_split_is_read_back_through_the_mnist_loading_path(tmp_path):
                "--train", "10000"], cwd=ROOT, check=False)
     assert bad.returncode != 0 and "--train must be in [1, 9999], got 10000" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_eval_table_scores_a_pipeline_model_as_the_evaluate_stage_did(tiny_repo):
+    repo, _ = tiny_repo
+    proc = run([sys.executable, str(ROOT / "benchmarks/eval_table.py"), "--model", "models/cond/model.pt",
+                "--data", "data/prepared", "--classifier", "models/classifier/classifier.pt", "--num-samples", "40",
+                "--steps", "5", "--dpmsolver-steps", "5", "--guidance", "1", "--no-ddpm", "--device", "cpu"], repo)
+    header, *rows = proc.stdout.splitlines()[1:]
+    assert header.split()[:3] == ["setting", "FID", "xfloor"]
+    fid = {line[:20].strip(): float(line[20:].split()[0]) for line in rows}
+    assert list(fid) == ["floor (real train)", "ddim5 eta0 w1", "dpmsolver5 w1"]
+    ev = json.loads((repo / "metrics/eval.json").read_text())  # the same samples: seed, labels and sampler
+    assert fid["floor (real train)"] == pytest.approx(ev["floor"]["classifier"]["fid"], abs=2e-3)
+    assert fid["ddim5 eta0 w1"] == pytest.approx(ev["cond"]["ddim5_eta0_w1"]["fid"], abs=2e-3)
+    assert fid["dpmsolver5 w1"] == pytest.approx(ev["cond"]["dpmsolver5_w1"]["fid"], abs=2e-3)
