@@ -39,10 +39,11 @@ from ddpm import (
     save_classifier,
     save_model,
 )
-from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
+from ddpm.classifier import Classifier
 from ddpm.data import stratified_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
 from ddpm.sampling import METHODS, SPACINGS
+from stages.classifier import fit
 from stages.common import run, save_grid
 from stages.params import ParamsError, sections, validate
 from stages.prepare import load
@@ -69,12 +70,9 @@ def classifier_for(p, data, path: Path, device) -> Classifier:
     """The domain classifier for this dataset, trained once and kept at `path`."""
     if path.is_file():
         return load_classifier(path, device)
-    config = ClassifierConfig(in_channels=data.train_images.shape[1], image_size=data.train_images.shape[2],
-                              num_classes=len(data.class_names), width=p.classifier.width)
-    model = Classifier(config)
-    train_classifier(model, data.train_images, data.train_labels, epochs=p.classifier.epochs, lr=p.classifier.lr,
-                     batch_size=p.classifier.batch_size, seed=p.seed, device=device)
-    print(f"classifier test accuracy {accuracy(model, data.test_images, data.test_labels, device=device):.4f}")
+    model, _, acc = fit(p, (data.train_images, data.train_labels), (data.test_images, data.test_labels),
+                        len(data.class_names))
+    print(f"classifier test accuracy {acc:.4f}")  # trained as the classifier stage trains it
     save_classifier(path, model.cpu())
     return model.to(device)
 

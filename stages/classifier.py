@@ -3,6 +3,7 @@
 usage: python -m stages.classifier --data DIR --out DIR --metrics FILE
 """
 
+import torch
 
 from ddpm import resolve_device, save_classifier
 from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
@@ -22,17 +23,25 @@ def main(argv: list[str]) -> None:
         train(a, p, tracker)
 
 
-def train(a, p, tracker) -> None:
+def fit(p, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+        num_classes: int) -> tuple[Classifier, list[float], float]:
+    """The domain classifier trained with `p.classifier` on (images, labels): (model, loss per epoch,
+    test accuracy)."""
     seed_everything(p.seed)
     device = resolve_device(p.device)
-    images, labels, info = load_prepared(a.data, "train")
-    test_images, test_labels, _ = load_prepared(a.data, "test")
-    config = ClassifierConfig(in_channels=images.shape[1], image_size=images.shape[2],
-                              num_classes=len(info["class_names"]), width=p.classifier.width)
+    (images, labels), (test_images, test_labels) = train, test
+    config = ClassifierConfig(in_channels=images.shape[1], image_size=images.shape[2], num_classes=num_classes,
+                              width=p.classifier.width)
     model = Classifier(config)
     losses = train_classifier(model, images, labels, epochs=p.classifier.epochs, lr=p.classifier.lr,
                               batch_size=p.classifier.batch_size, seed=p.seed, device=device)
-    acc = accuracy(model, test_images, test_labels, device=device)
+    return model, losses, accuracy(model, test_images, test_labels, device=device)
+
+
+def train(a, p, tracker) -> None:
+    images, labels, info = load_prepared(a.data, "train")
+    test_images, test_labels, _ = load_prepared(a.data, "test")
+    model, losses, acc = fit(p, (images, labels), (test_images, test_labels), len(info["class_names"]))
     with atomic_dir(a.out) as tmp:
         save_classifier(tmp / "classifier.pt", model.cpu())
     metrics = {"test_accuracy": round(acc, 5), "final_loss": round(losses[-1], 5)}
