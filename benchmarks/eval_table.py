@@ -21,6 +21,7 @@ import torch
 from ddpm import generate, load_classifier, load_model, resolve_device, safe_load
 from ddpm.data import stratified_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
+from ddpm.plots import sampler_label
 from ddpm.sampling import SPACINGS
 
 COLUMNS = [("FID", "fid", "{:8.3f}"), ("xfloor", "fid_over_floor", "{:7.2f}"), ("KID", "kid_mean", "{:8.4f}"),
@@ -96,8 +97,7 @@ def main() -> None:
                           eta=s["eta"], labels=labels, guidance=s["guidance"], batch_size=args.batch_size,
                           clip_x0=args.clip_x0, spacing=args.spacing)
         seconds = time.perf_counter() - start
-        name = {"ddpm": "ddpm", "ddim": f"ddim{s['steps']} eta{s['eta']:g}"}.get(s["method"], f"dpmsolver{s['steps']}")
-        name += f" w{s['guidance']:g}" if k else ""
+        name = sampler_label(s) + (f" w{s['guidance']:g}" if k else "")
         print(row(name, scorer(images, labels), seconds, n), flush=True)
 
 

@@ -137,8 +137,8 @@ def test_eval_table_scores_a_pipeline_model_as_the_evaluate_stage_did(tiny_repo)
     header, *rows = proc.stdout.splitlines()[1:]
     assert header.split()[:3] == ["setting", "FID", "xfloor"]
     fid = {line[:20].strip(): float(line[20:].split()[0]) for line in rows}
-    assert list(fid) == ["floor (real train)", "ddim5 eta0 w1", "dpmsolver5 w1"]
+    assert list(fid) == ["floor (real train)", "ddim5 η=0 w1", "dpmsolver5 w1"]
     ev = json.loads((repo / "metrics/eval.json").read_text())  # the same samples: seed, labels and sampler
     assert fid["floor (real train)"] == pytest.approx(ev["floor"]["classifier"]["fid"], abs=2e-3)
-    assert fid["ddim5 eta0 w1"] == pytest.approx(ev["cond"]["ddim5_eta0_w1"]["fid"], abs=2e-3)
+    assert fid["ddim5 η=0 w1"] == pytest.approx(ev["cond"]["ddim5_eta0_w1"]["fid"], abs=2e-3)
     assert fid["dpmsolver5 w1"] == pytest.approx(ev["cond"]["dpmsolver5_w1"]["fid"], abs=2e-3)
