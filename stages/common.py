@@ -113,7 +113,7 @@ def class_names(info: dict, needed_by: str) -> list[str]:
         have = f"only class {names[0]!r}" if names else "no classes (an image folder without class subfolders)"
         raise DataError(f"{needed_by} needs at least 2 classes but the prepared data has {have}; "
                         "use class subfolders or data.classes, or run only the unconditional stages "
-                        "(dvc repro sample@uncond-ddpm sample@uncond-ddim sample@uncond-dpmsolver)")
+                        "(dvc repro sample-ddpm@uncond sample-ddim@uncond sample-dpmsolver@uncond)")
     return names
 
 

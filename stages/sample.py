@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("method", choices=METHODS)
     a = ap.parse_args(argv)
     p = load_params()
-    with stage_run("sample", f"{a.variant}-{a.method}", sections(p, "seed", "device", "sample")) as tracker:
+    with stage_run(f"sample-{a.method}", a.variant, sections(p, "seed", "device", "sample")) as tracker:
         sample(a, p, tracker)
 
 

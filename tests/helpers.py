@@ -13,9 +13,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
 
-ALL_STAGES = {"prepare", "classifier", "reference", "train@uncond", "train@cond", "sample@uncond-ddpm",
-              "sample@uncond-ddim", "sample@uncond-dpmsolver", "sample@cond-ddpm", "sample@cond-ddim",
-              "sample@cond-dpmsolver", "evaluate", "visualize"}
+ALL_STAGES = {"prepare", "classifier", "reference", "train@uncond", "train@cond", "sample-ddpm@uncond",
+              "sample-ddim@uncond", "sample-dpmsolver@uncond", "sample-ddpm@cond", "sample-ddim@cond",
+              "sample-dpmsolver@cond", "evaluate", "visualize"}
 
 # Small enough that a full `dvc repro` takes a minute or two on 2 CPU cores.
 TINY = {

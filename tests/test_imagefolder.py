@@ -76,7 +76,7 @@ def test_conditional_stages_refuse_folders_without_two_classes(tmp_path, classes
 def test_unlabelled_folder_trains_and_samples_unconditionally(tmp_path):
     root = make_image_folder(tmp_path / "photos", per_class=20, classes=())
     repo = make_repo(tmp_path / "repo", folder_config(root))
-    samplers = ["sample@uncond-ddpm", "sample@uncond-ddim", "sample@uncond-dpmsolver"]
+    samplers = ["sample-ddpm@uncond", "sample-ddim@uncond", "sample-dpmsolver@uncond"]
     proc = run(["dvc", "repro", *samplers], repo)  # what the refusal suggests
     assert stages_run(proc.stdout) == {"prepare", "train@uncond", *samplers}
     images = torch.load(repo / "samples/uncond/ddim/ddim5_eta0.pt", weights_only=True)["images"]

@@ -79,8 +79,8 @@ def test_second_repro_runs_nothing(tiny_repo):
     assert "changed" not in run(["dvc", "status"], repo).stdout
 
 
-def test_changing_a_sample_param_reruns_only_sampling_and_evaluation(tiny_experiments):
-    assert stages_run(tiny_experiments["eta-half"]) == {s for s in ALL_STAGES if s.startswith(("sample", "evaluate"))}
+def test_changing_eta_reruns_only_the_ddim_stages_and_evaluation(tiny_experiments):
+    assert stages_run(tiny_experiments["eta-half"]) == {"sample-ddim@uncond", "sample-ddim@cond", "evaluate"}
 
 
 def test_changing_training_params_reruns_train_sample_evaluate(tiny_repo, tiny_experiments):

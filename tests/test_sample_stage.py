@@ -1,0 +1,64 @@
+"""The sample stages' DVC params: each sampler's stage lists every sample key that changes what it
+writes, so that DVC never keeps stale samples, and DVC reruns it for no other key."""
+
+import dataclasses
+import json
+import types
+
+import pytest
+import torch
+import yaml
+from helpers import ROOT
+from test_cli import tiny_models
+
+from stages import sample
+from stages.params import validate
+from stages.tracking import Tracker
+
+BASE = {"num_samples": 6, "batch_size": 6, "ddim_steps": [2], "eta": [0.0], "dpmsolver_steps": [2],
+        "spacing": "uniform", "guidance": [1.0], "clip_x0": False, "grid_size": 4}
+CHANGED = {"num_samples": 4, "batch_size": 2, "ddim_steps": (3,), "eta": (0.5,), "dpmsolver_steps": (3,),
+           "spacing": "trailing", "guidance": (3.0,), "clip_x0": True, "grid_size": 2}
+
+
+def dvc_params(method: str) -> set[str]:
+    """The sample.* keys that dvc.yaml's sample-METHOD stages depend on."""
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][f"sample-{method}"]
+    return {k.removeprefix("sample.") for k in stage["do"]["params"] if k.startswith("sample.")}
+
+
+def outputs(model, out, variant: str, method: str, **changes) -> dict:
+    """What the stage writes (image tensors, index.json without timings, grid PNGs) with these sample params."""
+    p = validate({"sample": BASE})
+    p = dataclasses.replace(p, sample=dataclasses.replace(p.sample, **changes))
+    args = types.SimpleNamespace(model=model, out=out, variant=variant, method=method)
+    sample.sample(args, p, Tracker(None, None, None))
+    written = {}
+    for f in sorted(out.iterdir()):
+        if f.suffix == ".pt":
+            written[f.name] = {k: v.tolist() for k, v in torch.load(f, weights_only=True).items()}
+        elif f.name == "index.json":
+            written[f.name] = [{k: v for k, v in s.items() if k not in ("seconds", "images_per_second")}
+                               for s in json.loads(f.read_text())]
+        else:
+            written[f.name] = f.read_bytes()
+    return written
+
+
+def test_every_sampler_lists_the_same_section_keys():
+    assert set(BASE) == set(CHANGED) == {f.name for f in dataclasses.fields(validate({}).sample)}
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim", "dpmsolver"])
+@pytest.mark.parametrize("variant", ["uncond", "cond"])
+def test_sample_stage_depends_on_exactly_the_keys_that_change_its_output(tmp_path_factory, tmp_path, variant,
+                                                                          method):
+    model = tiny_models(tmp_path_factory)[variant]
+    listed = dvc_params(method)
+    before = outputs(model, tmp_path / "base", variant, method)
+    changed = {key for key, value in CHANGED.items()
+               if outputs(model, tmp_path / key, variant, method, **{key: value}) != before}
+    assert changed <= listed, f"sample-{method}@{variant} reads {changed - listed} but dvc.yaml does not list them"
+    # listed but without effect: batching does not change the images (each sample has its own noise),
+    # and the unconditional model ignores guidance (one foreach serves both variants)
+    assert listed - changed <= {"batch_size", *(["guidance"] if variant == "uncond" else [])}
