@@ -16,7 +16,7 @@ import yaml
 
 from ddpm import DiffusionConfig, TrainConfig, UNetConfig
 from ddpm.diffusion import PREDICTIONS
-from ddpm.sampling import SPACINGS
+from ddpm.sampling import METHODS, SPACINGS
 from ddpm.training import LR_SCHEDULES
 
 
@@ -86,6 +86,7 @@ class TrainParams(TrainConfig):
 
 @dataclass(frozen=True)
 class SampleParams:
+    methods: tuple[str, ...] = METHODS  # the samplers the pipeline runs; the others' stages write no samples
     num_samples: int = 1000
     batch_size: int = 250
     ddim_steps: tuple[int, ...] = (5, 10, 20, 50)
@@ -227,6 +228,8 @@ def _checks(p: Params):
         ("train.nproc", t.nproc >= 1 and t.batch_size % t.nproc == 0, ">= 1 and a divisor of train.batch_size"),
         ("train.grid_size", t.grid_size >= 1, ">= 1"),
         ("train.grid_ddim_steps", 1 <= t.grid_ddim_steps <= T, f"in [1, diffusion.timesteps = {T}]"),
+        ("sample.methods", len(s.methods) >= 1 and set(s.methods) <= set(METHODS)
+         and len(set(s.methods)) == len(s.methods), "a non-empty list of distinct names from " + ", ".join(METHODS)),
         ("sample.num_samples", s.num_samples >= 1, ">= 1"),
         ("sample.batch_size", s.batch_size >= 1, ">= 1"),
         ("sample.ddim_steps", len(s.ddim_steps) >= 1 and all(1 <= k <= T for k in s.ddim_steps),

@@ -4,7 +4,7 @@ DPM-Solver++(2M) at each of sample.dpmsolver_steps.
 usage: python -m stages.sample VARIANT METHOD --model FILE --out DIR
 Writes, per sampler setting, <tag>.pt (uint8 images + requested labels), <tag>.png (a grid) and
 index.json (settings, wall time, images/s). The conditional model gets balanced labels and each
-guidance weight of sample.guidance.
+guidance weight of sample.guidance. A method that sample.methods leaves out writes an empty index.json.
 """
 
 import itertools
@@ -21,7 +21,10 @@ from .tracking import stage_run
 
 
 def settings(method: str, p, timesteps: int, conditional: bool) -> list[dict]:
-    """Every sampler setting of this method: steps x eta x guidance (guidance only when conditional)."""
+    """Every sampler setting of this method: steps x eta x guidance (guidance only when conditional);
+    none if sample.methods leaves the method out."""
+    if method not in p.sample.methods:
+        return []
     ws = p.sample.guidance if conditional else (0.0,)
     if method == "ddpm":
         grid = [{"method": "ddpm", "steps": timesteps, "eta": 1.0, "guidance": w} for w in ws]
@@ -60,6 +63,8 @@ def sample(a, p, tracker) -> None:
     labels = torch.arange(n) % k if k else None
     shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     index = []
+    if a.method not in p.sample.methods:
+        print(f"{a.variant} {a.method}: not in sample.methods, nothing to sample")
     with atomic_dir(a.out) as tmp:
         for s in settings(a.method, p, diffusion.timesteps, k is not None):
             start = time.perf_counter()

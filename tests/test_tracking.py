@@ -12,6 +12,7 @@ from helpers import ALL_STAGES, run
 from mlflow.tracking import MlflowClient
 
 from ddpm import generate, load_model
+from ddpm.sampling import METHODS
 
 pytestmark = pytest.mark.slow
 STAGE_RUNS = {s.replace("@", "-") for s in ALL_STAGES}  # one run per stage, named after it
@@ -136,7 +137,7 @@ def test_report_lists_experiments_with_fid(tiny_repo, tiny_experiments, tmp_path
     assert "eta-half" in proc.stdout and "quick" in proc.stdout and "uncond.ddpm.fid" in proc.stdout
     import pandas as pd
     table = pd.read_csv(tmp_path / "table.csv", index_col=0)
-    assert table.loc["quick", "train.lr"] == 0.002 and table["uncond.ddpm.fid"].notna().all()
+    assert table.loc["quick", "train.lr"] == 0.002 and table.loc[["eta-half", "quick"], "uncond.ddpm.fid"].notna().all()
     assert table.loc["quick", "diffusion.prediction"] == "v" and table.loc["quick", "train.min_snr_gamma"] == 5
     assert table.loc["quick", "train.lr_schedule"] == "cosine" and table.loc["quick", "sample.spacing"] == "quadratic"
 
@@ -165,3 +166,17 @@ def test_queued_experiments_in_parallel_both_land_in_mlflow(tiny_repo):
         assert set(children) == {"sample-ddim-uncond", "sample-ddim-cond", "evaluate"}  # eta: DDIM only
         assert all(r.info.status == "FINISHED" for r in children.values())
         assert f"uncond.ddim5_eta{names[name][1:-1]}.fid" in parent.data.metrics
+
+
+def test_a_sampler_left_out_of_sample_methods_is_neither_run_nor_scored(tiny_repo):
+    repo, _ = tiny_repo
+    proc = run(["dvc", "exp", "run", "--temp", "-n", "no-ddpm", "-S", "sample.methods=[ddim,dpmsolver]"], repo)
+    assert "cond ddpm: not in sample.methods, nothing to sample" in proc.stdout
+    client = client_for(repo)
+    exp = client.get_experiment_by_name("ddpm")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.DVC_EXP_NAME = 'no-ddpm' and tags.role = 'pipeline'")
+    fids = [key for key in parent.data.metrics if key.endswith(".fid")]  # e.g. cond.ddim5_eta0_w1.fid
+    scored = {(variant, method) for variant in ("uncond", "cond") for method in METHODS
+              if any(key.startswith(f"{variant}.{method}") for key in fids)}
+    assert scored == {(v, m) for v in ("uncond", "cond") for m in ("ddim", "dpmsolver")}, fids
+

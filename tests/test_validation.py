@@ -27,6 +27,8 @@ CASES = [  # (section, key, bad value, expected message fragment)
                                          "steps in [1, diffusion.timesteps = 1000]"),
     ("sample", "eta", [-0.1], "sample.eta = (-0.1,) is out of range"),
     ("sample", "num_samples", 0, "sample.num_samples = 0 is out of range"),
+    ("sample", "methods", ["ddim", "euler"], "sample.methods = ('ddim', 'euler') is out of range; allowed: a "
+                                             "non-empty list of distinct names from ddpm, ddim, dpmsolver"),
     ("data", "name", "imagenet", "data.name = 'imagenet' is out of range; allowed: one of mnist, fashion_mnist"),
     ("data", "limit", 0, "data.limit = 0 is out of range; allowed: >= 1 or null"),
     ("data", "name", "imagefolder", "data.root = None is out of range; allowed: a folder of images (required when "
