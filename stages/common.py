@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -25,12 +26,18 @@ USER_ERRORS = (ParamsError, CheckpointError, DataError, TrackingError, FileNotFo
 
 
 def run(main) -> None:
-    """Run a stage's main(argv); a user error is one line on stderr and exit code 1."""
+    """Run a stage's main(argv); a user error is one line on stderr and exit code 1. SIGTERM (from `kill`
+    or a job scheduler) unwinds like Ctrl-C: partial outputs are removed, the MLflow run ends FAILED."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main(sys.argv[1:])
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # the shell's exit status for a process killed by this signal
 
 
 def path_parser(*options: str) -> argparse.ArgumentParser:

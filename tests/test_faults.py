@@ -45,16 +45,16 @@ def set_param(repo: Path, section: str, key: str, value) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def kill_prepare_mid_write(repo: Path) -> None:
-    """Start the prepare stage, wait until its temporary folder holds train.pt, SIGKILL it."""
+def kill_prepare_mid_write(repo: Path, sig: int = signal.SIGKILL) -> int:
+    """Start the prepare stage, wait until its temporary folder holds train.pt, send it `sig`; its exit code."""
     proc = subprocess.Popen([sys.executable, "-c", PAUSED_PREPARE], cwd=repo, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list((repo / "data").glob(".prepared.tmp*/train.pt")) and proc.poll() is None:
         assert time.time() < deadline, "prepare never started writing"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "prepare ended before it could be killed"
+    proc.send_signal(sig)
+    return proc.wait()
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -63,7 +63,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_stage_killed_mid_write_leaves_no_output(tmp_path):
     repo = make_repo(tmp_path / "repo", TINY)
-    kill_prepare_mid_write(repo)
+    assert kill_prepare_mid_write(repo) == -signal.SIGKILL, "prepare ended before it could be killed"
     assert list((repo / "data").glob(".prepared.tmp*")), "the kill did not land mid-write"
     assert not (repo / "data/prepared").exists()
 
@@ -73,8 +73,18 @@ def test_stage_killed_mid_write_leaves_no_output(tmp_path):
     assert set(before) == {"train.pt", "test.pt", "info.json"}
 
     set_param(repo, "data", "limit", 200)  # new params, killed again: the old output stays as it was
-    kill_prepare_mid_write(repo)
+    assert kill_prepare_mid_write(repo) == -signal.SIGKILL
     assert snapshot(repo / "data/prepared") == before
+
+
+def test_terminated_stage_cleans_up_and_its_mlflow_run_fails(tmp_path):
+    repo = make_repo(tmp_path / "repo", TINY)
+    assert kill_prepare_mid_write(repo, signal.SIGTERM) == 128 + signal.SIGTERM
+    assert not list((repo / "data").glob(".prepared.tmp*")) and not (repo / "data/prepared").exists()
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    (prepare_run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id],
+                                        "tags.stage = 'prepare'")
+    assert prepare_run.info.status == "FAILED"
 
 
 def test_diverging_training_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
