@@ -21,10 +21,7 @@ from .tracking import stage_run
 
 
 def settings(method: str, p, timesteps: int, conditional: bool) -> list[dict]:
-    """Every sampler setting of this method: steps x eta x guidance (guidance only when conditional);
-    none if sample.methods leaves the method out."""
-    if method not in p.sample.methods:
-        return []
+    """Every sampler setting of this method: steps x eta x guidance (guidance only when conditional)."""
     ws = p.sample.guidance if conditional else (0.0,)
     if method == "ddpm":
         grid = [{"method": "ddpm", "steps": timesteps, "eta": 1.0, "guidance": w} for w in ws]
@@ -56,6 +53,12 @@ def main(argv: list[str]) -> None:
 
 
 def sample(a, p, tracker) -> None:
+    if a.method not in p.sample.methods:  # before loading the model: there is nothing to sample
+        print(f"{a.variant} {a.method}: not in sample.methods, nothing to sample")
+        with atomic_dir(a.out) as tmp:
+            write_json(tmp / "index.json", [])
+        tracker.log_artifact(a.out / "index.json", "samples")
+        return
     seed_everything(p.seed)
     model, diffusion, _ = load_model(a.model, resolve_device(p.device))
     k = model.config.num_classes
@@ -63,8 +66,6 @@ def sample(a, p, tracker) -> None:
     labels = torch.arange(n) % k if k else None
     shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     index = []
-    if a.method not in p.sample.methods:
-        print(f"{a.variant} {a.method}: not in sample.methods, nothing to sample")
     with atomic_dir(a.out) as tmp:
         for s in settings(a.method, p, diffusion.timesteps, k is not None):
             start = time.perf_counter()

@@ -22,10 +22,13 @@ CHANGED = {"num_samples": 4, "batch_size": 2, "ddim_steps": (3,), "eta": (0.5,),
            "spacing": "trailing", "guidance": (3.0,), "clip_x0": True, "grid_size": 2}
 
 
-def dvc_params(method: str) -> set[str]:
-    """The sample.* keys that dvc.yaml's sample-METHOD stages depend on."""
+def dvc_params(method: str, variant: str) -> set[str]:
+    """The sample.* keys that dvc.yaml's sample-METHOD@VARIANT stage depends on."""
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][f"sample-{method}"]
-    return {k.removeprefix("sample.") for k in stage["do"]["params"] if k.startswith("sample.")}
+    item = stage["foreach"][variant]
+    keys = [k.replace("${item.guidance}", item["guidance"]) for k in stage["do"]["params"]]
+    assert not any("${" in k for k in keys), keys
+    return {k.removeprefix("sample.") for k in keys if k.startswith("sample.")}
 
 
 def outputs(model, out, variant: str, method: str, **changes) -> dict:
@@ -55,12 +58,21 @@ def test_the_cases_cover_every_sample_key():
 def test_sample_stage_depends_on_exactly_the_keys_that_change_its_output(tmp_path_factory, tmp_path, variant,
                                                                           method):
     model = tiny_models(tmp_path_factory)[variant]
-    listed = dvc_params(method)
+    listed = dvc_params(method, variant)
     before = outputs(model, tmp_path / "base", variant, method)
     changes = CHANGED | {"methods": tuple(m for m in BASE["methods"] if m != method)}  # all but this one
     changed = {key for key, value in changes.items()
                if outputs(model, tmp_path / key, variant, method, **{key: value}) != before}
     assert changed <= listed, f"sample-{method}@{variant} reads {changed - listed} but dvc.yaml does not list them"
-    # listed but without effect: batching does not change the images (each sample has its own noise),
-    # and the unconditional model ignores guidance (one foreach serves both variants)
-    assert listed - changed <= {"batch_size", *(["guidance"] if variant == "uncond" else [])}
+    # listed but without effect: batching does not change the images (each sample has its own noise)
+    assert listed - changed <= {"batch_size"}
+
+
+def test_a_left_out_method_writes_an_empty_index_without_loading_the_model(tmp_path, capsys):
+    p = validate({"sample": {**BASE, "methods": ["ddim"]}})
+    args = types.SimpleNamespace(model=tmp_path / "no-model.pt", out=tmp_path / "out", variant="cond",
+                                 method="ddpm")
+    sample.sample(args, p, Tracker(None, None, None))  # loading the missing model would raise
+    assert [f.name for f in args.out.iterdir()] == ["index.json"]
+    assert json.loads((args.out / "index.json").read_text()) == []
+    assert "cond ddpm: not in sample.methods, nothing to sample" in capsys.readouterr().out
