@@ -226,6 +226,8 @@ def _checks(p: Params):
          "[mean, std] with std > 0, or null (uniform timesteps)"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
         ("train.nproc", t.nproc >= 1 and t.batch_size % t.nproc == 0, ">= 1 and a divisor of train.batch_size"),
+        ("train.nproc", t.nproc == 1 or not p.device.startswith("cuda:"),
+         f"1 when device is {p.device} (one GPU); with device cuda or auto the processes use cuda:0 to cuda:<nproc-1>"),
         ("train.grid_size", t.grid_size >= 1, ">= 1"),
         ("train.grid_ddim_steps", 1 <= t.grid_ddim_steps <= T, f"in [1, diffusion.timesteps = {T}]"),
         ("sample.methods", len(s.methods) >= 1 and set(s.methods) <= set(METHODS)

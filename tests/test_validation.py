@@ -77,6 +77,17 @@ def test_bad_param_is_one_clear_line(tmp_path, monkeypatch, capsys, section, key
     assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_several_processes_cannot_share_one_named_gpu(tmp_path, monkeypatch, capsys):
+    params = yaml.safe_load(yaml.safe_dump(BASE))
+    params["device"], params["train"]["nproc"] = "cuda:1", 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code, err = run_prepare(tmp_path, monkeypatch, capsys)
+    assert code == 1 and err == ["error: params.yaml: train.nproc = 2 is out of range; allowed: 1 when device is "
+                                 "cuda:1 (one GPU); with device cuda or auto the processes use cuda:0 to "
+                                 "cuda:<nproc-1>"], err
+    assert not (tmp_path / "data").exists()
+
+
 def test_params_file_that_is_not_yaml(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.yaml").write_text("train: [unclosed\n")
     code, err = run_prepare(tmp_path, monkeypatch, capsys)
