@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from helpers import ALL_STAGES, TINY, make_repo, run, stages_run
+import yaml
+from helpers import ALL_STAGES, TINY, make_repo, merge, run, stages_run
 
 from ddpm import generate, load_model
 
@@ -81,6 +82,18 @@ def test_second_repro_runs_nothing(tiny_repo):
 
 def test_changing_eta_reruns_only_the_ddim_stages_and_evaluation(tiny_experiments):
     assert stages_run(tiny_experiments["eta-half"]) == {"sample-ddim@uncond", "sample-ddim@cond", "evaluate"}
+
+
+def test_changing_guidance_changes_only_the_conditional_sample_stages(tiny_repo):
+    repo, _ = tiny_repo
+    params = repo / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(yaml.safe_dump(merge(yaml.safe_load(original), {"sample": {"guidance": [0.5, 1.0]}})))
+        status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+    finally:
+        params.write_text(original)
+    assert set(status) == {"sample-ddpm@cond", "sample-ddim@cond", "sample-dpmsolver@cond"}, status
 
 
 def test_changing_training_params_reruns_train_sample_evaluate(tiny_repo, tiny_experiments):
