@@ -195,8 +195,9 @@ def stage_run(stage: str, variant: str | None = None, params: dict | None = None
     if run_id is None:
         run_id = client.create_run(experiment_id, run_name=f"{stage}-{variant}" if variant else stage,
                                    tags=tags).info.run_id
-    else:
+    else:  # a resumed stage joins the pipeline run that resumes it, with this invocation's tags
         client.update_run(run_id, status="RUNNING")
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     tracker = Tracker(client, run_id, parent)
     tracker.log_params(params or {})
     try:

@@ -31,7 +31,8 @@ def repos(tmp_path_factory):
 def test_killed_training_resumes_to_the_same_result(repos):
     killed, straight = repos
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(TRAIN, cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(TRAIN, cwd=killed, env={**env, "DVC_EXP_NAME": "first"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "ck/last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -41,7 +42,7 @@ def test_killed_training_resumes_to_the_same_result(repos):
     steps_at_kill = torch.load(killed / "ck/last.pt", weights_only=True)["step"]
     assert 0 < steps_at_kill < 60
 
-    resumed = run(TRAIN, killed)
+    resumed = run(TRAIN, killed, env={"DVC_EXP_NAME": "second"})  # another pipeline run resumes it
     assert f"resuming from ck/last.pt at step {steps_at_kill}" in resumed.stdout
     run(TRAIN, straight)
 
@@ -52,6 +53,8 @@ def test_killed_training_resumes_to_the_same_result(repos):
     client = MlflowClient(f"sqlite:///{killed / 'mlflow.db'}")
     (train_run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'train'")
     assert train_run.info.status == "FINISHED"
+    parent = client.get_run(train_run.data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == "second" and train_run.data.tags["DVC_EXP_NAME"] == "second"
     assert sorted(m.step for m in client.get_metric_history(train_run.info.run_id, "loss")) == list(range(1, 61))
 
     # the resumed run is the uninterrupted run: same losses, same EMA weights
