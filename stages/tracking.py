@@ -150,6 +150,13 @@ def _parent_run(client: MlflowClient, experiment_id: str) -> str:
     return run.info.run_id
 
 
+def _exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
 def _dvc_tags() -> dict:
     return {k: os.environ[k] for k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if os.environ.get(k)}
 
@@ -192,6 +199,9 @@ def stage_run(stage: str, variant: str | None = None, params: dict | None = None
     tags = {"stage": stage, "variant": variant or "", "git_commit": _git_commit(), **_dvc_tags(),
             "params_hash": hashlib.sha256(repr(sorted(flatten(params or {}).items())).encode()).hexdigest()[:16],
             "data_hash": data_hash or "", "mlflow.parentRunId": parent}
+    if run_id is not None and not _exists(client, run_id):  # e.g. mlflow.db was removed; checkpoints kept
+        print(f"MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
+        run_id = None
     if run_id is None:
         run_id = client.create_run(experiment_id, run_name=f"{stage}-{variant}" if variant else stage,
                                    tags=tags).info.run_id

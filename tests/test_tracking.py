@@ -180,3 +180,19 @@ def test_a_sampler_left_out_of_sample_methods_is_neither_run_nor_scored(tiny_rep
               if any(key.startswith(f"{variant}.{method}") for key in fids)}
     assert scored == {(v, m) for v in ("uncond", "cond") for m in ("ddim", "dpmsolver")}, fids
 
+
+
+def test_reopening_a_run_the_store_lacks_starts_a_new_one(tmp_path, monkeypatch, capsys):
+    """Checkpoints outlive the store (mlflow.db removed): the resumed stage logs to a new run."""
+    from stages.tracking import stage_run
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    gone = "0" * 32
+    with stage_run("train", "uncond", {"seed": 0}, run_id=gone) as tracker:
+        tracker.log_history("loss", [(1, 0.5), (2, 0.4)])
+    assert f"MLflow run {gone} is not in {uri}: logging to a new run" in capsys.readouterr().out
+    new = MlflowClient(uri).get_run(tracker.run_id)
+    assert tracker.run_id != gone and new.info.run_name == "train-uncond" and new.info.status == "FINISHED"
+    assert [m.step for m in MlflowClient(uri).get_metric_history(tracker.run_id, "loss")] == [1, 2]
