@@ -53,12 +53,19 @@ def main(argv: list[str]) -> None:
 
 
 def sample(a, p, tracker) -> None:
-    if a.method not in p.sample.methods:  # before loading the model: there is nothing to sample
-        print(f"{a.variant} {a.method}: not in sample.methods, nothing to sample")
-        with atomic_dir(a.out) as tmp:
-            write_json(tmp / "index.json", [])
-        tracker.log_artifact(a.out / "index.json", "samples")
-        return
+    with atomic_dir(a.out) as tmp:
+        if a.method in p.sample.methods:
+            index = draw(a, p, tracker, tmp)
+        else:  # nothing to sample, so the model is not even loaded
+            print(f"{a.variant} {a.method}: not in sample.methods, nothing to sample")
+            index = []
+        write_json(tmp / "index.json", index)
+    for f in [*sorted(a.out.glob("*.png")), a.out / "index.json"]:
+        tracker.log_artifact(f, "samples")
+
+
+def draw(a, p, tracker, out) -> list[dict]:
+    """Sample every setting of the method into `out` (<tag>.pt and <tag>.png); returns the index rows."""
     seed_everything(p.seed)
     model, diffusion, _ = load_model(a.model, resolve_device(p.device))
     k = model.config.num_classes
@@ -66,24 +73,21 @@ def sample(a, p, tracker) -> None:
     labels = torch.arange(n) % k if k else None
     shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     index = []
-    with atomic_dir(a.out) as tmp:
-        for s in settings(a.method, p, diffusion.timesteps, k is not None):
-            start = time.perf_counter()
-            images = generate(model, diffusion, n, shape, seed=p.seed, method=s["method"], steps=s["steps"],
-                              eta=s["eta"], labels=labels, guidance=s["guidance"],
-                              batch_size=p.sample.batch_size, clip_x0=p.sample.clip_x0,
-                              spacing=p.sample.spacing, progress=True)
-            seconds = time.perf_counter() - start
-            atomic_save({"images": images, "labels": labels if k else torch.zeros(0, dtype=torch.long)},
-                        tmp / f"{s['tag']}.pt")
-            save_grid(images[:p.sample.grid_size], tmp / f"{s['tag']}.png", nrow=k)
-            index.append({**s, "variant": a.variant, "num_samples": n, "seed": p.seed,
-                          "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
-            print(f"{a.variant} {s['tag']}: {n} images in {seconds:.1f} s")
-            tracker.log_metrics({f"{s['tag']}.seconds": seconds, f"{s['tag']}.images_per_second": n / seconds})
-        write_json(tmp / "index.json", index)
-    for f in [*sorted(a.out.glob("*.png")), a.out / "index.json"]:
-        tracker.log_artifact(f, "samples")
+    for s in settings(a.method, p, diffusion.timesteps, k is not None):
+        start = time.perf_counter()
+        images = generate(model, diffusion, n, shape, seed=p.seed, method=s["method"], steps=s["steps"],
+                          eta=s["eta"], labels=labels, guidance=s["guidance"],
+                          batch_size=p.sample.batch_size, clip_x0=p.sample.clip_x0,
+                          spacing=p.sample.spacing, progress=True)
+        seconds = time.perf_counter() - start
+        atomic_save({"images": images, "labels": labels if k else torch.zeros(0, dtype=torch.long)},
+                    out / f"{s['tag']}.pt")
+        save_grid(images[:p.sample.grid_size], out / f"{s['tag']}.png", nrow=k)
+        index.append({**s, "variant": a.variant, "num_samples": n, "seed": p.seed,
+                      "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
+        print(f"{a.variant} {s['tag']}: {n} images in {seconds:.1f} s")
+        tracker.log_metrics({f"{s['tag']}.seconds": seconds, f"{s['tag']}.images_per_second": n / seconds})
+    return index
 
 
 if __name__ == "__main__":
