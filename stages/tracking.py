@@ -203,12 +203,11 @@ def stage_run(stage: str, variant: str | None = None, params: dict | None = None
         print(f"MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
         run_id = None
     if run_id is None:
-        run_id = client.create_run(experiment_id, run_name=f"{stage}-{variant}" if variant else stage,
-                                   tags=tags).info.run_id
-    else:  # a resumed stage joins the pipeline run that resumes it, with this invocation's tags
+        run_id = client.create_run(experiment_id, run_name=f"{stage}-{variant}" if variant else stage).info.run_id
+    else:
         client.update_run(run_id, status="RUNNING")
-        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     tracker = Tracker(client, run_id, parent)
+    tracker.set_tags(tags)  # a resumed stage takes this invocation's: it joins the pipeline run resuming it
     tracker.log_params(params or {})
     try:
         yield tracker
