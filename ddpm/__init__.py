@@ -18,6 +18,7 @@ from .checkpoint import (
 from .diffusion import NULL_LABEL, Diffusion, DiffusionConfig, extract, to_model_range, to_uint8
 from .ema import EMA
 from .sampling import (
+    Autoguided,
     ImageGenerator,
     ddim_sample,
     ddim_timesteps,
@@ -34,7 +35,7 @@ __all__ = [
     "CheckpointError", "atomic_save", "config_hash", "load_classifier", "load_model", "safe_load", "save_classifier",
     "save_model",
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
-    "ImageGenerator", "ddim_sample", "ddim_timesteps", "ddpm_sample", "dpm_solver_sample", "generate",
+    "Autoguided", "ImageGenerator", "ddim_sample", "ddim_timesteps", "ddpm_sample", "dpm_solver_sample", "generate",
     "guided_prediction", "make_betas",
     "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig",
 ]

@@ -1,5 +1,5 @@
 """Samplers: ancestral DDPM (Ho et al. 2020), DDIM (Song et al. 2020) and DPM-Solver++(2M) (Lu et al.
-2022), with classifier-free guidance.
+2022), with classifier-free guidance and autoguidance (Karras et al. 2024).
 
 Each sampler is a function of (model, diffusion, x_T, options, generator) and returns the final x0,
 or (x0, trajectory) when `return_trajectory=True`, where trajectory holds x_t before every step plus
@@ -50,6 +50,27 @@ def guided_prediction(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: t
     both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_LABEL)]))
     eps_cond, eps_uncond = both.float().chunk(2)
     return (1 + guidance) * eps_cond - guidance * eps_uncond
+
+
+class Autoguided(nn.Module):
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): the
+    model guided by a worse version of itself, here an early EMA snapshot of the same training run
+    (`Trainer.guide`). Pass it to any sampler in place of the model: it predicts
+    (1 + w) D(x_t) - w D_guide(x_t), the classifier-free guidance formula with the guide in place of the
+    label-free prediction, and needs no labels. w = 0 is the model alone.
+
+    Both predictions (eps or v) are linear in x0 at a given x_t, so combining them combines the
+    denoised images the same way."""
+
+    def __init__(self, model: nn.Module, guide: nn.Module, guidance: float):
+        super().__init__()
+        self.model, self.guide, self.guidance = model, guide, guidance
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.model(x_t, t, y).float()
+        if self.guidance == 0:
+            return out
+        return (1 + self.guidance) * out - self.guidance * self.guide(x_t, t, y).float()
 
 
 @torch.no_grad()

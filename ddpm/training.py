@@ -1,5 +1,5 @@
 """The training loop: AdamW, lr warm-up (and optional cosine decay), gradient clipping, EMA, optional
-bf16 autocast.
+bf16 autocast, and an early EMA snapshot as the guide model for autoguidance.
 
 The network, the diffusion and the data are passed in; the loop never writes files. A stage
 script observes it through callbacks (logging, checkpoints, sample grids) and can save and
@@ -8,6 +8,7 @@ Data parallelism: give each process its `rank` and `world_size`; every rank draw
 epoch permutation and takes its own slice of each global batch.
 """
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ class TrainConfig:
     min_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: the plain loss
     logsnr_normal: tuple[float, ...] | None = None  # (mean, std): training t with log-SNR ~ N; None: uniform t
     bf16: bool = False          # bfloat16 autocast for the forward/backward pass
+    guide_at: float = 0.0       # keep the EMA weights at this fraction of training as the guide model; 0: none
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -68,6 +70,8 @@ class Trainer:
         self.net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.ema = EMA(self.net, config.ema_decay)
         self.step = 0
+        # the EMA weights at guide_step, frozen: a worse version of the final model for autoguidance
+        self.guide: nn.Module | None = None
         # where the cosine decay reaches 0: total_steps, unless a caller that trains for a wall-clock
         # budget sets it (and re-estimates it as it goes)
         self.schedule_steps: int | None = None
@@ -80,6 +84,14 @@ class Trainer:
     @property
     def total_steps(self) -> int:
         return self.config.epochs * self.steps_per_epoch
+
+    @property
+    def guide_step(self) -> int | None:
+        """The step after which the EMA weights are kept as the guide (None: guide_at is 0): guide_at of
+        `schedule_steps` (a wall-clock budget's estimate) or of total_steps, at least 1."""
+        if not self.config.guide_at:
+            return None
+        return max(1, round(self.config.guide_at * (self.schedule_steps or self.total_steps)))
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over `warmup_steps` (Ho et al. 2020 use 5000), then constant, or for
@@ -121,6 +133,8 @@ class Trainer:
         self.optimizer.step()
         self.ema.update(self.net)
         self.step += 1
+        if self.guide is None and self.guide_step is not None and self.step >= self.guide_step:
+            self.guide = copy.deepcopy(self.ema.module)
         return loss.detach()
 
     def fit(self, on_step: Callable | None = None, on_epoch_end: Callable | None = None,
@@ -154,6 +168,8 @@ class Trainer:
                  "optimizer": self.optimizer.state_dict(), "step": self.step, "torch_rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.guide is not None:
+            state["guide"] = self.guide.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -161,6 +177,9 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        if "guide" in state:
+            self.guide = copy.deepcopy(self.ema.module)
+            self.guide.load_state_dict(state["guide"])
         if self.world_size > 1:  # the saved RNG is rank 0's: give each rank its own dropout stream
             torch.manual_seed((self.seed << 40) + (self.step << 8) + self.rank)
             return

@@ -6,6 +6,7 @@ from torch import nn
 
 from ddpm import (
     NULL_LABEL,
+    Autoguided,
     Diffusion,
     DiffusionConfig,
     ImageGenerator,
@@ -247,6 +248,24 @@ def test_guidance_combines_conditional_and_unconditional_predictions():
                                    atol=1e-5, rtol=1e-5)
     # no labels: the plain (unconditional) prediction whatever w is
     torch.testing.assert_close(guided_prediction(model, x_t, t, None, 3.0), eps_u, atol=1e-6, rtol=0)
+
+
+def test_autoguidance_extrapolates_from_the_guide_to_the_model():
+    model, guide = tiny_unet(seed=0).eval(), tiny_unet(seed=1).eval()
+    x_t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(12))
+    t = torch.tensor([0, 30, 60, 99])
+    with torch.no_grad():
+        d, d_guide = model(x_t, t), guide(x_t, t)
+        assert not torch.allclose(d, d_guide, atol=1e-3)  # two different networks, or the test proves nothing
+        assert torch.equal(Autoguided(model, guide, 0.0)(x_t, t), d)
+        for w in (0.5, 2.0):
+            torch.testing.assert_close(Autoguided(model, guide, w)(x_t, t), (1 + w) * d - w * d_guide)
+    # in a sampler, in place of the model: guided by itself, the model is unchanged
+    diffusion = Diffusion(make_betas("linear", 100))
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(13))
+    plain = ddim_sample(model, diffusion, x_T, steps=10)
+    torch.testing.assert_close(ddim_sample(Autoguided(model, model, 2.0), diffusion, x_T, steps=10), plain)
+    assert not torch.allclose(ddim_sample(Autoguided(model, guide, 2.0), diffusion, x_T, steps=10), plain, atol=1e-3)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])

@@ -157,6 +157,36 @@ def test_epochs_and_callbacks():
     assert ends == [(0, 3), (1, 6)]
 
 
+def test_guide_is_the_ema_weights_at_guide_at_and_survives_a_resume():
+    images, _ = shapes(8, size=8)
+    config = TrainConfig(epochs=4, batch_size=4, lr=1e-3, warmup_steps=1, ema_decay=0.5, guide_at=0.25)
+
+    def trainer():
+        return Trainer(tiny_unet(8), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None, config, CPU)
+
+    straight, at_guide = trainer(), {}
+
+    def on_step(tr, loss, seconds):
+        assert (tr.guide is None) == (tr.step < 2), tr.step  # 0.25 of 8 steps
+        if tr.step == 2:
+            at_guide.update({k: v.clone() for k, v in tr.ema.module.state_dict().items()})
+
+    straight.fit(on_step, progress=False)
+    assert straight.guide_step == 2 and straight.step == 8
+    guide = straight.guide.state_dict()
+    assert all(torch.equal(guide[k], at_guide[k]) for k in at_guide)
+    assert not all(torch.equal(guide[k], v) for k, v in straight.ema.module.state_dict().items())
+    assert not any(p.requires_grad for p in straight.guide.parameters())
+
+    resumed = trainer()
+    resumed.load_state_dict(straight.state_dict())
+    assert all(torch.equal(resumed.guide.state_dict()[k], v) for k, v in guide.items())
+    plain = Trainer(tiny_unet(8), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
+                    TrainConfig(epochs=1, batch_size=4), CPU)
+    plain.fit(progress=False)
+    assert plain.guide is None and plain.guide_step is None and "guide" not in plain.state_dict()
+
+
 def test_image_range_round_trip():
     x = torch.arange(256, dtype=torch.uint8)
     assert to_model_range(x).min() == -1 and to_model_range(x).max() == 1
