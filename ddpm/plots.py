@@ -17,7 +17,8 @@ def fid_vs_steps(rows: list[dict], floor: float | None = None):
     for r in rows:
         series.setdefault((r["variant"], r["method"], r["eta"], r["guidance"]), []).append((r["steps"], r["fid"]))
     for i, ((variant, method, eta, w), points) in enumerate(sorted(series.items())):
-        label = f"{variant} {method}" + (f" η={eta:g}" if method == "ddim" else "") + (f" w={w:g}" if w else "")
+        guided = ("autoguided " if variant == "uncond" else "") + f"w={w:g}"  # uncond: autoguidance
+        label = f"{variant} {method}" + (f" η={eta:g}" if method == "ddim" else "") + (f" {guided}" if w else "")
         color = f"C{i % 10}"
         if method == "ddpm":
             ax.axhline(points[0][1], ls="--", color=color, label=f"{label} ({points[0][0]} steps)")

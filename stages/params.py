@@ -94,6 +94,7 @@ class SampleParams:
     dpmsolver_steps: tuple[int, ...] = (10, 20)  # DPM-Solver++(2M) steps (ddpm.dpm_solver_sample)
     spacing: str = "uniform"         # DDIM and DPM-Solver timesteps: uniform | trailing | quadratic | logsnr
     guidance: tuple[float, ...] = (2.0,)
+    autoguidance: tuple[float, ...] = (0.0,)  # the unconditional model's weights w, guided by train.guide_at's snapshot
     clip_x0: bool = False            # clip predicted x0 to [-1, 1] at every step (helps the cosine schedule)
     grid_size: int = 100
 
@@ -224,6 +225,7 @@ def _checks(p: Params):
         ("train.min_snr_gamma", t.min_snr_gamma >= 0, ">= 0 (0: the plain loss)"),
         ("train.logsnr_normal", t.logsnr_normal is None or (len(t.logsnr_normal) == 2 and t.logsnr_normal[1] > 0),
          "[mean, std] with std > 0, or null (uniform timesteps)"),
+        ("train.guide_at", 0 <= t.guide_at < 1, "in [0, 1) (0: no guide model)"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
         ("train.nproc", t.nproc >= 1 and t.batch_size % t.nproc == 0, ">= 1 and a divisor of train.batch_size"),
         ("train.nproc", t.nproc == 1 or not p.device.startswith("cuda:"),
@@ -241,6 +243,10 @@ def _checks(p: Params):
          f"a list of steps in [1, diffusion.timesteps = {T}]"),
         ("sample.spacing", s.spacing in SPACINGS, "one of " + ", ".join(SPACINGS)),
         ("sample.guidance", len(s.guidance) >= 1 and all(w >= 0 for w in s.guidance), "a list of values >= 0"),
+        ("sample.autoguidance", len(s.autoguidance) >= 1 and all(w >= 0 for w in s.autoguidance),
+         "a list of values >= 0"),
+        ("sample.autoguidance", t.guide_at > 0 or set(s.autoguidance) == {0},
+         "[0] while train.guide_at is 0 (the unconditional model has no guide model to be guided by)"),
         ("sample.grid_size", s.grid_size >= 1, ">= 1"),
         ("evaluate.batch_size", p.evaluate.batch_size >= 1, ">= 1"),
         ("evaluate.extractors", "classifier" in p.evaluate.extractors and set(p.evaluate.extractors) <= set(EXTRACTORS)

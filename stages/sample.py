@@ -4,7 +4,9 @@ DPM-Solver++(2M) at each of sample.dpmsolver_steps.
 usage: python -m stages.sample VARIANT METHOD --model FILE --out DIR
 Writes, per sampler setting, <tag>.pt (uint8 images + requested labels), <tag>.png (a grid) and
 index.json (settings, wall time, images/s). The conditional model gets balanced labels and each
-guidance weight of sample.guidance. A method that sample.methods leaves out writes an empty index.json.
+classifier-free guidance weight of sample.guidance; the unconditional model each autoguidance weight of
+sample.autoguidance, guided by guide.pt beside the model file (train.guide_at's snapshot) where it is not 0.
+A method that sample.methods leaves out writes an empty index.json.
 """
 
 import itertools
@@ -12,7 +14,7 @@ import time
 
 import torch
 
-from ddpm import atomic_save, generate, load_model, resolve_device
+from ddpm import Autoguided, atomic_save, generate, load_model, resolve_device
 from ddpm.sampling import METHODS
 
 from .common import atomic_dir, path_parser, run, save_grid, seed_everything, write_json
@@ -21,8 +23,9 @@ from .tracking import stage_run
 
 
 def settings(method: str, p, timesteps: int, conditional: bool) -> list[dict]:
-    """Every sampler setting of this method: steps x eta x guidance (guidance only when conditional)."""
-    ws = p.sample.guidance if conditional else (0.0,)
+    """Every sampler setting of this method: steps x eta x guidance weight (classifier-free guidance when
+    conditional, autoguidance when not)."""
+    ws = p.sample.guidance if conditional else p.sample.autoguidance
     if method == "ddpm":
         grid = [{"method": "ddpm", "steps": timesteps, "eta": 1.0, "guidance": w} for w in ws]
     elif method == "ddim":
@@ -38,7 +41,11 @@ def settings(method: str, p, timesteps: int, conditional: bool) -> list[dict]:
             name = f"ddim{g['steps']}_eta{g['eta']:g}"
         else:
             name = f"{method}{g['steps']}"
-        g["tag"] = name + (f"_w{g['guidance']:g}" if conditional else "")
+        if conditional:
+            name += f"_w{g['guidance']:g}"
+        elif g["guidance"]:  # autoguidance; unguided tags stay as they were before it existed
+            name += f"_ag{g['guidance']:g}"
+        g["tag"] = name
     return grid
 
 
@@ -67,16 +74,22 @@ def sample(a, p, tracker) -> None:
 def draw(a, p, tracker, out) -> list[dict]:
     """Sample every setting of the method into `out` (<tag>.pt and <tag>.png); returns the index rows."""
     seed_everything(p.seed)
-    model, diffusion, _ = load_model(a.model, resolve_device(p.device))
+    device = resolve_device(p.device)
+    model, diffusion, _ = load_model(a.model, device)
     k = model.config.num_classes
+    grid = settings(a.method, p, diffusion.timesteps, k is not None)
+    guide = None
+    if k is None and any(s["guidance"] for s in grid):  # autoguidance: the snapshot that train.guide_at kept
+        guide = load_model(a.model.with_name("guide.pt"), device)[0]
     n = p.sample.num_samples
     labels = torch.arange(n) % k if k else None
     shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     index = []
-    for s in settings(a.method, p, diffusion.timesteps, k is not None):
+    for s in grid:
         start = time.perf_counter()
-        images = generate(model, diffusion, n, shape, seed=p.seed, method=s["method"], steps=s["steps"],
-                          eta=s["eta"], labels=labels, guidance=s["guidance"],
+        net = Autoguided(model, guide, s["guidance"]) if guide is not None else model
+        images = generate(net, diffusion, n, shape, seed=p.seed, method=s["method"], steps=s["steps"],
+                          eta=s["eta"], labels=labels, guidance=s["guidance"] if k else 0.0,
                           batch_size=p.sample.batch_size, clip_x0=p.sample.clip_x0,
                           spacing=p.sample.spacing, progress=True)
         seconds = time.perf_counter() - start

@@ -85,7 +85,9 @@ def train(a, p, unet, num_classes, run_hash, tracker, device, rank, world_size) 
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         seed_everything(p.seed + rank)  # each rank its own dropout
-    trainer = Trainer(model, Diffusion.from_config(p.diffusion), images, labels if num_classes else None, p.train,
+    # the conditional model is guided by its own label-free prediction, so it keeps no guide
+    config = dataclasses.replace(p.train, guide_at=0.0) if num_classes else p.train
+    trainer = Trainer(model, Diffusion.from_config(p.diffusion), images, labels if num_classes else None, config,
                       device, p.seed, rank, world_size)
     history = resume(trainer, a.checkpoints / "last.pt", run_hash)
     logged = tracker.last_step("loss")  # points after it are in the checkpoint but not yet in MLflow
@@ -135,6 +137,10 @@ def train(a, p, unet, num_classes, run_hash, tracker, device, rank, world_size) 
         save_model(tmp / "model.pt", trainer.ema.module, unet, p.diffusion,
                    {"variant": a.variant, "class_names": info["class_names"], "steps": trainer.step,
                     "run_hash": run_hash})
+        if trainer.guide is not None:  # the EMA weights at train.guide_at, for autoguidance
+            save_model(tmp / "guide.pt", trainer.guide, unet, p.diffusion,
+                       {"variant": a.variant, "class_names": info["class_names"], "steps": trainer.guide_step,
+                        "run_hash": run_hash})
         write_json(tmp / "config.json",
                    {"unet": dataclasses.asdict(unet), "diffusion": dataclasses.asdict(p.diffusion)})
         shutil.copytree(grids, tmp / "grids")
@@ -142,8 +148,9 @@ def train(a, p, unet, num_classes, run_hash, tracker, device, rank, world_size) 
     write_text(a.plot, "step,loss,lr\n" + "".join(f"{int(s)},{v:.6f},{lr:.6g}\n" for s, v, lr, _ in history))
     write_json(a.metrics, metrics)
     tracker.log_metrics(metrics)
-    for name in ("model.pt", "config.json"):
-        tracker.log_artifact(a.out / name, "model")
+    for name in ("model.pt", "guide.pt", "config.json"):
+        if (a.out / name).exists():
+            tracker.log_artifact(a.out / name, "model")
     tracker.log_artifact(a.out / "loss.png")
     if os.environ.get("DDPM_MODEL_NAME", "ddpm"):
         tracker.register_model("model", f"{os.environ.get('DDPM_MODEL_NAME', 'ddpm')}-{a.variant}")

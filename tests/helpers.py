@@ -25,10 +25,10 @@ TINY = {
     "model": {"base_channels": 8, "channel_mults": [1, 2, 2], "attention_resolutions": [7], "num_heads": 2},
     "classifier": {"epochs": 4, "batch_size": 32, "width": 8},
     "train": {"epochs": 2, "batch_size": 50, "warmup_steps": 2, "checkpoint_every": 4, "grid_size": 20,
-              "grid_ddim_steps": 5},
+              "grid_ddim_steps": 5, "guide_at": 0.5},
     "visualize": {"per_class": 2, "num_images": 2, "frames": 4, "steps": 5, "compare_steps": [5, 10]},
     "sample": {"num_samples": 40, "batch_size": 40, "ddim_steps": [5, 10], "dpmsolver_steps": [5], "guidance": [1.0],
-               "grid_size": 20},
+               "autoguidance": [0.0, 1.0], "grid_size": 20},
 }
 
 

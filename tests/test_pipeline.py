@@ -7,7 +7,7 @@ import torch
 import yaml
 from helpers import ALL_STAGES, TINY, make_repo, merge, run, stages_run
 
-from ddpm import generate, load_model
+from ddpm import Autoguided, generate, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -16,11 +16,14 @@ def test_repro_runs_every_stage_and_writes_every_output(tiny_repo):
     repo, output = tiny_repo
     assert stages_run(output) == ALL_STAGES
     for path in ["data/prepared/train.pt", "data/prepared/test.pt", "models/classifier/classifier.pt",
-                 "models/uncond/model.pt", "models/cond/model.pt", "models/cond/grids/epoch_002.png",
+                 "models/uncond/model.pt", "models/uncond/guide.pt", "models/cond/model.pt",
+                 "models/cond/grids/epoch_002.png",
                  "checkpoints/uncond/last.pt", "plots/loss_uncond.csv", "plots/fid_vs_steps.csv",
                  "plots/fid_vs_steps.png", "metrics/classifier.json", "metrics/train_uncond.json"]:
         assert (repo / path).is_file(), path
-    for variant, tags in [("uncond", ["ddim5_eta0", "ddim10_eta0"]), ("cond", ["ddim5_eta0_w1", "ddim10_eta0_w1"])]:
+    assert not (repo / "models/cond/guide.pt").exists()  # guided by its own label-free prediction
+    for variant, tags in [("uncond", ["ddim5_eta0", "ddim10_eta0", "ddim5_eta0_ag1", "ddim10_eta0_ag1"]),
+                          ("cond", ["ddim5_eta0_w1", "ddim10_eta0_w1"])]:
         for tag in tags:
             data = torch.load(repo / f"samples/{variant}/ddim/{tag}.pt", weights_only=True)
             assert data["images"].shape == (40, 1, 28, 28) and data["images"].dtype == torch.uint8
@@ -33,8 +36,21 @@ def test_dpmsolver_samples_are_those_of_generate(tiny_repo):
     expected = generate(model, diffusion, 40, (1, 28, 28), seed=0, method="dpmsolver", steps=5)
     assert torch.equal(torch.load(repo / "samples/uncond/dpmsolver/dpmsolver5.pt", weights_only=True)["images"],
                        expected)
-    (setting,) = json.loads((repo / "samples/uncond/dpmsolver/index.json").read_text())
+    setting, _ = json.loads((repo / "samples/uncond/dpmsolver/index.json").read_text())
     assert (setting["method"], setting["steps"], setting["spacing"]) == ("dpmsolver", 5, "uniform")
+
+
+def test_autoguided_samples_are_those_of_the_model_guided_by_its_halfway_snapshot(tiny_repo):
+    repo, _ = tiny_repo
+    model, diffusion, meta = load_model(repo / "models/uncond/model.pt")
+    guide, _, guide_meta = load_model(repo / "models/uncond/guide.pt")
+    assert (meta["steps"], guide_meta["steps"]) == (12, 6)  # train.guide_at 0.5 of 12 steps
+    expected = generate(Autoguided(model, guide, 1.0), diffusion, 40, (1, 28, 28), seed=0, method="dpmsolver", steps=5)
+    samples = repo / "samples/uncond/dpmsolver"
+    assert torch.equal(torch.load(samples / "dpmsolver5_ag1.pt", weights_only=True)["images"], expected)
+    assert not torch.equal(torch.load(samples / "dpmsolver5.pt", weights_only=True)["images"], expected)
+    index = json.loads((samples / "index.json").read_text())
+    assert [(s["tag"], s["guidance"]) for s in index] == [("dpmsolver5", 0.0), ("dpmsolver5_ag1", 1.0)]
 
 
 def test_prepared_data_matches_params(tiny_repo):
@@ -65,7 +81,8 @@ def test_trained_model_loads_and_is_conditional(tiny_repo):
 def test_eval_metrics_cover_every_sampler(tiny_repo):
     repo, _ = tiny_repo
     ev = json.loads((repo / "metrics/eval.json").read_text())
-    assert set(ev["uncond"]) == {"ddpm", "ddim5_eta0", "ddim10_eta0", "dpmsolver5"}
+    assert set(ev["uncond"]) == {"ddpm", "ddim5_eta0", "ddim10_eta0", "dpmsolver5", "ddpm_ag1", "ddim5_eta0_ag1",
+                                 "ddim10_eta0_ag1", "dpmsolver5_ag1"}
     assert set(ev["cond"]) == {"ddpm_w1", "ddim5_eta0_w1", "ddim10_eta0_w1", "dpmsolver5_w1"}
     for scores in [*ev["uncond"].values(), *ev["cond"].values()]:
         assert scores["fid"] >= 0 and scores["is_mean"] >= 1 - 1e-6
@@ -84,16 +101,17 @@ def test_changing_eta_reruns_only_the_ddim_stages_and_evaluation(tiny_experiment
     assert stages_run(tiny_experiments["eta-half"]) == {"sample-ddim@uncond", "sample-ddim@cond", "evaluate"}
 
 
-def test_changing_guidance_changes_only_the_conditional_sample_stages(tiny_repo):
+@pytest.mark.parametrize("key, variant", [("guidance", "cond"), ("autoguidance", "uncond")])
+def test_changing_a_guidance_weight_changes_only_that_models_sample_stages(tiny_repo, key, variant):
     repo, _ = tiny_repo
     params = repo / "params.yaml"
     original = params.read_text()
     try:
-        params.write_text(yaml.safe_dump(merge(yaml.safe_load(original), {"sample": {"guidance": [0.5, 1.0]}})))
+        params.write_text(yaml.safe_dump(merge(yaml.safe_load(original), {"sample": {key: [0.5, 1.0]}})))
         status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
     finally:
         params.write_text(original)
-    assert set(status) == {"sample-ddpm@cond", "sample-ddim@cond", "sample-dpmsolver@cond"}, status
+    assert set(status) == {f"sample-{m}@{variant}" for m in ("ddpm", "ddim", "dpmsolver")}, status
 
 
 def test_changing_training_params_reruns_train_sample_evaluate(tiny_repo, tiny_experiments):

@@ -16,10 +16,10 @@ from stages.params import validate
 from stages.tracking import Tracker
 
 BASE = {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 6, "batch_size": 6, "ddim_steps": [2],
-        "eta": [0.0], "dpmsolver_steps": [2], "spacing": "uniform", "guidance": [1.0], "clip_x0": False,
-        "grid_size": 4}
+        "eta": [0.0], "dpmsolver_steps": [2], "spacing": "uniform", "guidance": [1.0], "autoguidance": [0.0],
+        "clip_x0": False, "grid_size": 4}
 CHANGED = {"num_samples": 4, "batch_size": 2, "ddim_steps": (3,), "eta": (0.5,), "dpmsolver_steps": (3,),
-           "spacing": "trailing", "guidance": (3.0,), "clip_x0": True, "grid_size": 2}
+           "spacing": "trailing", "guidance": (3.0,), "autoguidance": (2.0,), "clip_x0": True, "grid_size": 2}
 
 
 def dvc_params(method: str, variant: str) -> set[str]:
