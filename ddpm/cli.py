@@ -26,7 +26,7 @@ from torch import nn
 from . import pictures
 from .checkpoint import CheckpointError, load_model
 from .diffusion import NULL_LABEL, Diffusion
-from .sampling import METHODS, SPACINGS, ImageGenerator, generate
+from .sampling import METHODS, SPACINGS, Autoguided, ImageGenerator, generate
 from .training import resolve_device
 
 DEFAULT_DDIM_STEPS = 50
@@ -97,6 +97,9 @@ def build_parser() -> Parser:
     p.add_argument("--eta", type=at_least(0.0, float), help="DDIM stochasticity eta >= 0 (default 0)")
     p.add_argument("--spacing", choices=SPACINGS, default="uniform", help="DDIM and DPM-Solver timesteps (uniform)")
     p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
+    p.add_argument("--autoguidance", type=at_least(0.0, float), metavar="W",
+                   help="autoguidance weight w >= 0 (unconditional models; guided by guide.pt beside --model, "
+                   "which train.guide_at keeps)")
     p.add_argument("--batch-size", type=at_least(1), default=250, help="images per batch (250)")
     p.add_argument("--save-array", type=file_with_suffix(".npz"), metavar="FILE.npz",
                    help="also save images uint8 (N, C, H, W) and labels (N,) (-1: unconditional)")
@@ -134,7 +137,7 @@ class Loaded:
     diffusion: Diffusion
     class_names: list[str] | None   # None for an unconditional model
     klass: int | None               # the --class index
-    guidance: float
+    guidance: float                 # classifier-free guidance w, or autoguidance w when `model` is Autoguided
     shape: tuple[int, int, int]
 
     def labels(self, n: int) -> torch.Tensor | None:
@@ -147,6 +150,8 @@ class Loaded:
         return None if labels is None else [self.class_names[i] for i in labels.tolist()]
 
     def describe(self, sampler: str) -> str:
+        if isinstance(self.model, Autoguided):
+            return sampler + f", autoguidance w = {self.guidance:g}"
         return sampler + (f", w = {self.guidance:g}" if self.class_names is not None else "")
 
 
@@ -164,7 +169,8 @@ def pick_device(name: str) -> torch.device:
 
 def load(args) -> Loaded:
     """Load --model and check --class, --guidance and every step count against it."""
-    model, diffusion, meta = load_model(args.model, pick_device(args.device))
+    device = pick_device(args.device)
+    model, diffusion, meta = load_model(args.model, device)
     k, T = model.config.num_classes, diffusion.timesteps
     if k is None and (args.klass is not None or args.guidance is not None):
         flag = "--class" if args.klass is not None else "--guidance"
@@ -181,7 +187,17 @@ def load(args) -> Loaded:
         if s > T:
             raise UsageError(f"--steps {s} is more than the model's T = {T} timesteps")
     shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
-    return Loaded(model, diffusion, names, klass, args.guidance or 0.0, shape)
+    autoguidance = getattr(args, "autoguidance", None)
+    if autoguidance is None:
+        return Loaded(model, diffusion, names, klass, args.guidance or 0.0, shape)
+    if k is not None:
+        raise UsageError(f"--autoguidance needs an unconditional model, but {args.model} is class-conditional "
+                         "(use --guidance)")
+    guide_file = args.model.with_name("guide.pt")
+    if not guide_file.is_file():
+        raise UsageError(f"--autoguidance needs the guide model {guide_file}; train with train.guide_at > 0")
+    guide = load_model(guide_file, device)[0]
+    return Loaded(Autoguided(model, guide, autoguidance), diffusion, names, klass, autoguidance, shape)
 
 
 def prepare_output(path: Path | None) -> None:

@@ -2,6 +2,7 @@
 runs it, and the rest through `ddpm.cli.main` in this process (a fresh process costs a torch import)."""
 
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, generate, load_model, save_model
+from ddpm import (
+    Autoguided,
+    Diffusion,
+    DiffusionConfig,
+    TrainConfig,
+    Trainer,
+    UNet,
+    UNetConfig,
+    generate,
+    load_model,
+    save_model,
+)
 from ddpm.cli import main
 from ddpm.data import make_glyphs
 
@@ -21,7 +33,8 @@ PAD = 2  # torchvision make_grid padding
 
 
 def build_models(folder: Path) -> dict[str, Path]:
-    """A tiny unconditional and a tiny 3-class conditional model file, each after a few training steps."""
+    """A tiny unconditional and a tiny 3-class conditional model file, each after a few training steps, and
+    guide.pt beside them, the unconditional model's guide for autoguidance (its EMA weights halfway)."""
     data = make_glyphs(100, 3, seed=0)
     keep = data.train_labels < len(CLASS_NAMES)
     images, labels = data.train_images[keep], data.train_labels[keep]
@@ -31,12 +44,15 @@ def build_models(folder: Path) -> dict[str, Path]:
         unet = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_resolutions=(), num_heads=2,
                           num_classes=k)
         dcfg = DiffusionConfig(timesteps=T)
-        trainer = Trainer(UNet(unet), Diffusion(dcfg.betas()), images, labels if k else None,
-                          TrainConfig(epochs=1, batch_size=10, warmup_steps=1, ema_decay=0.5), torch.device("cpu"))
+        config = TrainConfig(epochs=1, batch_size=10, warmup_steps=1, ema_decay=0.5, guide_at=0.0 if k else 0.5)
+        trainer = Trainer(UNet(unet), Diffusion(dcfg.betas()), images, labels if k else None, config,
+                          torch.device("cpu"))
         trainer.fit(progress=False)
         assert trainer.step >= 3
         paths[variant] = folder / f"{variant}.pt"
         save_model(paths[variant], trainer.ema.module, unet, dcfg, {"variant": variant, "class_names": CLASS_NAMES})
+        if trainer.guide is not None:
+            save_model(folder / "guide.pt", trainer.guide, unet, dcfg, {"variant": variant, "class_names": CLASS_NAMES})
     return paths
 
 
@@ -121,6 +137,16 @@ def test_sample_array_matches_the_grid_and_any_batching(models, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "s2.npz")["images"], data["images"])
 
 
+def test_sample_autoguidance_is_that_of_generate_with_the_guide_beside_the_model(models, tmp_path):
+    common = ["sample", "--model", models["uncond"], "--num", "3", "--steps", "4", "--device", "cpu"]
+    in_process(*common, "--autoguidance", "2", "--labels", "--out", "a.png", "--save-array", "a.npz")
+    model, diffusion, _ = load_model(models["uncond"])
+    guide = load_model(models["uncond"].with_name("guide.pt"))[0]
+    expected = generate(Autoguided(model, guide, 2.0), diffusion, 3, (1, 28, 28), seed=0, steps=4)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["images"], expected.numpy())
+    assert not torch.equal(expected, generate(model, diffusion, 3, (1, 28, 28), seed=0, steps=4))
+
+
 def test_sample_spacing_and_clipping_are_those_of_generate(models, tmp_path):
     common = ["sample", "--model", models["uncond"], "--num", "3", "--steps", "4", "--device", "cpu"]
     in_process(*common, "--spacing", "trailing", "--clip-x0", "--out", "t.png", "--save-array", "t.npz")
@@ -191,6 +217,10 @@ BAD = {
     "class out of range": (["sample", "--model", "{cond}", "--class", "5"], ["--class 5", "0..2"]),
     "class on uncond": (["reverse", "--model", "{uncond}", "--class", "1"], ["--class", "unconditional"]),
     "guidance on uncond": (["sample", "--model", "{uncond}", "--guidance", "1"], ["--guidance", "unconditional"]),
+    "autoguidance on cond": (["sample", "--model", "{cond}", "--autoguidance", "1"],
+                             ["--autoguidance", "class-conditional", "--guidance"]),
+    "autoguidance without a guide": (["sample", "--model", "{lone}", "--autoguidance", "1"],
+                                     ["--autoguidance", "guide.pt", "train.guide_at"]),
     "steps 0": (["sample", "--model", "{uncond}", "--steps", "0"], ["--steps", ">= 1"]),
     "steps above T": (["sample", "--model", "{uncond}", "--steps", "21"], ["--steps 21", "T = 20"]),
     "compare steps above T": (["compare", "--model", "{uncond}", "--steps", "5", "50"], ["--steps 50", "T = 20"]),
@@ -208,7 +238,9 @@ BAD = {
 def bad_args(case: str, models: dict[str, Path], folder: Path) -> tuple[list[str], list[str]]:
     args, words = BAD[case]
     (folder / "notes.txt").write_text("not a model\n")
-    args = [a.format(text=folder / "notes.txt", **models) for a in args]
+    (folder / "lone").mkdir(exist_ok=True)  # an unconditional model with no guide.pt beside it
+    shutil.copy(models["uncond"], folder / "lone/model.pt")
+    args = [a.format(text=folder / "notes.txt", lone=folder / "lone/model.pt", **models) for a in args]
     return args + ([] if "--out" in args else ["--out", "out/picture.png"]) + ["--device", "cpu"], words
 
 
