@@ -8,7 +8,8 @@ features against the test split, next to the floor (a real train subset of the s
 logged to MLflow (experiment "budget") and appended to --results. --model scores a model that an
 earlier run kept with --save-model (other samplers, no training). --guidance trains the class-conditional
 model instead (labels dropped at train.p_uncond) and samples it with balanced labels at each
-classifier-free guidance weight.
+classifier-free guidance weight. --autoguidance samples the unconditional model guided by the early EMA
+snapshot that `-S train.guide_at=F` keeps (Karras et al. 2024) at each weight.
 
     python -m benchmarks.budget --minutes 25 -S data.name=fashion_mnist -S model.base_channels=32 \\
         -S train.lr=1e-3 -S train.ema_decay=0.999
@@ -29,6 +30,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ddpm import (
+    Autoguided,
     Diffusion,
     Trainer,
     UNet,
@@ -50,7 +52,7 @@ from stages.prepare import load
 from stages.tracking import flatten, repo_root, tracking_uri
 
 FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "method", "ddim_steps", "spacing",
-          "guidance", "fid", "floor", "ratio", "sample_s"]  # guidance: blank for the unconditional model
+          "guidance", "fid", "floor", "ratio", "sample_s"]  # guidance: the unconditional model's autoguidance or blank
 
 
 def profile(overrides: list[str]):
@@ -117,9 +119,13 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--guidance", type=float, nargs="+", metavar="W",
                     help="train the class-conditional model and sample it at these guidance weights (0: the "
                     "conditional model alone); default: the unconditional model")
+    ap.add_argument("--autoguidance", type=float, nargs="+", metavar="W",
+                    help="sample the unconditional model guided by its guide model (-S train.guide_at=F) at these "
+                    "weights (0: the model alone)")
     ap.add_argument("--name", default="", help="a label for the results table")
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("budget_results.csv"))
-    ap.add_argument("--save-model", type=Path, help="also write the EMA model here (for `ddpm sample --model`)")
+    ap.add_argument("--save-model", type=Path, help="also write the EMA model here (for `ddpm sample --model`), "
+                    "and its guide model, if any, beside it as <name>-guide.pt")
     ap.add_argument("--model", type=Path, help="score this --save-model file instead of training (its -S "
                     "overrides unless given)")
     ap.add_argument("--classifier", type=Path,
@@ -133,9 +139,16 @@ def main(argv: list[str]) -> None:
         if (saved[0].config.num_classes is not None) != (args.guidance is not None):
             raise ParamsError(f"{args.model}: a class-conditional model needs --guidance, an unconditional one "
                               "takes none")
-    if args.guidance is not None and min(args.guidance) < 0:
-        raise ParamsError(f"--guidance: weights must be >= 0, got {args.guidance}")
+    for flag, ws in (("--guidance", args.guidance), ("--autoguidance", args.autoguidance)):
+        if ws is not None and min(ws) < 0:
+            raise ParamsError(f"{flag}: weights must be >= 0, got {ws}")
+    if args.guidance is not None and args.autoguidance is not None:
+        raise ParamsError("--autoguidance: the unconditional model's; the class-conditional one takes --guidance")
     p = profile(args.overrides)
+    guided = any(args.autoguidance or ())
+    if guided and not args.model and not p.train.guide_at:
+        raise ParamsError("--autoguidance: the model needs a guide model; set -S train.guide_at=F (0 < F < 1)")
+    guide = load_model(guide_path(args.model))[0] if guided and args.model else None  # before any work
     device = resolve_device(p.device)
     data = load(p.data, p.seed)
     train = stratified_subset(data.train_images, data.train_labels, p.data.limit, p.seed)
@@ -157,21 +170,26 @@ def main(argv: list[str]) -> None:
     else:
         trainer, seconds = train_for(p, data, args.minutes, device, args.steps, args.guidance is not None)
         model, diffusion = trainer.ema.module, trainer.diffusion
+        guide = trainer.guide
         steps, rate = trainer.step, round(trainer.step * p.train.batch_size / seconds, 1)
         minutes = round(seconds / 60, 3) if args.steps else args.minutes
         if args.save_model:
             save_model(args.save_model, model, trainer.net.config, p.diffusion,
                        {"class_names": list(data.class_names), "steps": steps, "overrides": args.overrides,
                         "minutes": minutes, "images_per_s": rate})
+            if guide is not None:
+                save_model(guide_path(args.save_model), guide, trainer.net.config, p.diffusion,
+                           {"class_names": list(data.class_names), "steps": trainer.guide_step})
     params_m = round(sum(x.numel() for x in model.parameters()) / 1e6, 2)
     k = model.config.num_classes
     labels = torch.arange(args.num_samples) % k if k else None  # balanced, as the sample stage draws them
     for method, ddim_steps, spacing, w in itertools.product(args.method, args.ddim_steps, args.spacing,
-                                                            args.guidance or [None]):
+                                                            args.guidance or args.autoguidance or [None]):
         start = time.perf_counter()
-        images = generate(model, diffusion, args.num_samples, tuple(data.train_images.shape[1:]), seed=p.seed,
+        net = Autoguided(model, guide.to(device), w) if guided else model
+        images = generate(net, diffusion, args.num_samples, tuple(data.train_images.shape[1:]), seed=p.seed,
                           method=method, steps=min(ddim_steps, p.diffusion.timesteps), clip_x0=p.sample.clip_x0,
-                          spacing=spacing, labels=labels, guidance=w or 0.0, progress=True)
+                          spacing=spacing, labels=labels, guidance=(w or 0.0) if k else 0.0, progress=True)
         sample_s = time.perf_counter() - start
         fid, floor_fid = scorer(images)["classifier"]["fid"], scorer.floor["classifier"]["fid"]
         row = {"name": args.name, "overrides": " ".join(args.overrides), "minutes": minutes, "steps": steps,
@@ -180,6 +198,11 @@ def main(argv: list[str]) -> None:
                "floor": float(f"{floor_fid:.5g}"), "ratio": round(fid / floor_fid, 2), "sample_s": round(sample_s, 1)}
         print("  ".join(f"{k}={v}" for k, v in row.items()))
         record(args.name, p, row, images, args.results)
+
+
+def guide_path(model: Path) -> Path:
+    """Where --save-model keeps a model's guide model: <name>-guide.pt beside it."""
+    return model.with_name(f"{model.stem}-guide.pt")
 
 
 def track() -> None:
