@@ -35,6 +35,7 @@ from ddpm import (
     Trainer,
     UNet,
     generate,
+    guide_path,
     load_classifier,
     load_model,
     resolve_device,
@@ -148,8 +149,8 @@ def main(argv: list[str]) -> None:
     guided = any(args.autoguidance or ())
     if guided and not args.model and not p.train.guide_at:
         raise ParamsError("--autoguidance: the model needs a guide model; set -S train.guide_at=F (0 < F < 1)")
-    guide = load_model(guide_path(args.model))[0] if guided and args.model else None  # before any work
     device = resolve_device(p.device)
+    guide = load_model(guide_path(args.model), device)[0] if guided and args.model else None  # before any work
     data = load(p.data, p.seed)
     train = stratified_subset(data.train_images, data.train_labels, p.data.limit, p.seed)
     data = dataclasses.replace(data, train_images=train[0], train_labels=train[1])
@@ -186,7 +187,7 @@ def main(argv: list[str]) -> None:
     for method, ddim_steps, spacing, w in itertools.product(args.method, args.ddim_steps, args.spacing,
                                                             args.guidance or args.autoguidance or [None]):
         start = time.perf_counter()
-        net = Autoguided(model, guide.to(device), w) if guided else model
+        net = Autoguided(model, guide, w) if guided else model
         images = generate(net, diffusion, args.num_samples, tuple(data.train_images.shape[1:]), seed=p.seed,
                           method=method, steps=min(ddim_steps, p.diffusion.timesteps), clip_x0=p.sample.clip_x0,
                           spacing=spacing, labels=labels, guidance=(w or 0.0) if k else 0.0, progress=True)
@@ -198,11 +199,6 @@ def main(argv: list[str]) -> None:
                "floor": float(f"{floor_fid:.5g}"), "ratio": round(fid / floor_fid, 2), "sample_s": round(sample_s, 1)}
         print("  ".join(f"{k}={v}" for k, v in row.items()))
         record(args.name, p, row, images, args.results)
-
-
-def guide_path(model: Path) -> Path:
-    """Where --save-model keeps a model's guide model: <name>-guide.pt beside it."""
-    return model.with_name(f"{model.stem}-guide.pt")
 
 
 def track() -> None:

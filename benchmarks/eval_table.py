@@ -1,9 +1,10 @@
 """The full evaluation table of one trained model: each sampler setting sampled, timed and scored.
 
 For a model file, the prepared data (train.pt, test.pt, info.json) and the domain classifier, it samples
-DDPM, DDIM at each --steps x --eta and DPM-Solver++(2M) at each --dpmsolver-steps (x each --guidance for a
-conditional model), with the pipeline's sampler options (--spacing, --clip-x0), and prints one row per
-setting: FID, KID, IS, precision/recall, conditional accuracy, FID over the floor, wall time and images/s.
+DDPM, DDIM at each --steps x --eta and DPM-Solver++(2M) at each --dpmsolver-steps, x each --guidance for a
+conditional model or x each --autoguidance for an unconditional one (guided by its <name>-guide.pt), with
+the pipeline's sampler options (--spacing, --clip-x0), and prints one row per setting: FID, KID, IS,
+precision/recall, conditional accuracy, FID over the floor, wall time and images/s.
 The first row is the floor: a class-stratified real train subset of --num-samples images scored against the
 test split exactly as the samples are, the best this protocol lets a model score.
 
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from ddpm import generate, load_classifier, load_model, resolve_device, safe_load
+from ddpm import Autoguided, generate, guide_path, load_classifier, load_model, resolve_device, safe_load
 from ddpm.data import stratified_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
 from ddpm.plots import sampler_label
@@ -31,8 +32,8 @@ COLUMNS = [("FID", "fid", "{:8.3f}"), ("xfloor", "fid_over_floor", "{:7.2f}"), (
 
 def settings(args, timesteps: int, conditional: bool) -> list[dict]:
     """DDPM (unless --no-ddpm), DDIM at each steps x eta and DPM-Solver++(2M) at each of its steps, each at
-    every guidance weight when conditional."""
-    ws = args.guidance if conditional else [0.0]
+    every guidance weight when conditional, every autoguidance weight when not."""
+    ws = args.guidance if conditional else args.autoguidance
     grid = [] if args.no_ddpm else [("ddpm", timesteps, 1.0)]
     grid += [("ddim", s, e) for s, e in itertools.product(args.steps, args.eta) if s <= timesteps]
     grid += [("dpmsolver", s, 0.0) for s in args.dpmsolver_steps if s <= timesteps]
@@ -71,6 +72,8 @@ def main() -> None:
     ap.add_argument("--spacing", default="uniform", choices=SPACINGS, help="DDIM and DPM-Solver timesteps")
     ap.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="for a conditional model")
+    ap.add_argument("--autoguidance", type=float, nargs="+", default=[0.0],
+                    help="for an unconditional model, guided by its guide model <name>-guide.pt (train.guide_at)")
     ap.add_argument("--no-ddpm", action="store_true", help="skip ancestral sampling over all T steps")
     ap.add_argument("--extractors", nargs="+", default=["classifier"], choices=["classifier", "inception"])
     ap.add_argument("--inception-weights", help="torch-fidelity's Inception-v3 file (else its cache; no download)")
@@ -83,6 +86,16 @@ def main() -> None:
     device = resolve_device(args.device)
     model, diffusion, _ = load_model(args.model, device)
     k, n = model.config.num_classes, args.num_samples
+    for flag, ws in (("--guidance", args.guidance), ("--autoguidance", args.autoguidance)):
+        if min(ws) < 0:
+            ap.error(f"{flag}: weights must be >= 0, got {ws}")
+    guide = None
+    if any(args.autoguidance):  # checked before any scoring or sampling
+        if k is not None:
+            ap.error(f"--autoguidance needs an unconditional model, but {args.model} is class-conditional")
+        if not guide_path(args.model).is_file():
+            ap.error(f"--autoguidance needs the guide model {guide_path(args.model)}; train with train.guide_at > 0")
+        guide = load_model(guide_path(args.model), device)[0]
     scorer = scorer_for(args, device, n)
     shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     labels = torch.arange(n) % k if k else None
@@ -93,11 +106,12 @@ def main() -> None:
     print(row("floor (real train)", scorer.floor))
     for s in settings(args, diffusion.timesteps, k is not None):
         start = time.perf_counter()
-        images = generate(model, diffusion, n, shape, seed=args.seed, method=s["method"], steps=s["steps"],
-                          eta=s["eta"], labels=labels, guidance=s["guidance"], batch_size=args.batch_size,
+        net = Autoguided(model, guide, s["guidance"]) if guide is not None else model
+        images = generate(net, diffusion, n, shape, seed=args.seed, method=s["method"], steps=s["steps"],
+                          eta=s["eta"], labels=labels, guidance=s["guidance"] if k else 0.0, batch_size=args.batch_size,
                           clip_x0=args.clip_x0, spacing=args.spacing)
         seconds = time.perf_counter() - start
-        name = sampler_label(s) + (f" w{s['guidance']:g}" if k else "")
+        name = sampler_label(s) + (f" w{s['guidance']:g}" if k else f" ag{s['guidance']:g}" if s["guidance"] else "")
         print(row(name, scorer(images, labels), seconds, n), flush=True)
 
 

@@ -9,6 +9,7 @@ from .checkpoint import (
     CheckpointError,
     atomic_save,
     config_hash,
+    guide_path,
     load_classifier,
     load_model,
     safe_load,
@@ -32,8 +33,8 @@ from .training import TrainConfig, Trainer, resolve_device
 from .unet import UNet, UNetConfig
 
 __all__ = [
-    "CheckpointError", "atomic_save", "config_hash", "load_classifier", "load_model", "safe_load", "save_classifier",
-    "save_model",
+    "CheckpointError", "atomic_save", "config_hash", "guide_path", "load_classifier", "load_model", "safe_load",
+    "save_classifier", "save_model",
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
     "Autoguided", "ImageGenerator", "ddim_sample", "ddim_timesteps", "ddpm_sample", "dpm_solver_sample", "generate",
     "guided_prediction", "make_betas",

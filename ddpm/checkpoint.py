@@ -83,6 +83,13 @@ def save_model(path: str | Path, model: torch.nn.Module, unet: UNetConfig, diffu
                  "weights": model.state_dict(), "meta": meta or {}}, path)
 
 
+def guide_path(model_file: str | Path) -> Path:
+    """Where the guide model of a model file lives (the early EMA weights that autoguidance guides it by):
+    <name>-guide.pt beside <name>.pt, so models/uncond/model-guide.pt beside models/uncond/model.pt."""
+    model_file = Path(model_file)
+    return model_file.with_name(f"{model_file.stem}-guide.pt")
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, Diffusion, dict]:
     """Read a model file written by `save_model`: (model in eval mode, diffusion, meta)."""
     obj = safe_load(path, MODEL_KEYS)

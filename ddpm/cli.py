@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import pictures
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError, guide_path, load_model
 from .diffusion import NULL_LABEL, Diffusion
 from .sampling import METHODS, SPACINGS, Autoguided, ImageGenerator, generate
 from .training import resolve_device
@@ -98,7 +98,7 @@ def build_parser() -> Parser:
     p.add_argument("--spacing", choices=SPACINGS, default="uniform", help="DDIM and DPM-Solver timesteps (uniform)")
     p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
     p.add_argument("--autoguidance", type=at_least(0.0, float), metavar="W",
-                   help="autoguidance weight w >= 0 (unconditional models; guided by guide.pt beside --model, "
+                   help="autoguidance weight w >= 0 (unconditional models; guided by <name>-guide.pt beside --model, "
                    "which train.guide_at keeps)")
     p.add_argument("--batch-size", type=at_least(1), default=250, help="images per batch (250)")
     p.add_argument("--save-array", type=file_with_suffix(".npz"), metavar="FILE.npz",
@@ -133,12 +133,13 @@ def build_parser() -> Parser:
 @dataclass
 class Loaded:
     """A model file and what the arguments mean for it, checked before any sampling."""
-    model: nn.Module
+    model: nn.Module                # Autoguided (the model and its guide) under --autoguidance
     diffusion: Diffusion
     class_names: list[str] | None   # None for an unconditional model
     klass: int | None               # the --class index
-    guidance: float                 # classifier-free guidance w, or autoguidance w when `model` is Autoguided
+    guidance: float                 # classifier-free guidance w (conditional models; else 0)
     shape: tuple[int, int, int]
+    autoguidance: float | None = None  # the autoguidance w (unconditional models; `model` is then Autoguided)
 
     def labels(self, n: int) -> torch.Tensor | None:
         """(n,) labels: --class, or the classes in turn; None for an unconditional model."""
@@ -150,8 +151,8 @@ class Loaded:
         return None if labels is None else [self.class_names[i] for i in labels.tolist()]
 
     def describe(self, sampler: str) -> str:
-        if isinstance(self.model, Autoguided):
-            return sampler + f", autoguidance w = {self.guidance:g}"
+        if self.autoguidance is not None:
+            return sampler + f", autoguidance w = {self.autoguidance:g}"
         return sampler + (f", w = {self.guidance:g}" if self.class_names is not None else "")
 
 
@@ -193,11 +194,11 @@ def load(args) -> Loaded:
     if k is not None:
         raise UsageError(f"--autoguidance needs an unconditional model, but {args.model} is class-conditional "
                          "(use --guidance)")
-    guide_file = args.model.with_name("guide.pt")
+    guide_file = guide_path(args.model)
     if not guide_file.is_file():
         raise UsageError(f"--autoguidance needs the guide model {guide_file}; train with train.guide_at > 0")
     guide = load_model(guide_file, device)[0]
-    return Loaded(Autoguided(model, guide, autoguidance), diffusion, names, klass, autoguidance, shape)
+    return Loaded(Autoguided(model, guide, autoguidance), diffusion, names, klass, 0.0, shape, autoguidance)
 
 
 def prepare_output(path: Path | None) -> None:

@@ -5,7 +5,8 @@ usage: python -m stages.sample VARIANT METHOD --model FILE --out DIR
 Writes, per sampler setting, <tag>.pt (uint8 images + requested labels), <tag>.png (a grid) and
 index.json (settings, wall time, images/s). The conditional model gets balanced labels and each
 classifier-free guidance weight of sample.guidance; the unconditional model each autoguidance weight of
-sample.autoguidance, guided by guide.pt beside the model file (train.guide_at's snapshot) where it is not 0.
+sample.autoguidance where it is not 0, guided by the model's guide model (model-guide.pt beside it: the
+EMA weights that train.guide_at kept).
 A method that sample.methods leaves out writes an empty index.json.
 """
 
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from ddpm import Autoguided, atomic_save, generate, load_model, resolve_device
+from ddpm import Autoguided, atomic_save, generate, guide_path, load_model, resolve_device
 from ddpm.sampling import METHODS
 
 from .common import atomic_dir, path_parser, run, save_grid, seed_everything, write_json
@@ -80,7 +81,7 @@ def draw(a, p, tracker, out) -> list[dict]:
     grid = settings(a.method, p, diffusion.timesteps, k is not None)
     guide = None
     if k is None and any(s["guidance"] for s in grid):  # autoguidance: the snapshot that train.guide_at kept
-        guide = load_model(a.model.with_name("guide.pt"), device)[0]
+        guide = load_model(guide_path(a.model), device)[0]
     n = p.sample.num_samples
     labels = torch.arange(n) % k if k else None
     shape = (model.config.in_channels, model.config.image_size, model.config.image_size)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm import Diffusion, Trainer, UNet, atomic_save, config_hash, generate, safe_load, save_model
+from ddpm import Diffusion, Trainer, UNet, atomic_save, config_hash, generate, guide_path, safe_load, save_model
 from ddpm.plots import loss_curve
 
 from .common import (
@@ -138,7 +138,7 @@ def train(a, p, unet, num_classes, run_hash, tracker, device, rank, world_size) 
                    {"variant": a.variant, "class_names": info["class_names"], "steps": trainer.step,
                     "run_hash": run_hash})
         if trainer.guide is not None:  # the EMA weights at train.guide_at, for autoguidance
-            save_model(tmp / "guide.pt", trainer.guide, unet, p.diffusion,
+            save_model(guide_path(tmp / "model.pt"), trainer.guide, unet, p.diffusion,
                        {"variant": a.variant, "class_names": info["class_names"], "steps": trainer.guide_step,
                         "run_hash": run_hash})
         write_json(tmp / "config.json",
@@ -148,7 +148,7 @@ def train(a, p, unet, num_classes, run_hash, tracker, device, rank, world_size) 
     write_text(a.plot, "step,loss,lr\n" + "".join(f"{int(s)},{v:.6f},{lr:.6g}\n" for s, v, lr, _ in history))
     write_json(a.metrics, metrics)
     tracker.log_metrics(metrics)
-    for name in ("model.pt", "guide.pt", "config.json"):
+    for name in ("model.pt", guide_path("model.pt").name, "config.json"):
         if (a.out / name).exists():
             tracker.log_artifact(a.out / name, "model")
     tracker.log_artifact(a.out / "loss.png")

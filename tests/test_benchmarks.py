@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import shutil
 import sys
 
 import numpy as np
@@ -155,3 +156,28 @@ def test_eval_table_scores_a_pipeline_model_as_the_evaluate_stage_did(tiny_repo)
     assert fid["floor (real train)"] == pytest.approx(ev["floor"]["classifier"]["fid"], abs=2e-3)
     assert fid["ddim5 η=0 w1"] == pytest.approx(ev["cond"]["ddim5_eta0_w1"]["fid"], abs=2e-3)
     assert fid["dpmsolver5 w1"] == pytest.approx(ev["cond"]["dpmsolver5_w1"]["fid"], abs=2e-3)
+
+
+@pytest.mark.slow
+def test_eval_table_scores_the_autoguided_unconditional_model_as_the_evaluate_stage_did(tiny_repo, tmp_path):
+    repo, _ = tiny_repo
+    table = [sys.executable, str(ROOT / "benchmarks/eval_table.py"), "--data", "data/prepared", "--classifier",
+             "models/classifier/classifier.pt", "--num-samples", "40", "--no-ddpm", "--steps", "5",
+             "--device", "cpu"]
+    proc = run([*table, "--model", "models/uncond/model.pt", "--dpmsolver-steps", "5", "--autoguidance", "0", "1"],
+               repo)
+    fid = {line[:20].strip(): float(line[20:].split()[0]) for line in proc.stdout.splitlines()[2:]}
+    assert list(fid) == ["floor (real train)", "ddim5 η=0", "ddim5 η=0 ag1", "dpmsolver5", "dpmsolver5 ag1"]
+    ev = json.loads(run(["git", "show", "HEAD:metrics/eval.json"], repo).stdout)
+    for name, tag in zip(list(fid)[1:], ["ddim5_eta0", "ddim5_eta0_ag1", "dpmsolver5", "dpmsolver5_ag1"]):
+        assert fid[name] == pytest.approx(ev["uncond"][tag]["fid"], abs=2e-3), name
+    assert fid["dpmsolver5 ag1"] != fid["dpmsolver5"]  # the guide reaches the sampler
+
+    # refused in one line, before any scoring: on the conditional model, without a guide model, negative
+    lone = tmp_path / "model.pt"  # an unconditional model with no guide model beside it
+    shutil.copy(repo / "models/uncond/model.pt", lone)
+    for model, weights, words in (("models/cond/model.pt", ["1"], "--autoguidance needs an unconditional model"),
+                                  (lone, ["1"], f"--autoguidance needs the guide model {tmp_path / 'model-guide.pt'}"),
+                                  ("models/uncond/model.pt", ["-1"], "--autoguidance: weights must be >= 0")):
+        bad = run([*table, "--model", str(model), "--autoguidance", *weights], repo, check=False)
+        assert bad.returncode == 2 and words in bad.stderr.splitlines()[-1] and not bad.stdout, bad.stderr

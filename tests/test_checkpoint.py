@@ -1,6 +1,7 @@
 """Model files and training checkpoints: round-trips, exact resume, refusal of corrupt or unsafe files."""
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from ddpm import (
     UNetConfig,
     atomic_save,
     config_hash,
+    guide_path,
     load_model,
     safe_load,
     save_model,
@@ -208,3 +210,9 @@ def test_config_hash_is_stable_and_sensitive():
     b = {"model": {"channel_mults": [1, 2, 2], "base_channels": 64}, "lr": 2e-4}
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash({**a, "lr": 1e-4})
+
+
+@pytest.mark.parametrize("model_file, guide_file", [("models/uncond/model.pt", "models/uncond/model-guide.pt"),
+                                                    ("cache/quick.pt", "cache/quick-guide.pt")])
+def test_a_guide_model_lives_beside_its_model_as_name_guide(model_file, guide_file):
+    assert guide_path(model_file) == guide_path(Path(model_file)) == Path(guide_file)

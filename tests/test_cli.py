@@ -21,6 +21,7 @@ from ddpm import (
     UNet,
     UNetConfig,
     generate,
+    guide_path,
     load_model,
     save_model,
 )
@@ -34,7 +35,7 @@ PAD = 2  # torchvision make_grid padding
 
 def build_models(folder: Path) -> dict[str, Path]:
     """A tiny unconditional and a tiny 3-class conditional model file, each after a few training steps, and
-    guide.pt beside them, the unconditional model's guide for autoguidance (its EMA weights halfway)."""
+    uncond-guide.pt beside them, the unconditional model's guide for autoguidance (its EMA weights halfway)."""
     data = make_glyphs(100, 3, seed=0)
     keep = data.train_labels < len(CLASS_NAMES)
     images, labels = data.train_images[keep], data.train_labels[keep]
@@ -50,9 +51,10 @@ def build_models(folder: Path) -> dict[str, Path]:
         trainer.fit(progress=False)
         assert trainer.step >= 3
         paths[variant] = folder / f"{variant}.pt"
-        save_model(paths[variant], trainer.ema.module, unet, dcfg, {"variant": variant, "class_names": CLASS_NAMES})
+        meta = {"variant": variant, "class_names": CLASS_NAMES}
+        save_model(paths[variant], trainer.ema.module, unet, dcfg, meta)
         if trainer.guide is not None:
-            save_model(folder / "guide.pt", trainer.guide, unet, dcfg, {"variant": variant, "class_names": CLASS_NAMES})
+            save_model(guide_path(paths[variant]), trainer.guide, unet, dcfg, meta)
     return paths
 
 
@@ -141,7 +143,7 @@ def test_sample_autoguidance_is_that_of_generate_with_the_guide_beside_the_model
     common = ["sample", "--model", models["uncond"], "--num", "3", "--steps", "4", "--device", "cpu"]
     in_process(*common, "--autoguidance", "2", "--labels", "--out", "a.png", "--save-array", "a.npz")
     model, diffusion, _ = load_model(models["uncond"])
-    guide = load_model(models["uncond"].with_name("guide.pt"))[0]
+    guide = load_model(guide_path(models["uncond"]))[0]
     expected = generate(Autoguided(model, guide, 2.0), diffusion, 3, (1, 28, 28), seed=0, steps=4)
     np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["images"], expected.numpy())
     assert not torch.equal(expected, generate(model, diffusion, 3, (1, 28, 28), seed=0, steps=4))
@@ -220,7 +222,7 @@ BAD = {
     "autoguidance on cond": (["sample", "--model", "{cond}", "--autoguidance", "1"],
                              ["--autoguidance", "class-conditional", "--guidance"]),
     "autoguidance without a guide": (["sample", "--model", "{lone}", "--autoguidance", "1"],
-                                     ["--autoguidance", "guide.pt", "train.guide_at"]),
+                                     ["--autoguidance", "lone/model-guide.pt", "train.guide_at"]),
     "steps 0": (["sample", "--model", "{uncond}", "--steps", "0"], ["--steps", ">= 1"]),
     "steps above T": (["sample", "--model", "{uncond}", "--steps", "21"], ["--steps 21", "T = 20"]),
     "compare steps above T": (["compare", "--model", "{uncond}", "--steps", "5", "50"], ["--steps 50", "T = 20"]),
@@ -238,7 +240,7 @@ BAD = {
 def bad_args(case: str, models: dict[str, Path], folder: Path) -> tuple[list[str], list[str]]:
     args, words = BAD[case]
     (folder / "notes.txt").write_text("not a model\n")
-    (folder / "lone").mkdir(exist_ok=True)  # an unconditional model with no guide.pt beside it
+    (folder / "lone").mkdir(exist_ok=True)  # an unconditional model with no model-guide.pt beside it
     shutil.copy(models["uncond"], folder / "lone/model.pt")
     args = [a.format(text=folder / "notes.txt", lone=folder / "lone/model.pt", **models) for a in args]
     return args + ([] if "--out" in args else ["--out", "out/picture.png"]) + ["--device", "cpu"], words

@@ -33,7 +33,7 @@ def test_two_processes_train_like_one(tmp_path_factory):
     assert last(losses1) < 0.8 * first(losses1) and last(losses2) < 0.8 * first(losses2)
     assert abs(last(losses2) - last(losses1)) < 0.15 * last(losses1)
     # exactly one set of outputs and one MLflow run, written by rank 0
-    assert sorted(p.name for p in (two / "model").iterdir()) == ["config.json", "grids", "guide.pt", "loss.png",
+    assert sorted(p.name for p in (two / "model").iterdir()) == ["config.json", "grids", "loss.png", "model-guide.pt",
                                                                  "model.pt"]
     client = MlflowClient(f"sqlite:///{two / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'train'")

@@ -16,12 +16,12 @@ def test_repro_runs_every_stage_and_writes_every_output(tiny_repo):
     repo, output = tiny_repo
     assert stages_run(output) == ALL_STAGES
     for path in ["data/prepared/train.pt", "data/prepared/test.pt", "models/classifier/classifier.pt",
-                 "models/uncond/model.pt", "models/uncond/guide.pt", "models/cond/model.pt",
+                 "models/uncond/model.pt", "models/uncond/model-guide.pt", "models/cond/model.pt",
                  "models/cond/grids/epoch_002.png",
                  "checkpoints/uncond/last.pt", "plots/loss_uncond.csv", "plots/fid_vs_steps.csv",
                  "plots/fid_vs_steps.png", "metrics/classifier.json", "metrics/train_uncond.json"]:
         assert (repo / path).is_file(), path
-    assert not (repo / "models/cond/guide.pt").exists()  # guided by its own label-free prediction
+    assert not (repo / "models/cond/model-guide.pt").exists()  # guided by its own label-free prediction
     for variant, tags in [("uncond", ["ddim5_eta0", "ddim10_eta0", "ddim5_eta0_ag1", "ddim10_eta0_ag1"]),
                           ("cond", ["ddim5_eta0_w1", "ddim10_eta0_w1"])]:
         for tag in tags:
@@ -43,7 +43,7 @@ def test_dpmsolver_samples_are_those_of_generate(tiny_repo):
 def test_autoguided_samples_are_those_of_the_model_guided_by_its_halfway_snapshot(tiny_repo):
     repo, _ = tiny_repo
     model, diffusion, meta = load_model(repo / "models/uncond/model.pt")
-    guide, _, guide_meta = load_model(repo / "models/uncond/guide.pt")
+    guide, _, guide_meta = load_model(repo / "models/uncond/model-guide.pt")
     assert (meta["steps"], guide_meta["steps"]) == (12, 6)  # train.guide_at 0.5 of 12 steps
     expected = generate(Autoguided(model, guide, 1.0), diffusion, 40, (1, 28, 28), seed=0, method="dpmsolver", steps=5)
     samples = repo / "samples/uncond/dpmsolver"

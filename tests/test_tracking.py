@@ -95,7 +95,8 @@ def test_model_artifact_loads_and_samples(tiny_repo, tmp_path):
     versions = client.search_model_versions("name = 'ddpm-cond'")
     assert any(v.run_id == train.info.run_id for v in versions)
     runs = runs_of(client, first_parent(client).info.run_id)  # only the unconditional model keeps a guide
-    for variant, names in (("cond", {"model.pt", "config.json"}), ("uncond", {"model.pt", "guide.pt", "config.json"})):
+    for variant, names in (("cond", {"model.pt", "config.json"}),
+                           ("uncond", {"model.pt", "model-guide.pt", "config.json"})):
         listed = {a.path for a in client.list_artifacts(runs[f"train-{variant}"].info.run_id, "model")}
         assert listed == {f"model/{n}" for n in names}, (variant, listed)
 
