@@ -113,6 +113,7 @@ class VisualizeParams:
     frames: int = 10                 # columns of the reverse-process strip and of the interpolation
     steps: int = 50                  # DDIM steps for the class grid, reverse strip, interpolation (at most T)
     guidance: float = 2.0            # classifier-free guidance weight w for the conditional model
+    autoguidance: float = 0.0        # autoguidance weight w for the unconditional model (needs train.guide_at > 0)
     compare_steps: tuple[int, ...] = (5, 10, 20, 50)   # DDPM vs DDIM step counts (those above T are skipped)
 
 
@@ -257,6 +258,9 @@ def _checks(p: Params):
         ("visualize.frames", v.frames >= 2, ">= 2"),
         ("visualize.steps", v.steps >= 1, ">= 1 (capped at diffusion.timesteps)"),
         ("visualize.guidance", v.guidance >= 0, ">= 0"),
+        ("visualize.autoguidance", v.autoguidance >= 0, ">= 0"),
+        ("visualize.autoguidance", t.guide_at > 0 or v.autoguidance == 0,
+         "0 while train.guide_at is 0 (the unconditional model has no guide model to be guided by)"),
         ("visualize.compare_steps", len(v.compare_steps) >= 1 and min(v.compare_steps) >= 1,
          "a non-empty list of steps >= 1 (those above diffusion.timesteps are skipped)"),
     ]

@@ -2,7 +2,8 @@
 
 usage: python -m stages.visualize --uncond FILE --cond FILE --out DIR
 Writes into DIR, each picture with row and column labels: cond_classes.png (one row per class, with
-guidance visualize.guidance); for each model <variant>_reverse.png (x_t and the predicted x0 along
+guidance visualize.guidance; the unconditional model's pictures with autoguidance visualize.autoguidance,
+guided by its model-guide.pt); for each model <variant>_reverse.png (x_t and the predicted x0 along
 DDIM), <variant>_interpolation.png (DDIM decodings of a slerp between two noises) and
 <variant>_compare.png (the same noise through DDPM and DDIM at visualize.compare_steps); and
 schedule.png (beta_t, alpha_bar_t and log-SNR of the linear and cosine schedules).
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm import ImageGenerator, generate, load_model, resolve_device
+from ddpm import Autoguided, ImageGenerator, generate, guide_path, load_model, resolve_device
 from ddpm.pictures import Picture, interpolation, reverse_strip, sampler_comparison, schedule_figure
 
 from .common import atomic_dir, path_parser, run, save_figure, seed_everything
@@ -31,6 +32,9 @@ def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> 
     y = torch.arange(n) % k if k else None
     rows = [names[i] for i in y] if k else None
     tag = f"{variant} model" + (f", w = {w:g}" if k else "")
+    if not k and v.autoguidance:  # every picture below from the model guided by its early EMA snapshot
+        model = Autoguided(model, load_model(guide_path(model_path), device)[0], v.autoguidance)
+        tag += f", autoguidance w = {v.autoguidance:g}"
 
     if k:  # one row per class
         labels = torch.arange(k).repeat_interleave(v.per_class)

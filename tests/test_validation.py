@@ -25,6 +25,9 @@ CASES = [  # (section, key, bad value, expected message fragment)
     ("sample", "guidance", [-1.0], "sample.guidance = (-1.0,) is out of range; allowed: a list of values >= 0"),
     ("sample", "autoguidance", [1.0], "sample.autoguidance = (1.0,) is out of range; allowed: [0] while "
                                       "train.guide_at is 0 (the unconditional model has no guide model"),
+    ("visualize", "autoguidance", 1.0, "visualize.autoguidance = 1.0 is out of range; allowed: 0 while "
+                                       "train.guide_at is 0 (the unconditional model has no guide model"),
+    ("visualize", "autoguidance", -1.0, "visualize.autoguidance = -1.0 is out of range; allowed: >= 0"),
     ("train", "guide_at", 1.0, "train.guide_at = 1.0 is out of range; allowed: in [0, 1) (0: no guide model)"),
     ("sample", "ddim_steps", [10, 2000], "sample.ddim_steps = (10, 2000) is out of range; allowed: a list of "
                                          "steps in [1, diffusion.timesteps = 1000]"),

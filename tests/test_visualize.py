@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 from test_cli import tiny_models
 
-from ddpm import Diffusion, ImageGenerator, UNet, UNetConfig, make_betas, to_uint8
+from ddpm import Diffusion, ImageGenerator, UNet, UNetConfig, guide_path, make_betas, to_uint8
 from ddpm.pictures import make_grid, reverse_strip, schedule_figure, slerp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,12 +68,16 @@ def test_schedule_figure_shows_both_schedules():
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A folder with a tiny params.yaml and the two tiny models."""
-    folder = tmp_path_factory.mktemp("project")
-    (folder / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    """A folder with a tiny params.yaml and the two tiny models (and the unconditional one's guide model)."""
+    return make_project(tmp_path_factory.mktemp("project"), TINY_PARAMS, tiny_models(tmp_path_factory))
+
+
+def make_project(folder: Path, params: dict, models: dict[str, Path]) -> Path:
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
     (folder / "models").mkdir()
-    for variant, path in tiny_models(tmp_path_factory).items():
+    for variant, path in models.items():
         (folder / "models" / f"{variant}.pt").symlink_to(path)
+    (folder / "models/uncond-guide.pt").symlink_to(guide_path(models["uncond"]))
     return folder
 
 
@@ -93,6 +97,19 @@ def test_stage_writes_every_picture(project):
     for name in PICTURES:
         image = Image.open(out / name)
         assert image.format == "PNG" and min(image.size) > 100, name
+
+
+def test_autoguidance_guides_every_unconditional_picture_and_no_conditional_one(project, tmp_path_factory):
+    if not (project / "plots/pictures").is_dir():
+        assert visualize(project).returncode == 0
+    params = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "guide_at": 0.5},
+              "visualize": {**TINY_PARAMS["visualize"], "autoguidance": 2.0}}
+    guided = make_project(tmp_path_factory.mktemp("guided"), params, tiny_models(tmp_path_factory))
+    proc = visualize(guided)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in PICTURES:
+        same = (guided / "plots/pictures" / name).read_bytes() == (project / "plots/pictures" / name).read_bytes()
+        assert same == (not name.startswith("uncond_")), name
 
 
 def test_stage_rejects_a_bad_visualize_param(project, tmp_path, monkeypatch):
