@@ -4,7 +4,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 import yaml
@@ -87,8 +86,7 @@ def test_model_artifact_loads_and_samples(tiny_repo, tmp_path):
     train = runs_of(client, first_parent(client).info.run_id)["train-cond"]
     artifacts = {a.path for a in client.list_artifacts(train.info.run_id, "grids")}
     assert artifacts == {"grids/epoch_001.png", "grids/epoch_002.png"}
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    local = mlflow.artifacts.download_artifacts(run_id=train.info.run_id, artifact_path="model", dst_path=tmp_path)
+    local = client.download_artifacts(train.info.run_id, "model", str(tmp_path))
     model, diffusion, meta = load_model(Path(local) / "model.pt")
     images = generate(model, diffusion, 4, (1, 28, 28), seed=0, steps=3, labels=torch.arange(4))
     assert images.shape == (4, 1, 28, 28) and images.dtype == torch.uint8
