@@ -37,8 +37,24 @@ from .common import (
     write_json,
     write_text,
 )
-from .params import load_params, sections
+from .params import Params, load_params, sections
 from .tracking import Tracker, stage_run
+
+# The train key that only one variant reads: the unconditional model's guide snapshot (the conditional
+# model is guided by its own label-free prediction) and the conditional model's label drop rate. The
+# other variant trains with it at 0, and dvc.yaml lists each train stage's keys to match, so that
+# changing one of them retrains only the model that reads it.
+OWN_KEY = {"uncond": "guide_at", "cond": "p_uncond"}
+
+
+def unread_key(variant: str) -> str:
+    """The train key that `variant`'s training does not read: the other variant's own key."""
+    return OWN_KEY["cond" if variant == "uncond" else "uncond"]
+
+
+def variant_params(p: Params, variant: str) -> Params:
+    """`p` as `variant`'s training reads it: its unread train key at 0, also in the run hash."""
+    return dataclasses.replace(p, train=dataclasses.replace(p.train, **{unread_key(variant): 0.0}))
 
 
 def main(argv: list[str]) -> None:
@@ -49,6 +65,7 @@ def main(argv: list[str]) -> None:
     if p.train.nproc > 1 and "WORLD_SIZE" not in os.environ:  # relaunch as train.nproc processes
         sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc_per_node={p.train.nproc}", "-m", "stages.train", *argv]))
+    p = variant_params(p, a.variant)
     info = load_info(a.data)
     num_classes = len(class_names(info, "conditional training")) if a.variant == "cond" else None
     unet = p.model.unet(info["shape"][0], info["shape"][1], num_classes)
@@ -62,6 +79,7 @@ def main(argv: list[str]) -> None:
     previous = read_state(a.checkpoints, run_hash)
     barrier()
     params = sections(p, "seed", "device", "diffusion", "model", "train")
+    del params["train"][unread_key(a.variant)]
     with stage_run("train", a.variant, params, info["content_hash"], previous.get("run_id")) as tracker:
         write_json(a.checkpoints / "run.json", {"run_hash": run_hash, "run_id": tracker.run_id})
         train(a, p, unet, num_classes, run_hash, tracker, device, rank, world_size)
@@ -85,9 +103,7 @@ def train(a, p, unet, num_classes, run_hash, tracker, device, rank, world_size) 
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         seed_everything(p.seed + rank)  # each rank its own dropout
-    # the conditional model is guided by its own label-free prediction, so it keeps no guide
-    config = dataclasses.replace(p.train, guide_at=0.0) if num_classes else p.train
-    trainer = Trainer(model, Diffusion.from_config(p.diffusion), images, labels if num_classes else None, config,
+    trainer = Trainer(model, Diffusion.from_config(p.diffusion), images, labels if num_classes else None, p.train,
                       device, p.seed, rank, world_size)
     history = resume(trainer, a.checkpoints / "last.pt", run_hash)
     logged = tracker.last_step("loss")  # points after it are in the checkpoint but not yet in MLflow

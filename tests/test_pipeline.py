@@ -101,17 +101,26 @@ def test_changing_eta_reruns_only_the_ddim_stages_and_evaluation(tiny_experiment
     assert stages_run(tiny_experiments["eta-half"]) == {"sample-ddim@uncond", "sample-ddim@cond", "evaluate"}
 
 
-@pytest.mark.parametrize("key, variant", [("guidance", "cond"), ("autoguidance", "uncond")])
-def test_changing_a_guidance_weight_changes_only_that_models_sample_stages(tiny_repo, key, variant):
+SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+
+
+@pytest.mark.parametrize("section, key, value, changed", [
+    ("sample", "guidance", [0.5, 1.0], {f"sample-{m}@cond" for m in SAMPLERS}),
+    ("sample", "autoguidance", [0.5, 1.0], {f"sample-{m}@uncond" for m in SAMPLERS}),
+    ("train", "guide_at", 0.25, {"train@uncond"}),
+    ("train", "p_uncond", 0.3, {"train@cond"}),
+    ("train", "lr", 0.01, {"train@uncond", "train@cond"}),
+])
+def test_a_key_that_one_model_reads_changes_only_that_models_stages(tiny_repo, section, key, value, changed):
     repo, _ = tiny_repo
     params = repo / "params.yaml"
     original = params.read_text()
     try:
-        params.write_text(yaml.safe_dump(merge(yaml.safe_load(original), {"sample": {key: [0.5, 1.0]}})))
+        params.write_text(yaml.safe_dump(merge(yaml.safe_load(original), {section: {key: value}})))
         status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
     finally:
         params.write_text(original)
-    assert set(status) == {f"sample-{m}@{variant}" for m in ("ddpm", "ddim", "dpmsolver")}, status
+    assert set(status) == changed, status
 
 
 def test_changing_training_params_reruns_train_sample_evaluate(tiny_repo, tiny_experiments):
