@@ -9,7 +9,7 @@ logged to MLflow (experiment "budget") and appended to --results. --model scores
 earlier run kept with --save-model (other samplers, no training). --guidance trains the class-conditional
 model instead (labels dropped at train.p_uncond) and samples it with balanced labels at each
 classifier-free guidance weight. --autoguidance samples the unconditional model guided by the early EMA
-snapshot that `-S train.guide_at=F` keeps (Karras et al. 2024) at each weight.
+snapshot that `-S train_uncond.guide_at=F` keeps (Karras et al. 2024) at each weight.
 
     python -m benchmarks.budget --minutes 25 -S data.name=fashion_mnist -S model.base_channels=32 \\
         -S train.lr=1e-3 -S train.ema_decay=0.999
@@ -37,20 +37,21 @@ from ddpm import (
     generate,
     guide_path,
     load_classifier,
+    load_guide,
     load_model,
     resolve_device,
     save_classifier,
     save_model,
 )
-from ddpm.classifier import Classifier
-from ddpm.data import stratified_subset
+from ddpm.classifier import Classifier, fit_classifier
+from ddpm.data import floor_subset, stratified_subset
+from ddpm.images import load_images
 from ddpm.metrics import Scorer, make_extractor, reference_features
 from ddpm.sampling import METHODS, SPACINGS
-from stages.classifier import fit
-from stages.common import run, save_grid
-from stages.params import ParamsError, sections, validate
-from stages.prepare import load
-from stages.tracking import flatten, repo_root, tracking_uri
+from stages.pipeline.io import save_grid
+from stages.pipeline.params import ParamsError, sections, train_config, validate
+from stages.pipeline.run import run
+from stages.pipeline.tracking import flatten, repo_root, tracking_uri
 
 FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "method", "ddim_steps", "spacing",
           "guidance", "fid", "floor", "ratio", "sample_s"]  # guidance: the unconditional model's autoguidance or blank
@@ -73,8 +74,10 @@ def classifier_for(p, data, path: Path, device) -> Classifier:
     """The domain classifier for this dataset, trained once and kept at `path`."""
     if path.is_file():
         return load_classifier(path, device)
-    model, _, acc = fit(p, (data.train_images, data.train_labels), (data.test_images, data.test_labels),
-                        len(data.class_names))
+    c = p.classifier
+    model, _, acc = fit_classifier((data.train_images, data.train_labels), (data.test_images, data.test_labels),
+                                   len(data.class_names), width=c.width, epochs=c.epochs, lr=c.lr,
+                                   batch_size=c.batch_size, seed=p.seed, device=device)
     print(f"classifier test accuracy {acc:.4f}")  # trained as the classifier stage trains it
     save_classifier(path, model.cpu())
     return model.to(device)
@@ -88,7 +91,8 @@ def train_for(p, data, minutes: float, device, max_steps: int | None = None,
     classes = len(data.class_names) if conditional else None
     unet = p.model.unet(data.train_images.shape[1], data.train_images.shape[2], classes)
     trainer = Trainer(UNet(unet).to(device), Diffusion.from_config(p.diffusion), data.train_images,
-                      data.train_labels if conditional else None, p.train, device, seed=p.seed)
+                      data.train_labels if conditional else None, train_config(p, "cond" if conditional else "uncond"),
+                      device, seed=p.seed)
     trainer.model.train()
     start = time.perf_counter()
     budget = f"{max_steps} steps" if max_steps else f"{minutes:g} min"
@@ -121,8 +125,8 @@ def main(argv: list[str]) -> None:
                     help="train the class-conditional model and sample it at these guidance weights (0: the "
                     "conditional model alone); default: the unconditional model")
     ap.add_argument("--autoguidance", type=float, nargs="+", metavar="W",
-                    help="sample the unconditional model guided by its guide model (-S train.guide_at=F) at these "
-                    "weights (0: the model alone)")
+                    help="sample the unconditional model guided by its guide model (-S train_uncond.guide_at=F) at "
+                    "these weights (0: the model alone)")
     ap.add_argument("--name", default="", help="a label for the results table")
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("budget_results.csv"))
     ap.add_argument("--save-model", type=Path, help="also write the EMA model here (for `ddpm sample --model`), "
@@ -147,17 +151,19 @@ def main(argv: list[str]) -> None:
         raise ParamsError("--autoguidance: the unconditional model's; the class-conditional one takes --guidance")
     p = profile(args.overrides)
     guided = any(args.autoguidance or ())
-    if guided and not args.model and not p.train.guide_at:
-        raise ParamsError("--autoguidance: the model needs a guide model; set -S train.guide_at=F (0 < F < 1)")
+    if guided and not args.model and not p.train_uncond.guide_at:
+        raise ParamsError("--autoguidance: the model needs a guide model; set -S train_uncond.guide_at=F (0 < F < 1)")
     device = resolve_device(p.device)
-    guide = load_model(guide_path(args.model), device)[0] if guided and args.model else None  # before any work
-    data = load(p.data, p.seed)
+    guide = load_guide(args.model, device) if guided and args.model else None  # before any work
+    d = p.data
+    data = load_images(d.name, root=d.root, classes=d.classes, image_size=d.image_size, channels=d.channels,
+                       seed=p.seed)
     train = stratified_subset(data.train_images, data.train_labels, p.data.limit, p.seed)
     data = dataclasses.replace(data, train_images=train[0], train_labels=train[1])
     source = p.data.name + (f"-{Path(p.data.root).name}" if p.data.root else "")
     cache = Path(__file__).with_name(".cache") / f"{source}-classifier.pt"
     classifier = classifier_for(p, data, args.classifier or cache, device)
-    floor = stratified_subset(data.train_images, data.train_labels, args.num_samples, p.seed + 2)
+    floor = floor_subset(data.train_images, data.train_labels, args.num_samples, p.seed)
     extractor = make_extractor("classifier", classifier=classifier, device=device)
     scorer = Scorer({"classifier": extractor},
                     {"classifier": reference_features(extractor, (data.test_images, data.test_labels), floor,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ddpm.data import class_histogram, read_idx
-from stages.common import run
+from stages.pipeline.run import run
 
 
 def write_idx(path: Path, array: torch.Tensor) -> None:

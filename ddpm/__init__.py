@@ -8,9 +8,11 @@ The vocabulary (x0, x_t, t, eps, alpha_bar, y, w) is declared in `ddpm.diffusion
 from .checkpoint import (
     CheckpointError,
     atomic_save,
+    atomic_write,
     config_hash,
     guide_path,
     load_classifier,
+    load_guide,
     load_model,
     safe_load,
     save_classifier,
@@ -33,7 +35,8 @@ from .training import TrainConfig, Trainer, resolve_device
 from .unet import UNet, UNetConfig
 
 __all__ = [
-    "CheckpointError", "atomic_save", "config_hash", "guide_path", "load_classifier", "load_model", "safe_load",
+    "CheckpointError", "atomic_save", "atomic_write", "config_hash", "guide_path", "load_classifier", "load_guide",
+    "load_model", "safe_load",
     "save_classifier", "save_model",
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
     "Autoguided", "ImageGenerator", "ddim_sample", "ddim_timesteps", "ddpm_sample", "dpm_solver_sample", "generate",

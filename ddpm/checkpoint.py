@@ -5,6 +5,7 @@ state, step, RNG state, the model config and a hash of the training config). A m
 what inference needs: the EMA weights, the UNet config and the diffusion config.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,20 +31,26 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def atomic_save(obj: dict, path: str | Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then rename over `path`:
-    a crash mid-write leaves the previous file intact."""
+@contextlib.contextmanager
+def atomic_write(path: str | Path):
+    """Yield a temporary path beside `path` (same suffix) to write to; on success it is synced to disk
+    and renamed over `path`, on failure removed: a crash mid-write leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj: dict, path: str | Path) -> None:
+    """torch.save through `atomic_write`."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def safe_load(path: str | Path, required: tuple[str, ...] = (), map_location="cpu") -> dict:
@@ -103,6 +110,15 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
     except (TypeError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: model file does not match its config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), Diffusion.from_config(dcfg).to(device), obj["meta"]
+
+
+def load_guide(model_file: str | Path, device: torch.device | str = "cpu") -> UNet:
+    """The guide model kept beside `model_file` (`guide_path`), for autoguidance, in eval mode."""
+    path = guide_path(model_file)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; autoguidance needs the guide model that training keeps "
+                              "when asked to (Trainer's guide_at > 0)")
+    return load_model(path, device)[0]
 
 
 def save_classifier(path: str | Path, model: torch.nn.Module) -> None:

@@ -137,3 +137,18 @@ def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor, *, b
     _check_labelled(images, labels)
     logits = predict(model, images, batch_size=batch_size, device=device)
     return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def fit_classifier(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                   num_classes: int, *, width: int, epochs: int, lr: float, batch_size: int, seed: int,
+                   device: str | torch.device = "cpu") -> tuple[Classifier, list[float], float]:
+    """A classifier of `width` trained on uint8 (images, labels) `train`: (model, loss per epoch, accuracy
+    on `test`). The same seed gives the same weights."""
+    (images, labels), device = train, torch.device(device)
+    torch.manual_seed(seed)
+    config = ClassifierConfig(in_channels=images.shape[1], image_size=images.shape[2], num_classes=num_classes,
+                              width=width)
+    model = Classifier(config)
+    losses = train_classifier(model, images, labels, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                              device=device)
+    return model, losses, accuracy(model, *test, device=device)

@@ -292,6 +292,12 @@ def stratified_subset(images: torch.Tensor, labels: torch.Tensor, limit: int | N
     return images[chosen], labels[chosen]
 
 
+def floor_subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real train images that are scored as if generated, for the floor of every metric: a class-stratified
+    subset of `n`, drawn with seed + 2 (a pipeline draws its train and test subsets with seed and seed + 1)."""
+    return stratified_subset(images, labels, n, seed + 2)
+
+
 def class_histogram(labels: torch.Tensor, num_classes: int) -> list[int]:
     """Count of each label 0..num_classes-1 in `labels` (N,)."""
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):

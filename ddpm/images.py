@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .data import DataError, ImageData, stratified_subset
+from .data import DataError, ImageData, load_dataset, stratified_subset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TEST_FRACTION = 0.1
@@ -137,3 +137,17 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, C, S, S) -> uint8 (N, C, size, size), antialiased bilinear."""
     out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_images(name: str, *, root: str | Path | None = None, classes: list[str | int] | None = None,
+                image_size: int | None = None, channels: int | None = None, seed: int = 0) -> ImageData:
+    """A dataset by name (`load_dataset`) or, for "imagefolder", the folder `root` (default size 32 px,
+    RGB), keeping only `classes` (relabelled 0..K-1) at `image_size` px and `channels` (None: as stored)."""
+    if name == "imagefolder":
+        data = load_image_folder(root, image_size or 32, channels or 3, seed)
+    else:
+        data = load_dataset(name, root=root, seed=seed)
+    if classes is not None:
+        data = select_classes(data, list(classes))
+    return ImageData(convert(data.train_images, image_size, channels), data.train_labels,
+                     convert(data.test_images, image_size, channels), data.test_labels, class_names=data.class_names)

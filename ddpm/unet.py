@@ -33,6 +33,23 @@ class UNetConfig:
     num_classes: int | None = None
     patch_size: int = 1          # fold p x p pixels into channels; resolutions below count patches
 
+    @classmethod
+    def for_images(cls, in_channels: int, image_size: int, num_classes: int | None = None, *,
+                   channel_mults: tuple[int, ...] | None = None,
+                   attention_resolutions: tuple[int, ...] | None = None, patch_size: int = 1,
+                   **fields) -> "UNetConfig":
+        """The config for images of this shape, with the size-dependent choices left as None filled in:
+        channel_mults (1, 2, 2) up to 32 px, (1, 2, 2, 2) above; attention at the resolution after two
+        downsamplings (7 at 28 px, 8 at 32, 16 at 64; counted in patches)."""
+        if image_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide the image size {image_size}")
+        size = image_size // patch_size
+        quarter = (((size + 1) // 2) + 1) // 2  # the UNet halves sizes rounding up
+        return cls(in_channels=in_channels, image_size=image_size, num_classes=num_classes, patch_size=patch_size,
+                   channel_mults=channel_mults or ((1, 2, 2) if image_size <= 32 else (1, 2, 2, 2)),
+                   attention_resolutions=attention_resolutions if attention_resolutions is not None else (quarter,),
+                   **fields)
+
 
 def norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with up to 32 groups of at least 2 channels: a group of one channel would subtract

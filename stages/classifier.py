@@ -3,14 +3,13 @@
 usage: python -m stages.classifier --data DIR --out DIR --metrics FILE
 """
 
-import torch
-
 from ddpm import resolve_device, save_classifier
-from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
+from ddpm.classifier import fit_classifier
 
-from .common import atomic_dir, class_names, load_info, load_prepared, path_parser, run, seed_everything, write_json
-from .params import load_params, sections
-from .tracking import stage_run
+from .pipeline.io import atomic_dir, class_names, load_info, load_prepared, write_json
+from .pipeline.params import load_params, sections
+from .pipeline.run import path_parser, run
+from .pipeline.tracking import stage_run
 
 
 def main(argv: list[str]) -> None:
@@ -23,25 +22,13 @@ def main(argv: list[str]) -> None:
         train(a, p, tracker)
 
 
-def fit(p, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-        num_classes: int) -> tuple[Classifier, list[float], float]:
-    """The domain classifier trained with `p.classifier` on (images, labels): (model, loss per epoch,
-    test accuracy)."""
-    seed_everything(p.seed)
-    device = resolve_device(p.device)
-    (images, labels), (test_images, test_labels) = train, test
-    config = ClassifierConfig(in_channels=images.shape[1], image_size=images.shape[2], num_classes=num_classes,
-                              width=p.classifier.width)
-    model = Classifier(config)
-    losses = train_classifier(model, images, labels, epochs=p.classifier.epochs, lr=p.classifier.lr,
-                              batch_size=p.classifier.batch_size, seed=p.seed, device=device)
-    return model, losses, accuracy(model, test_images, test_labels, device=device)
-
-
 def train(a, p, tracker) -> None:
     images, labels, info = load_prepared(a.data, "train")
     test_images, test_labels, _ = load_prepared(a.data, "test")
-    model, losses, acc = fit(p, (images, labels), (test_images, test_labels), len(info["class_names"]))
+    c = p.classifier
+    model, losses, acc = fit_classifier((images, labels), (test_images, test_labels), len(info["class_names"]),
+                                        width=c.width, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, seed=p.seed,
+                                        device=resolve_device(p.device))
     with atomic_dir(a.out) as tmp:
         save_classifier(tmp / "classifier.pt", model.cpu())
     metrics = {"test_accuracy": round(acc, 5), "final_loss": round(losses[-1], 5)}

@@ -17,10 +17,11 @@ from ddpm import load_classifier, resolve_device, safe_load
 from ddpm.metrics import Scorer, make_extractor
 from ddpm.plots import cfg_tradeoff, csv_text, fid_vs_steps
 
-from .common import load_info, path_parser, run, save_figure, seed_everything, write_json, write_text
-from .params import load_params, sections
+from .pipeline.io import load_info, save_figure, write_json, write_text
+from .pipeline.params import load_params, sections
+from .pipeline.run import path_parser, run, seed_everything
+from .pipeline.tracking import stage_run
 from .reference import inception_weights
-from .tracking import stage_run
 
 SETTING = ("method", "steps", "eta", "guidance", "seed", "num_samples")  # of each sample set, from its index.json
 

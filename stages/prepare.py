@@ -4,12 +4,13 @@ usage: python -m stages.prepare OUT_DIR
 """
 
 from ddpm import atomic_save
-from ddpm.data import ImageData, class_histogram, load_dataset, stratified_subset
-from ddpm.images import convert, load_image_folder, select_classes
+from ddpm.data import class_histogram, stratified_subset
+from ddpm.images import load_images
 
-from .common import atomic_dir, run, seed_everything, write_json
-from .params import load_params, sections
-from .tracking import stage_run
+from .pipeline.io import atomic_dir, write_json
+from .pipeline.params import load_params, sections
+from .pipeline.run import run, seed_everything
+from .pipeline.tracking import stage_run
 
 
 def main(argv: list[str]) -> None:
@@ -21,7 +22,9 @@ def main(argv: list[str]) -> None:
 
 def prepare(p, out, tracker) -> None:
     seed_everything(p.seed)
-    data = load(p.data, p.seed)
+    d = p.data
+    data = load_images(d.name, root=d.root, classes=d.classes, image_size=d.image_size, channels=d.channels,
+                       seed=p.seed)
     train = stratified_subset(data.train_images, data.train_labels, p.data.limit, p.seed)
     test = stratified_subset(data.test_images, data.test_labels, p.data.test_limit, p.seed + 1)
     num_classes = len(data.class_names)  # 0: an unlabelled image folder
@@ -45,19 +48,6 @@ def prepare(p, out, tracker) -> None:
     tracker.log_artifact(f"{out}/info.json")
     print(f"prepared {p.data.name}: {len(train[0])} train / {len(test[0])} test images of shape "
           f"{tuple(train[0].shape[1:])}")
-
-
-def load(d, seed: int) -> ImageData:
-    """The dataset that the data params describe: its classes, size and channels."""
-    if d.name == "imagefolder":
-        data = load_image_folder(d.root, d.image_size or 32, d.channels or 3, seed)
-    else:
-        data = load_dataset(d.name, root=d.root, seed=seed)
-    if d.classes is not None:
-        data = select_classes(data, list(d.classes))
-    return ImageData(*(convert(x, d.image_size, d.channels) if x.dim() == 4 else x for x in
-                       (data.train_images, data.train_labels, data.test_images, data.test_labels)),
-                     class_names=data.class_names)
 
 
 if __name__ == "__main__":

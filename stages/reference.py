@@ -12,14 +12,13 @@ import warnings
 from pathlib import Path
 
 from ddpm import atomic_save, load_classifier, resolve_device
-from ddpm.data import stratified_subset
+from ddpm.data import floor_subset
 from ddpm.metrics import MissingWeightsError, find_inception_weights, make_extractor, reference_features
 
-from .common import atomic_dir, load_prepared, path_parser, run, seed_everything
-from .params import load_params, sections
-from .tracking import stage_run
-
-FLOOR_SEED_OFFSET = 2  # prepare draws its train and test subsets with seed and seed + 1
+from .pipeline.io import atomic_dir, load_prepared
+from .pipeline.params import load_params, sections
+from .pipeline.run import path_parser, run, seed_everything
+from .pipeline.tracking import stage_run
 
 
 def inception_weights(p) -> Path | None:
@@ -45,7 +44,7 @@ def main(argv: list[str]) -> None:
         n = p.sample.num_samples
         if n > len(images):
             warnings.warn(f"the floor uses all {len(images)} train images, fewer than the {n} generated", stacklevel=1)
-        floor_images, floor_labels = stratified_subset(images, labels, n, p.seed + FLOOR_SEED_OFFSET)
+        floor_images, floor_labels = floor_subset(images, labels, n, p.seed)
         device = resolve_device(p.device)
         classifier = load_classifier(a.classifier, device)
         with atomic_dir(a.out) as tmp:

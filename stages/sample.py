@@ -18,9 +18,10 @@ import torch
 from ddpm import Autoguided, atomic_save, generate, guide_path, load_model, resolve_device
 from ddpm.sampling import METHODS
 
-from .common import atomic_dir, path_parser, run, save_grid, seed_everything, write_json
-from .params import load_params, sections
-from .tracking import stage_run
+from .pipeline.io import atomic_dir, save_grid, write_json
+from .pipeline.params import load_params, sections
+from .pipeline.run import path_parser, run, seed_everything
+from .pipeline.tracking import stage_run
 
 
 def settings(method: str, p, timesteps: int, conditional: bool) -> list[dict]:

@@ -16,9 +16,10 @@ import torch
 from ddpm import Autoguided, ImageGenerator, generate, guide_path, load_model, resolve_device
 from ddpm.pictures import Picture, interpolation, reverse_strip, sampler_comparison, schedule_figure
 
-from .common import atomic_dir, path_parser, run, save_figure, seed_everything
-from .params import load_params, sections
-from .tracking import stage_run
+from .pipeline.io import atomic_dir, save_figure
+from .pipeline.params import load_params, sections
+from .pipeline.run import path_parser, run, seed_everything
+from .pipeline.tracking import stage_run
 
 
 def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> int:

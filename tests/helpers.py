@@ -13,7 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
 
-ALL_STAGES = {"prepare", "classifier", "reference", "train@uncond", "train@cond", "sample-ddpm@uncond",
+ALL_STAGES = {"check", "prepare", "classifier", "reference", "train@uncond", "train@cond", "sample-ddpm@uncond",
               "sample-ddim@uncond", "sample-dpmsolver@uncond", "sample-ddpm@cond", "sample-ddim@cond",
               "sample-dpmsolver@cond", "evaluate", "visualize"}
 
@@ -25,7 +25,8 @@ TINY = {
     "model": {"base_channels": 8, "channel_mults": [1, 2, 2], "attention_resolutions": [7], "num_heads": 2},
     "classifier": {"epochs": 4, "batch_size": 32, "width": 8},
     "train": {"epochs": 2, "batch_size": 50, "warmup_steps": 2, "checkpoint_every": 4, "grid_size": 20,
-              "grid_ddim_steps": 5, "guide_at": 0.5},
+              "grid_ddim_steps": 5},
+    "train_uncond": {"guide_at": 0.5},
     "visualize": {"per_class": 2, "num_images": 2, "frames": 4, "steps": 5, "compare_steps": [5, 10]},
     "sample": {"num_samples": 40, "batch_size": 40, "ddim_steps": [5, 10], "dpmsolver_steps": [5], "guidance": [1.0],
                "autoguidance": [0.0, 1.0], "grid_size": 20},

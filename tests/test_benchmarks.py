@@ -67,7 +67,7 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
             "takes none")
     assert len(list(csv.DictReader(results.open()))) == len(rows) + 6  # the refused runs wrote no row
     budget("--steps", "4", "--ddim-steps", "2", "--autoguidance", "0", "3", "--name", "auto",
-           "--save-model", str(tmp_path / "auto.pt"), "-S", "train.guide_at=0.5", "-S", "train.lr=0.01")
+           "--save-model", str(tmp_path / "auto.pt"), "-S", "train_uncond.guide_at=0.5", "-S", "train.lr=0.01")
     auto = list(csv.DictReader(results.open()))[-2:]
     assert [(r["name"], r["guidance"]) for r in auto] == [("auto", "0.0"), ("auto", "3.0")]
     assert auto[0]["fid"] != auto[1]["fid"]  # the guide reaches the sampler
@@ -110,7 +110,7 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
 @pytest.mark.parametrize("args, message", [
     (["-S", "diffusion.prediction=x0"], "diffusion.prediction = 'x0' is out of range"),
     (["--guidance", "1", "-0.5"], "error: --guidance: weights must be >= 0, got [1.0, -0.5]"),
-    (["--autoguidance", "1"], "error: --autoguidance: the model needs a guide model; set -S train.guide_at=F"),
+    (["--autoguidance", "1"], "error: --autoguidance: the model needs a guide model; set -S train_uncond.guide_at=F"),
     (["--autoguidance", "1", "--guidance", "1"], "error: --autoguidance: the unconditional model's; the "
                                                  "class-conditional one takes --guidance"),
 ])

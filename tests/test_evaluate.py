@@ -30,7 +30,7 @@ from ddpm.metrics import (
     reference_features,
 )
 from stages import evaluate, reference
-from stages.common import run
+from stages.pipeline.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = Path(__file__).resolve().parents[2] / "shared/data/mnist-t10k"

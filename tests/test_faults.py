@@ -18,7 +18,7 @@ from helpers import TINY, make_repo, merge, run
 from mlflow.tracking import MlflowClient
 
 from ddpm import UNet, safe_load
-from stages.params import load_params
+from stages.pipeline.params import load_params
 
 pytestmark = pytest.mark.slow
 PREPARE = [sys.executable, "-m", "stages.prepare", "data/prepared"]
@@ -29,13 +29,14 @@ TRAIN = [sys.executable, "-m", "stages.train", "uncond", "--data", "data/prepare
 # kill lands in the middle of writing its output every time.
 PAUSED_PREPARE = """
 import sys, time
-from stages import common, prepare
+from stages import prepare
+from stages.pipeline.run import run
 def save_then_pause(obj, path, save=prepare.atomic_save):
     save(obj, path)
     time.sleep(600)
 prepare.atomic_save = save_then_pause
 sys.argv = ["prepare", "data/prepared"]
-common.run(prepare.main)
+run(prepare.main)
 """
 
 

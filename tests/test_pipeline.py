@@ -44,7 +44,7 @@ def test_autoguided_samples_are_those_of_the_model_guided_by_its_halfway_snapsho
     repo, _ = tiny_repo
     model, diffusion, meta = load_model(repo / "models/uncond/model.pt")
     guide, _, guide_meta = load_model(repo / "models/uncond/model-guide.pt")
-    assert (meta["steps"], guide_meta["steps"]) == (12, 6)  # train.guide_at 0.5 of 12 steps
+    assert (meta["steps"], guide_meta["steps"]) == (12, 6)  # train_uncond.guide_at 0.5 of 12 steps
     expected = generate(Autoguided(model, guide, 1.0), diffusion, 40, (1, 28, 28), seed=0, method="dpmsolver", steps=5)
     samples = repo / "samples/uncond/dpmsolver"
     assert torch.equal(torch.load(samples / "dpmsolver5_ag1.pt", weights_only=True)["images"], expected)
@@ -98,7 +98,7 @@ def test_second_repro_runs_nothing(tiny_repo):
 
 
 def test_changing_eta_reruns_only_the_ddim_stages_and_evaluation(tiny_experiments):
-    assert stages_run(tiny_experiments["eta-half"]) == {"sample-ddim@uncond", "sample-ddim@cond", "evaluate"}
+    assert stages_run(tiny_experiments["eta-half"]) == {"check", "sample-ddim@uncond", "sample-ddim@cond", "evaluate"}
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
@@ -107,8 +107,8 @@ SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 @pytest.mark.parametrize("section, key, value, changed", [
     ("sample", "guidance", [0.5, 1.0], {f"sample-{m}@cond" for m in SAMPLERS}),
     ("sample", "autoguidance", [0.5, 1.0], {f"sample-{m}@uncond" for m in SAMPLERS}),
-    ("train", "guide_at", 0.25, {"train@uncond"}),
-    ("train", "p_uncond", 0.3, {"train@cond"}),
+    ("train_uncond", "guide_at", 0.25, {"train@uncond"}),
+    ("train_cond", "p_uncond", 0.3, {"train@cond"}),
     ("train", "lr", 0.01, {"train@uncond", "train@cond"}),
 ])
 def test_a_key_that_one_model_reads_changes_only_that_models_stages(tiny_repo, section, key, value, changed):
@@ -120,7 +120,7 @@ def test_a_key_that_one_model_reads_changes_only_that_models_stages(tiny_repo, s
         status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
     finally:
         params.write_text(original)
-    assert set(status) == changed, status
+    assert set(status) == changed | {"check"}, status
 
 
 def test_changing_training_params_reruns_train_sample_evaluate(tiny_repo, tiny_experiments):
@@ -137,6 +137,24 @@ def test_params_error_is_one_line_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "unknown key 'train.lrr' (did you mean 'train.lr'?)" in proc.stdout + proc.stderr
     assert not (repo / "data/prepared").exists()
+
+
+@pytest.mark.parametrize("command", [["dvc", "repro"], ["dvc", "exp", "run", "-S", "+train.lrr=0.001"]])
+def test_an_unknown_key_that_no_stage_reads_stops_the_next_run(tiny_repo, command):
+    repo, _ = tiny_repo
+    params = repo / "params.yaml"
+    original = params.read_text()
+    try:
+        if command[1] == "repro":  # a hand edit
+            params.write_text(yaml.safe_dump(merge(yaml.safe_load(original), {"sample": {"num_sampels": 10}})))
+        proc = run(command, repo, check=False)
+    finally:
+        params.write_text(original)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ("unknown key 'sample.num_sampels' (did you mean 'sample.num_samples'?)" in out
+            or "unknown key 'train.lrr' (did you mean 'train.lr'?)" in out), out[-2000:]
+    assert stages_run(out) == {"check"}
 
 
 def test_missing_dataset_offline_is_a_clear_error(tmp_path):

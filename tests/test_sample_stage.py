@@ -8,18 +8,23 @@ import types
 import pytest
 import torch
 import yaml
-from helpers import ROOT
+from helpers import ROOT, merge
 from test_cli import tiny_models
 
 from stages import sample
-from stages.params import validate
-from stages.tracking import Tracker
+from stages.pipeline.params import validate
+from stages.pipeline.tracking import Tracker
 
 BASE = {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 6, "batch_size": 6, "ddim_steps": [2],
         "eta": [0.0], "dpmsolver_steps": [2], "spacing": "uniform", "guidance": [1.0], "autoguidance": [0.0],
         "clip_x0": False, "grid_size": 4}
 CHANGED = {"num_samples": 4, "batch_size": 2, "ddim_steps": (3,), "eta": (0.5,), "dpmsolver_steps": (3,),
            "spacing": "trailing", "guidance": (3.0,), "autoguidance": (2.0,), "clip_x0": True, "grid_size": 2}
+
+
+def params(sample: dict):
+    """The repository's params.yaml with this sample section."""
+    return validate(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), {"sample": sample}))
 
 
 def dvc_params(method: str, variant: str) -> set[str]:
@@ -33,7 +38,7 @@ def dvc_params(method: str, variant: str) -> set[str]:
 
 def outputs(model, out, variant: str, method: str, **changes) -> dict:
     """What the stage writes (image tensors, index.json without timings, grid PNGs) with these sample params."""
-    p = validate({"sample": BASE})
+    p = params(BASE)
     p = dataclasses.replace(p, sample=dataclasses.replace(p.sample, **changes))
     args = types.SimpleNamespace(model=model, out=out, variant=variant, method=method)
     sample.sample(args, p, Tracker(None, None, None))
@@ -50,7 +55,7 @@ def outputs(model, out, variant: str, method: str, **changes) -> dict:
 
 
 def test_the_cases_cover_every_sample_key():
-    assert set(BASE) == {*CHANGED, "methods"} == {f.name for f in dataclasses.fields(validate({}).sample)}
+    assert set(BASE) == {*CHANGED, "methods"} == {f.name for f in dataclasses.fields(params(BASE).sample)}
 
 
 @pytest.mark.parametrize("method", ["ddpm", "ddim", "dpmsolver"])
@@ -69,7 +74,7 @@ def test_sample_stage_depends_on_exactly_the_keys_that_change_its_output(tmp_pat
 
 
 def test_a_left_out_method_writes_an_empty_index_without_loading_the_model(tmp_path, capsys):
-    p = validate({"sample": {**BASE, "methods": ["ddim"]}})
+    p = params({**BASE, "methods": ["ddim"]})
     args = types.SimpleNamespace(model=tmp_path / "no-model.pt", out=tmp_path / "out", variant="cond",
                                  method="ddpm")
     sample.sample(args, p, Tracker(None, None, None))  # loading the missing model would raise

@@ -14,7 +14,7 @@ from ddpm import generate, load_model
 from ddpm.sampling import METHODS
 
 pytestmark = pytest.mark.slow
-STAGE_RUNS = {s.replace("@", "-") for s in ALL_STAGES}  # one run per stage, named after it
+STAGE_RUNS = {s.replace("@", "-") for s in ALL_STAGES - {"check"}}  # one run per stage, named after it
 
 
 def client_for(repo: Path) -> MlflowClient:
@@ -187,7 +187,7 @@ def test_a_sampler_left_out_of_sample_methods_is_neither_run_nor_scored(tiny_rep
 
 def test_reopening_a_run_the_store_lacks_starts_a_new_one(tmp_path, monkeypatch, capsys):
     """Checkpoints outlive the store (mlflow.db removed): the resumed stage logs to a new run."""
-    from stages.tracking import stage_run
+    from stages.pipeline.tracking import stage_run
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

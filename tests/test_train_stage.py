@@ -1,5 +1,5 @@
-"""The train stages' DVC params: each lists every train key, but not the one that only the other model
-reads, so that DVC never keeps a stale model and does not retrain one for a key it ignores."""
+"""The train stages' DVC params: the keys both models share in `train`, each model's own in its own
+section, so that DVC never keeps a stale model and does not retrain one for a key it ignores."""
 
 import dataclasses
 
@@ -9,40 +9,40 @@ import yaml
 from helpers import ROOT
 from test_training import CPU, shapes, tiny_unet
 
-from ddpm import Diffusion, DiffusionConfig, Trainer
-from stages.params import TrainParams, validate
-from stages.train import OWN_KEY, unread_key, variant_params
+from ddpm import Diffusion, DiffusionConfig, TrainConfig, Trainer
+from stages.pipeline.params import CondTrainParams, TrainParams, UncondTrainParams, train_config, validate
 
-
-def dvc_params(variant: str) -> list[str]:
-    """The params that dvc.yaml's train@VARIANT stage depends on."""
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
-    keys = [k.replace("${item.own}", stage["foreach"][variant]["own"]) for k in stage["do"]["params"]]
-    assert not any("${" in k for k in keys), keys
-    return keys
+BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 @pytest.mark.parametrize("variant", ["uncond", "cond"])
-def test_train_stage_lists_every_train_key_but_the_one_it_does_not_read(variant):
-    keys = dvc_params(variant)
-    assert {"seed", "device", "diffusion", "model"} <= set(keys) and "train" not in keys
-    train = {k.removeprefix("train.") for k in keys if k.startswith("train.")}
-    assert train == {f.name for f in dataclasses.fields(TrainParams)} - {unread_key(variant)}
-    assert OWN_KEY[variant] in train
+def test_train_stage_depends_on_the_shared_section_and_its_own(variant):
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    keys = [k.replace("${item}", variant) for k in stage["do"]["params"]]
+    assert keys == ["seed", "device", "diffusion", "model", "train", f"train_{variant}"]
 
 
-def test_variant_params_zero_only_the_other_models_key():
-    p = validate({"train": {"guide_at": 0.5, "p_uncond": 0.2, "lr": 1e-3}})
-    assert (variant_params(p, "uncond").train.guide_at, variant_params(p, "uncond").train.p_uncond) == (0.5, 0.0)
-    assert (variant_params(p, "cond").train.guide_at, variant_params(p, "cond").train.p_uncond) == (0.0, 0.2)
-    assert variant_params(p, "cond").train.lr == variant_params(p, "uncond").train.lr == 1e-3
+def test_every_training_key_is_in_exactly_one_section():
+    sections = [{f.name for f in dataclasses.fields(c)} for c in (TrainParams, UncondTrainParams, CondTrainParams)]
+    config = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert config <= set.union(*sections)
+    assert sum(len(s) for s in sections) == len(set.union(*sections))
+
+
+def test_train_config_turns_the_other_models_key_off():
+    params = yaml.safe_load(yaml.safe_dump(BASE))
+    params["train_uncond"]["guide_at"], params["train_cond"]["p_uncond"], params["train"]["lr"] = 0.5, 0.2, 1e-3
+    p = validate(params)
+    uncond, cond = train_config(p, "uncond"), train_config(p, "cond")
+    assert (uncond.guide_at, uncond.p_uncond, cond.guide_at, cond.p_uncond) == (0.5, 0.0, 0.0, 0.2)
+    assert uncond.lr == cond.lr == 1e-3
 
 
 def trained(labels, **config) -> Trainer:
     images, _ = shapes(16, size=8)
     trainer = Trainer(tiny_unet(8, num_classes=2 if labels is not None else None),
                       Diffusion(DiffusionConfig(timesteps=20).betas()), images, labels,
-                      TrainParams(epochs=3, batch_size=8, lr=1e-2, warmup_steps=0, ema_decay=0.5, **config), CPU)
+                      TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup_steps=0, ema_decay=0.5, **config), CPU)
     trainer.fit(progress=False)
     return trainer
 

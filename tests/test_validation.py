@@ -1,5 +1,6 @@
 """Bad params: one line naming the key and what is allowed, exit code 1, nothing written."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -7,8 +8,8 @@ import yaml
 from helpers import ROOT
 
 from stages import prepare
-from stages.common import run
-from stages.params import ModelParams, ParamsError
+from stages.pipeline.params import ParamsError, validate
+from stages.pipeline.run import run
 
 BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -19,16 +20,22 @@ CASES = [  # (section, key, bad value, expected message fragment)
     ("train", "lr", "fast", "train.lr must be float, got 'fast'"),
     ("train", "batch_size", 0, "train.batch_size = 0 is out of range; allowed: >= 1"),
     ("train", "epochs", 2.5, "train.epochs must be int, got 2.5"),
-    ("train", "p_uncond", 1.5, "train.p_uncond = 1.5 is out of range; allowed: in [0, 1]"),
+    ("train_cond", "p_uncond", 1.5, "train_cond.p_uncond = 1.5 is out of range; allowed: in [0, 1]"),
+    ("train", "p_uncond", 0.1, "unknown key 'train.p_uncond'"),
+    ("train", "lr", float("inf"), "train.lr must be a finite number, got inf"),
+    ("train", "logsnr_normal", [float("nan"), 1.0], "train.logsnr_normal[0] must be a finite number, got nan"),
+    ("sample", "guidance", [float("inf")], "sample.guidance[0] must be a finite number, got inf"),
+    ("sample", "eta", ["inf"], "sample.eta[0] must be a finite number, got inf"),
     ("train", "ema_decay", 1.0, "train.ema_decay = 1.0 is out of range; allowed: in [0, 1)"),
     ("train", "bf16", "yes", "train.bf16 must be bool, got 'yes'"),
     ("sample", "guidance", [-1.0], "sample.guidance = (-1.0,) is out of range; allowed: a list of values >= 0"),
     ("sample", "autoguidance", [1.0], "sample.autoguidance = (1.0,) is out of range; allowed: [0] while "
-                                      "train.guide_at is 0 (the unconditional model has no guide model"),
+                                      "train_uncond.guide_at is 0 (the unconditional model has no guide model"),
     ("visualize", "autoguidance", 1.0, "visualize.autoguidance = 1.0 is out of range; allowed: 0 while "
-                                       "train.guide_at is 0 (the unconditional model has no guide model"),
+                                       "train_uncond.guide_at is 0 (the unconditional model has no guide model"),
     ("visualize", "autoguidance", -1.0, "visualize.autoguidance = -1.0 is out of range; allowed: >= 0"),
-    ("train", "guide_at", 1.0, "train.guide_at = 1.0 is out of range; allowed: in [0, 1) (0: no guide model)"),
+    ("train_uncond", "guide_at", 1.0, "train_uncond.guide_at = 1.0 is out of range; allowed: in [0, 1) (0: no "
+                                      "guide model)"),
     ("sample", "ddim_steps", [10, 2000], "sample.ddim_steps = (10, 2000) is out of range; allowed: a list of "
                                          "steps in [1, diffusion.timesteps = 1000]"),
     ("sample", "eta", [-0.1], "sample.eta = (-0.1,) is out of range"),
@@ -101,13 +108,24 @@ def test_params_file_that_is_not_yaml(tmp_path, monkeypatch, capsys):
 
 
 def test_dvc_style_float_without_a_dot_is_accepted():
-    from stages.params import Params, parse
-    assert parse(Params, {"train": {"lr": "2e-4"}}).train.lr == 2e-4
+    params = yaml.safe_load(yaml.safe_dump(BASE))
+    params["train"]["lr"] = "2e-4"
+    assert validate(params).train.lr == 2e-4
+
+
+def test_a_missing_key_is_named(tmp_path, monkeypatch, capsys):
+    """params.yaml is the one place the pipeline's values are set: a key removed from it is not filled in."""
+    params = yaml.safe_load(yaml.safe_dump(BASE))
+    del params["train"]["lr"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code, err = run_prepare(tmp_path, monkeypatch, capsys)
+    assert code == 1 and len(err) == 1 and "params.yaml: missing key 'train.lr'" in err[0], err
 
 
 def test_patch_size_must_divide_the_data_image_size():
     """Known only once the data is: checked where the train stage builds the network, before training."""
-    with pytest.raises(ParamsError, match=r"^params.yaml: model.patch_size = 3 does not divide the image size 28$"):
-        ModelParams(patch_size=3).unet(1, 28, None)
-    unet = ModelParams(patch_size=2).unet(1, 28, None)
+    model = validate(yaml.safe_load(yaml.safe_dump(BASE))).model
+    with pytest.raises(ParamsError, match=r"^params.yaml: model.patch_size 3 does not divide the image size 28$"):
+        dataclasses.replace(model, patch_size=3).unet(1, 28, None)
+    unet = dataclasses.replace(model, patch_size=2).unet(1, 28, None)
     assert (unet.patch_size, unet.attention_resolutions) == (2, (4,))  # two halvings of 14 patches: 7, then 4

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import ROOT, merge
 from PIL import Image
 from test_cli import tiny_models
 
 from ddpm import Diffusion, ImageGenerator, UNet, UNetConfig, guide_path, make_betas, to_uint8
 from ddpm.pictures import make_grid, reverse_strip, schedule_figure, slerp
 
-ROOT = Path(__file__).resolve().parents[1]
 PICTURES = ["cond_classes.png", "schedule.png"] + [f"{v}_{kind}.png" for v in ("uncond", "cond")
                                                     for kind in ("reverse", "interpolation", "compare")]
 TINY_PARAMS = {
@@ -73,7 +73,8 @@ def project(tmp_path_factory) -> Path:
 
 
 def make_project(folder: Path, params: dict, models: dict[str, Path]) -> Path:
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (folder / "params.yaml").write_text(yaml.safe_dump(merge(defaults, params)))
     (folder / "models").mkdir()
     for variant, path in models.items():
         (folder / "models" / f"{variant}.pt").symlink_to(path)
@@ -102,7 +103,7 @@ def test_stage_writes_every_picture(project):
 def test_autoguidance_guides_every_unconditional_picture_and_no_conditional_one(project, tmp_path_factory):
     if not (project / "plots/pictures").is_dir():
         assert visualize(project).returncode == 0
-    params = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "guide_at": 0.5},
+    params = {**TINY_PARAMS, "train_uncond": {"guide_at": 0.5},
               "visualize": {**TINY_PARAMS["visualize"], "autoguidance": 2.0}}
     guided = make_project(tmp_path_factory.mktemp("guided"), params, tiny_models(tmp_path_factory))
     proc = visualize(guided)
@@ -113,7 +114,7 @@ def test_autoguidance_guides_every_unconditional_picture_and_no_conditional_one(
 
 
 def test_stage_rejects_a_bad_visualize_param(project, tmp_path, monkeypatch):
-    from stages.params import ParamsError
+    from stages.pipeline.params import ParamsError
     from stages.visualize import main
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY_PARAMS, "visualize": {"frames": 1}}))

@@ -7,9 +7,10 @@ stage with one line naming the key and what is allowed.
 import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -30,105 +31,138 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 EXTRACTORS = ("classifier", "inception")  # ddpm.metrics.EXTRACTORS
 
 
+# No defaults here: params.yaml is the one place where the pipeline's values are set, and every key
+# must be there (a missing key is an error like an unknown one).
+
 @dataclass(frozen=True)
 class DataParams:
-    name: str = "mnist"
-    root: str | None = None          # a folder holding the dataset's files (else data/raw/<name>, Debian, download)
-    classes: tuple[str | int, ...] | None = None  # keep these classes (names or indices), relabelled 0..K-1
-    image_size: int | None = None    # resize (center square) to this; null: the dataset's own (imagefolder: 32)
-    channels: int | None = None      # 1 (grayscale) or 3 (RGB); null: the dataset's own (imagefolder: 3)
-    limit: int | None = None         # class-stratified subset of the train split
-    test_limit: int | None = None    # class-stratified subset of the test split
+    name: str
+    root: str | None                     # a folder holding the dataset's files (else data/raw/<name>, Debian, download)
+    classes: tuple[str | int, ...] | None  # keep these classes (names or indices), relabelled 0..K-1
+    image_size: int | None               # resize (center square) to this; null: the dataset's own (imagefolder: 32)
+    channels: int | None                 # 1 (grayscale) or 3 (RGB); null: the dataset's own (imagefolder: 3)
+    limit: int | None                    # class-stratified subset of the train split
+    test_limit: int | None               # class-stratified subset of the test split
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    """UNetConfig without the fields that follow from the data (channels, size, classes).
-
-    channel_mults and attention_resolutions may be null: they then follow the image size (see unet())."""
-    base_channels: int = 64
-    channel_mults: tuple[int, ...] | None = None         # null: (1, 2, 2) up to 32 px, (1, 2, 2, 2) above
-    num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] | None = None  # null: the resolution after two downsamplings
-    num_heads: int = 4
-    dropout: float = 0.1
-    patch_size: int = 1              # fold p x p pixels into channels (1: plain pixels)
+    """UNetConfig without the fields that follow from the data (channels, size, classes); channel_mults and
+    attention_resolutions may be null: they then follow the image size (UNetConfig.for_images)."""
+    base_channels: int
+    channel_mults: tuple[int, ...] | None
+    num_res_blocks: int
+    attention_resolutions: tuple[int, ...] | None
+    num_heads: int
+    dropout: float
+    patch_size: int
 
     def unet(self, in_channels: int, image_size: int, num_classes: int | None) -> UNetConfig:
-        """The full UNetConfig for data of this shape, with the size-dependent defaults filled in:
-        28 px -> mults (1, 2, 2), attention at 7; 32 -> (1, 2, 2), 8; 64 -> (1, 2, 2, 2), 16."""
-        if image_size % self.patch_size:
-            raise ParamsError(f"params.yaml: model.patch_size = {self.patch_size} does not divide the "
-                              f"image size {image_size}")
-        mults = self.channel_mults or ((1, 2, 2) if image_size <= 32 else (1, 2, 2, 2))
-        size = image_size // self.patch_size
-        quarter = (((size + 1) // 2) + 1) // 2  # the UNet halves sizes rounding up
-        attention = self.attention_resolutions if self.attention_resolutions is not None else (quarter,)
-        fields = {**dataclasses.asdict(self), "channel_mults": mults, "attention_resolutions": attention}
-        return UNetConfig(in_channels=in_channels, image_size=image_size, num_classes=num_classes, **fields)
+        """The full UNetConfig for data of this shape."""
+        try:
+            return UNetConfig.for_images(in_channels, image_size, num_classes, **dataclasses.asdict(self))
+        except ValueError as e:
+            raise ParamsError(f"params.yaml: model.{e}") from None
 
 
 @dataclass(frozen=True)
 class ClassifierParams:
-    epochs: int = 5
-    lr: float = 2e-3
-    batch_size: int = 256
-    width: int = 32
+    epochs: int
+    lr: float
+    batch_size: int
+    width: int
 
 
 @dataclass(frozen=True)
-class TrainParams(TrainConfig):
-    checkpoint_every: int = 500      # steps between resumable checkpoints (and at every epoch end)
-    nproc: int = 1                   # data-parallel processes on this machine (torchrun); batch_size is global
-    grid_size: int = 64              # images in the per-epoch sample grid
-    grid_ddim_steps: int = 50        # DDIM steps for the per-epoch grid
+class TrainParams:
+    """The training keys both models share: TrainConfig's (but each model's own, in train_uncond and
+    train_cond) and the stage's own."""
+    epochs: int
+    batch_size: int                      # global batch, split across train.nproc processes
+    lr: float
+    warmup_steps: int
+    lr_schedule: str
+    weight_decay: float
+    grad_clip: float
+    ema_decay: float
+    min_snr_gamma: float
+    logsnr_normal: tuple[float, ...] | None
+    bf16: bool
+    checkpoint_every: int                # steps between resumable checkpoints (and at every epoch end)
+    nproc: int                           # data-parallel processes on this machine (torchrun)
+    grid_size: int                       # images in the per-epoch sample grid
+    grid_ddim_steps: int                 # DDIM steps for the per-epoch grid
+
+
+@dataclass(frozen=True)
+class UncondTrainParams:
+    guide_at: float                      # keep the EMA weights at this fraction of training as the guide; 0: none
+
+
+@dataclass(frozen=True)
+class CondTrainParams:
+    p_uncond: float                      # label drop rate, for classifier-free guidance
 
 
 @dataclass(frozen=True)
 class SampleParams:
-    methods: tuple[str, ...] = METHODS  # the samplers the pipeline runs; the others' stages write no samples
-    num_samples: int = 1000
-    batch_size: int = 250
-    ddim_steps: tuple[int, ...] = (5, 10, 20, 50)
-    eta: tuple[float, ...] = (0.0,)
-    dpmsolver_steps: tuple[int, ...] = (10, 20)  # DPM-Solver++(2M) steps (ddpm.dpm_solver_sample)
-    spacing: str = "uniform"         # DDIM and DPM-Solver timesteps: uniform | trailing | quadratic | logsnr
-    guidance: tuple[float, ...] = (2.0,)
-    autoguidance: tuple[float, ...] = (0.0,)  # the unconditional model's weights w, guided by train.guide_at's snapshot
-    clip_x0: bool = False            # clip predicted x0 to [-1, 1] at every step (helps the cosine schedule)
-    grid_size: int = 100
+    methods: tuple[str, ...]             # the samplers the pipeline runs; the others' stages write no samples
+    num_samples: int
+    batch_size: int
+    ddim_steps: tuple[int, ...]
+    eta: tuple[float, ...]
+    dpmsolver_steps: tuple[int, ...]     # DPM-Solver++(2M) steps (ddpm.dpm_solver_sample)
+    spacing: str                         # DDIM and DPM-Solver timesteps: uniform | trailing | quadratic | logsnr
+    guidance: tuple[float, ...]          # the conditional model's classifier-free guidance weights w
+    autoguidance: tuple[float, ...]      # the unconditional model's weights w, guided by its guide model
+    clip_x0: bool                        # clip predicted x0 to [-1, 1] at every step
+    grid_size: int
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = 250
-    extractors: tuple[str, ...] = ("classifier",)  # feature extractors: classifier (always), inception
-    inception_weights: str | None = None             # Inception-v3 weights file (else torch-fidelity's cache)
+    batch_size: int
+    extractors: tuple[str, ...]          # feature extractors: classifier (always), inception
+    inception_weights: str | None        # Inception-v3 weights file (else torch-fidelity's cache)
 
 
 @dataclass(frozen=True)
 class VisualizeParams:
-    per_class: int = 10              # images per class in the conditional model's class grid
-    num_images: int = 4              # rows of the reverse-process, interpolation and comparison pictures
-    frames: int = 10                 # columns of the reverse-process strip and of the interpolation
-    steps: int = 50                  # DDIM steps for the class grid, reverse strip, interpolation (at most T)
-    guidance: float = 2.0            # classifier-free guidance weight w for the conditional model
-    autoguidance: float = 0.0        # autoguidance weight w for the unconditional model (needs train.guide_at > 0)
-    compare_steps: tuple[int, ...] = (5, 10, 20, 50)   # DDPM vs DDIM step counts (those above T are skipped)
+    per_class: int                       # images per class in the conditional model's class grid
+    num_images: int                      # rows of the reverse-process, interpolation and comparison pictures
+    frames: int                          # columns of the reverse-process strip and of the interpolation
+    steps: int                           # DDIM steps for the class grid, reverse strip, interpolation (at most T)
+    guidance: float                      # classifier-free guidance weight w for the conditional model
+    autoguidance: float                  # autoguidance weight w for the unconditional model
+    compare_steps: tuple[int, ...]       # DDPM vs DDIM step counts (those above T are skipped)
 
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = 0
-    device: str = "auto"
-    data: DataParams = field(default_factory=DataParams)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    model: ModelParams = field(default_factory=ModelParams)
-    classifier: ClassifierParams = field(default_factory=ClassifierParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    sample: SampleParams = field(default_factory=SampleParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    visualize: VisualizeParams = field(default_factory=VisualizeParams)
+    seed: int
+    device: str
+    data: DataParams
+    diffusion: DiffusionConfig
+    model: ModelParams
+    classifier: ClassifierParams
+    train: TrainParams
+    train_uncond: UncondTrainParams
+    train_cond: CondTrainParams
+    sample: SampleParams
+    evaluate: EvaluateParams
+    visualize: VisualizeParams
+
+
+VARIANTS = ("uncond", "cond")
+
+
+def train_config(p: Params, variant: str) -> TrainConfig:
+    """The library's TrainConfig for one model: the shared train keys and the model's own section; the
+    other model's own key off (the unconditional model drops no labels, the conditional one keeps no guide)."""
+    shared = {f.name: getattr(p.train, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(p.train, f.name)}
+    own = {"uncond": {"guide_at": p.train_uncond.guide_at, "p_uncond": 0.0},
+           "cond": {"p_uncond": p.train_cond.p_uncond, "guide_at": 0.0}}[variant]
+    return TrainConfig(**shared, **own)
 
 
 def _coerce(value, kind, key: str):
@@ -162,6 +196,8 @@ def _coerce(value, kind, key: str):
           isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, kind))
     if not ok:
         raise ParamsError(f"params.yaml: {key} must be {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ParamsError(f"params.yaml: {key} must be a finite number, got {value!r}")
     return float(value) if kind is float else value
 
 
@@ -177,12 +213,18 @@ def parse(cls, values: dict, prefix: str = ""):
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
             raise ParamsError(f"params.yaml: unknown key '{full}'{hint}; valid keys: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
+    missing = [name for name in names if name not in kwargs]
+    if missing:
+        where = f"{prefix}." if prefix else ""
+        raise ParamsError(f"params.yaml: missing key '{where}{missing[0]}' (every key must be set; see the "
+                          "repository's params.yaml)")
     return cls(**kwargs)
 
 
 def _checks(p: Params):
     """(key, ok, what is allowed) for every range and choice constraint."""
     s, t, v, T = p.sample, p.train, p.visualize, p.diffusion.timesteps
+    guide_at = p.train_uncond.guide_at
     b0, b1 = p.diffusion.beta_start, p.diffusion.beta_end
     mults = p.model.channel_mults
     return [
@@ -222,11 +264,11 @@ def _checks(p: Params):
         ("train.weight_decay", t.weight_decay >= 0, ">= 0"),
         ("train.grad_clip", t.grad_clip >= 0, ">= 0 (0 disables clipping)"),
         ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
-        ("train.p_uncond", 0 <= t.p_uncond <= 1, "in [0, 1]"),
+        ("train_cond.p_uncond", 0 <= p.train_cond.p_uncond <= 1, "in [0, 1]"),
         ("train.min_snr_gamma", t.min_snr_gamma >= 0, ">= 0 (0: the plain loss)"),
         ("train.logsnr_normal", t.logsnr_normal is None or (len(t.logsnr_normal) == 2 and t.logsnr_normal[1] > 0),
          "[mean, std] with std > 0, or null (uniform timesteps)"),
-        ("train.guide_at", 0 <= t.guide_at < 1, "in [0, 1) (0: no guide model)"),
+        ("train_uncond.guide_at", 0 <= guide_at < 1, "in [0, 1) (0: no guide model)"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
         ("train.nproc", t.nproc >= 1 and t.batch_size % t.nproc == 0, ">= 1 and a divisor of train.batch_size"),
         ("train.nproc", t.nproc == 1 or not p.device.startswith("cuda:"),
@@ -246,8 +288,8 @@ def _checks(p: Params):
         ("sample.guidance", len(s.guidance) >= 1 and all(w >= 0 for w in s.guidance), "a list of values >= 0"),
         ("sample.autoguidance", len(s.autoguidance) >= 1 and all(w >= 0 for w in s.autoguidance),
          "a list of values >= 0"),
-        ("sample.autoguidance", t.guide_at > 0 or set(s.autoguidance) == {0},
-         "[0] while train.guide_at is 0 (the unconditional model has no guide model to be guided by)"),
+        ("sample.autoguidance", guide_at > 0 or set(s.autoguidance) == {0},
+         "[0] while train_uncond.guide_at is 0 (the unconditional model has no guide model to be guided by)"),
         ("sample.grid_size", s.grid_size >= 1, ">= 1"),
         ("evaluate.batch_size", p.evaluate.batch_size >= 1, ">= 1"),
         ("evaluate.extractors", "classifier" in p.evaluate.extractors and set(p.evaluate.extractors) <= set(EXTRACTORS)
@@ -259,8 +301,8 @@ def _checks(p: Params):
         ("visualize.steps", v.steps >= 1, ">= 1 (capped at diffusion.timesteps)"),
         ("visualize.guidance", v.guidance >= 0, ">= 0"),
         ("visualize.autoguidance", v.autoguidance >= 0, ">= 0"),
-        ("visualize.autoguidance", t.guide_at > 0 or v.autoguidance == 0,
-         "0 while train.guide_at is 0 (the unconditional model has no guide model to be guided by)"),
+        ("visualize.autoguidance", guide_at > 0 or v.autoguidance == 0,
+         "0 while train_uncond.guide_at is 0 (the unconditional model has no guide model to be guided by)"),
         ("visualize.compare_steps", len(v.compare_steps) >= 1 and min(v.compare_steps) >= 1,
          "a non-empty list of steps >= 1 (those above diffusion.timesteps are skipped)"),
     ]

@@ -60,7 +60,7 @@ def _pipeline_key() -> str:
     if os.environ.get("DVC_EXP_NAME"):
         return f"exp:{os.environ['DVC_EXP_NAME']}:{os.environ.get('DVC_EXP_BASELINE_REV', '')}"
     h = hashlib.sha256()
-    for f in sorted([Path("params.yaml"), Path("dvc.yaml"), *Path("ddpm").glob("*.py"), *Path("stages").glob("*.py")]):
+    for f in sorted([Path("params.yaml"), Path("dvc.yaml"), *Path("ddpm").glob("*.py"), *Path("stages").rglob("*.py")]):
         if f.is_file():
             h.update(f.read_bytes())
     return f"repro:{h.hexdigest()[:16]}"

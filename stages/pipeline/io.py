@@ -1,0 +1,81 @@
+"""The pipeline's files: every output written atomically (a temporary beside it, then one rename), and
+the prepared data read back."""
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ddpm import safe_load
+from ddpm.checkpoint import atomic_write
+from ddpm.data import DataError
+from ddpm.pictures import grid_image
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename,
+    on failure it is removed, so a failed stage never leaves a partial output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
+    """Save uint8 images (N, C, H, W) as one PNG grid."""
+    with atomic_write(path) as tmp:
+        grid_image(images, nrow or max(1, int(len(images) ** 0.5))).save(tmp)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Save a matplotlib figure as PNG."""
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+
+
+def load_info(folder: str | Path) -> dict:
+    """info.json of the prepared data (counts, shape, class names, content hash)."""
+    path = Path(folder) / "info.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; run the prepare stage first (dvc repro prepare)")
+    return json.loads(path.read_text())
+
+
+def class_names(info: dict, needed_by: str) -> list[str]:
+    """The prepared data's class names; `needed_by` (conditional training, the classifier) needs two or more."""
+    names = info["class_names"]
+    if len(names) < 2:
+        have = f"only class {names[0]!r}" if names else "no classes (an image folder without class subfolders)"
+        raise DataError(f"{needed_by} needs at least 2 classes but the prepared data has {have}; "
+                        "use class subfolders or data.classes, or run only the unconditional stages "
+                        "(dvc repro sample-ddpm@uncond sample-ddim@uncond sample-dpmsolver@uncond)")
+    return names
+
+
+def load_prepared(folder: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(images uint8 (N, C, H, W), labels int64 (N,), info) of a split written by the prepare stage."""
+    info = load_info(folder)
+    data = safe_load(Path(folder) / f"{split}.pt", ("images", "labels"))
+    return data["images"], data["labels"], info

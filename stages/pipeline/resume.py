@@ -1,0 +1,93 @@
+"""A training run's resumable state, in a checkpoints folder that DVC keeps between runs (never cached):
+run.json (the run's hash and its MLflow run id), last.pt (the trainer's whole state and the loss history)
+and grids/ (the per-epoch sample grids). A rerun with the same hash (params, data and code) continues
+from last.pt in the same MLflow run; any other run clears the folder and starts afresh."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+import ddpm
+from ddpm import Trainer, atomic_save, safe_load
+
+from .io import write_json
+from .tracking import Tracker
+
+
+def source_hash(modules=("diffusion", "ema", "schedules", "training", "unet")) -> str:
+    """A hash of the library code that training depends on, so checkpoints from other code are not reused."""
+    h = hashlib.sha256()
+    for name in modules:
+        h.update((Path(ddpm.__file__).parent / f"{name}.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
+class TrainState:
+    """The checkpoints folder of one run, identified by `run_hash`; `history` holds a
+    (step, loss, lr, seconds) row per optimizer step, and the rows not yet logged to MLflow are pending."""
+
+    def __init__(self, folder: Path, run_hash: str):
+        self.folder, self.run_hash = Path(folder), run_hash
+        self.grids = self.folder / "grids"
+        self.history: list[tuple[int, float, float, float]] = []
+        self.pending: list[tuple[int, float, float, float]] = []
+
+    def previous_run_id(self) -> str | None:
+        """The MLflow run id of this exact run if it was started before; otherwise clear the folder."""
+        path = self.folder / "run.json"
+        state = json.loads(path.read_text()) if path.is_file() else {}
+        if state.get("run_hash") != self.run_hash and self.folder.exists():
+            print(f"ignoring {self.folder}: it holds a run with other params, data or code; starting afresh")
+            shutil.rmtree(self.folder)
+            return None
+        return state.get("run_id")
+
+    def begin(self, run_id: str | None) -> None:
+        write_json(self.folder / "run.json", {"run_hash": self.run_hash, "run_id": run_id})
+
+    def restore(self, trainer: Trainer, tracker: Tracker) -> None:
+        """Restore `trainer` from last.pt when this run made it; the steps after the last one MLflow has
+        are pending."""
+        self.grids.mkdir(parents=True, exist_ok=True)
+        path = self.folder / "last.pt"
+        if not path.exists():
+            return
+        state = safe_load(path, ("run_hash", "history", "step"))
+        if state["run_hash"] != self.run_hash:
+            print(f"ignoring {path}: it was trained with other params, data or code; starting afresh")
+            return
+        trainer.load_state_dict(state)
+        print(f"resuming from {path} at step {trainer.step}")
+        self.history = [(int(s), v, lr, sec) for s, v, lr, sec in state["history"].tolist()][:trainer.step]
+        logged = tracker.last_step("loss")
+        self.pending = [h for h in self.history if h[0] > logged]
+
+    def record(self, trainer: Trainer, loss: float, seconds: float) -> None:
+        self.history.append((trainer.step, loss, trainer.lr_at(trainer.step - 1), seconds))
+        self.pending.append(self.history[-1])
+
+    def save(self, trainer: Trainer, tracker: Tracker) -> None:
+        """Write last.pt, then log the pending loss and lr points."""
+        atomic_save({**trainer.state_dict(), "run_hash": self.run_hash, "history": torch.tensor(self.history)},
+                    self.folder / "last.pt")
+        tracker.log_history("loss", [(s, v) for s, v, _, _ in self.pending])
+        tracker.log_history("lr", [(s, lr) for s, _, lr, _ in self.pending])
+        self.pending.clear()
+
+    def epoch_summary(self, steps: int) -> dict:
+        """Seconds and mean loss of the last `steps` steps."""
+        rows = self.history[-steps:]
+        return {"epoch_seconds": sum(h[3] for h in rows), "epoch_loss": sum(h[1] for h in rows) / len(rows)}
+
+    def summary(self, batch_size: int) -> dict:
+        """The train stage's metrics: the last 100 steps' mean loss, steps, time and images/s."""
+        seconds, last = sum(h[3] for h in self.history), self.history[-100:]
+        return {"final_loss": sum(h[1] for h in last) / max(1, len(last)), "steps": len(self.history),
+                "train_seconds": round(seconds, 2),
+                "images_per_second": round(len(self.history) * batch_size / max(seconds, 1e-9), 2)}
+
+    def loss_csv(self) -> str:
+        return "step,loss,lr\n" + "".join(f"{int(s)},{v:.6f},{lr:.6g}\n" for s, v, lr, _ in self.history)
