@@ -61,8 +61,7 @@ def safe_load(path: str | Path, required: tuple[str, ...] = (), map_location="cp
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many kinds: UnpicklingError, RuntimeError, EOFError, ...
-        why = _why_unloadable(path, e)
-        raise CheckpointError(f"{path}: not a checkpoint written by this project ({why})") from None
+        raise CheckpointError(f"{path}: {_why_unloadable(path, e)}") from None
     missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise CheckpointError(f"{path}: not the kind of file expected here (missing {', '.join(missing)})")
@@ -71,16 +70,23 @@ def safe_load(path: str | Path, required: tuple[str, ...] = (), map_location="cp
 
 def _why_unloadable(path: Path, error: Exception) -> str:
     """Why torch.load(weights_only=True) failed on `path`, in words that do not depend on the torch version."""
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    try:  # a torch.save archive: its pickle's globals, read by disassembly without unpickling anything
+        refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # a bare pickle or a damaged archive: the global torch's refusal names, if any
+        refused = re.findall(r"GLOBAL (\S+)", str(error))
+        refused = [name if "." in name else f"builtins.{name}" for name in refused]  # torch drops "builtins."
     if refused:
-        return f"it holds a pickled {refused[1]}, refused because loading it could run code"
+        return (f"refused: it holds Python objects other than tensors ({', '.join(sorted(set(refused)))}), "
+                "which could run code when loaded; only plain tensor files are loaded")
     with open(path, "rb") as f:
         head = f.read(len(ARCHIVE_MAGIC))
     if not head:
-        return "it is empty"
-    if head != ARCHIVE_MAGIC:
-        return "it is not a PyTorch file"
-    return "it is truncated or corrupt"
+        why = "it is empty"
+    elif head != ARCHIVE_MAGIC:
+        why = "it is not a PyTorch file"
+    else:
+        why = "it is truncated or corrupt"
+    return f"not a checkpoint written by this project ({why})"
 
 
 def save_model(path: str | Path, model: torch.nn.Module, unet: UNetConfig, diffusion: DiffusionConfig,

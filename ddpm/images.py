@@ -5,9 +5,13 @@ subfolder per class. It may also hold `train/` and `test/` subfolders laid out e
 a class-stratified TEST_FRACTION of the images is held out as the test split. Every image is
 center-cropped to a square, resized to `image_size` and converted to RGB or grayscale once, at
 prepare time, so training never decodes images again. A file that cannot be decoded is refused
-with its name: a dataset silently missing some files would not be reproducible.
+with its name, and so is an image name that leads to no regular file (a looping or dangling symbolic
+link) and an image whose header claims more than PIL's Image.MAX_IMAGE_PIXELS: a dataset silently
+missing some files would not be reproducible.
 """
 
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +30,34 @@ def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
+def _images(entries: list[Path]) -> list[Path]:
+    """The image files among `entries` (subfolders aside); an image name that does not lead to a regular
+    file (a looping or dangling symbolic link, a pipe) is refused like an undecodable image."""
+    found = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
+    for p in found:
+        try:
+            mode = p.stat().st_mode
+        except OSError as e:
+            raise DataError(f"cannot read image {p}: {e.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise DataError(f"cannot read image {p}: not a regular file")
+    return found
+
+
 def _scan(folder: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
     """(files, labels, class names) of one folder: class subfolders, or images with no classes."""
     entries = _visible(folder)
     classes = [p for p in entries if p.is_dir()]
     if not classes:
-        files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+        files = _images(entries)
         return files, [0] * len(files), ()
-    stray = [p.name for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    stray = [p.name for p in _images(entries)]
     if stray:
         raise DataError(f"{folder}: holds class subfolders and also images outside them ({stray[0]}, ...); "
                         "move every image into its class folder")
     files, labels = [], []
     for label, sub in enumerate(classes):
-        found = [p for p in _visible(sub) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        found = _images(_visible(sub))
         if not found:
             raise DataError(f"class folder {sub} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         files += found
@@ -48,12 +66,18 @@ def _scan(folder: Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
 
 
 def _read(path: Path, size: int, channels: int) -> np.ndarray:
-    """One image file -> uint8 (channels, size, size): center-cropped to a square, then resized."""
+    """One image file -> uint8 (channels, size, size): center-cropped to a square, then resized.
+
+    An image larger than PIL's Image.MAX_IMAGE_PIXELS is refused before it is decoded (PIL itself
+    only warns below twice that): its header may claim far more pixels than memory holds."""
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB" if channels == 3 else "L")
-            img = ImageOps.fit(img, (size, size), Image.BICUBIC)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = ImageOps.exif_transpose(img).convert("RGB" if channels == 3 else "L")
+                img = ImageOps.fit(img, (size, size), Image.BICUBIC)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)

@@ -5,8 +5,10 @@ Two feature extractors, both torch-fidelity `FeatureExtractorBase` modules:
 - "classifier": the domain classifier (ddpm.classifier), registered with torch-fidelity as `EXTRACTOR_NAME`.
   Its layers are "features" (the penultimate layer: FID, KID, precision/recall) and "logits" (IS).
 - "inception": torch-fidelity's Inception-v3 ("inception-v3-compat"), layers "2048" and "logits_unbiased",
-  built only from a local weights file (`find_inception_weights`); nothing is downloaded. Grayscale
-  images are repeated to 3 channels for it.
+  built only from a local weights file (`find_inception_weights`); nothing is downloaded. The file is read
+  here as plain tensors (`load_inception_weights`), never unpickled by torch-fidelity, and under
+  torch-fidelity's published name it must have that file's hash. Grayscale images are repeated to 3
+  channels for it.
 
 `extract_features` turns uint8 images into {"features": (N, D), "logits": (N, K)} once, so a reference
 set's features can be stored and reused; `metrics_from_features` then calls torch-fidelity's own
@@ -20,6 +22,9 @@ with the same extractor and seed (input1 generated, input2 real, as torch-fideli
 """
 
 import copy
+import hashlib
+import io
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -35,6 +40,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
+from ddpm.checkpoint import CheckpointError, safe_load
 from ddpm.classifier import Classifier, predict, to_unit_range
 
 EXTRACTOR_NAME = "ddpm-classifier"
@@ -43,6 +49,8 @@ EXTRACTORS = {  # our name -> (torch-fidelity's registered name, (layer for FID/
     "inception": ("inception-v3-compat", ("2048", "logits_unbiased")),
 }
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
+# 6726825d: how the published file's SHA-256 starts (torch.hub's naming; torch-fidelity itself never checks it)
+INCEPTION_SHA256 = torch.hub.HASH_REGEX.search(INCEPTION_WEIGHTS_FILE)[1]
 METRICS = ("fid", "isc", "kid", "prc")
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default, used whenever both sets are at least this large
 KID_SUBSETS, ISC_SPLITS, PRC_NEIGHBORHOOD = 100, 10, 3  # torch-fidelity's defaults
@@ -130,20 +138,61 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
     return found
 
 
+def load_inception_weights(path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The Inception-v3 state dict in the local weights file (`find_inception_weights`), read as plain tensors
+    (CheckpointError for a file that holds anything else). Under torch-fidelity's published name the file
+    must start its SHA-256 with the name's INCEPTION_SHA256, as torch.hub checks a download."""
+    found = find_inception_weights(path)
+    if found.name == INCEPTION_WEIGHTS_FILE:
+        digest = hashlib.sha256()
+        with open(found, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if not digest.hexdigest().startswith(INCEPTION_SHA256):
+            raise CheckpointError(f"{found}: its SHA-256 starts {digest.hexdigest()[:8]}, not {INCEPTION_SHA256} as "
+                                  "torch-fidelity's published Inception-v3 weights do; a damaged or different file "
+                                  "under their name")
+    state = safe_load(found)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{found}: not Inception-v3 weights in torch-fidelity's format "
+                              f"(a {type(state).__name__}, not a state dict of tensors)")
+    return state
+
+
+def _inception(path: str | Path | None) -> torch_fidelity.FeatureExtractorBase:
+    """torch-fidelity's Inception-v3 with the weights of `load_inception_weights(path)`.
+
+    torch-fidelity builds it only by torch.load(weights_only=False) of its weights path: it is given the
+    verified tensors, saved again into memory, so no pickle from the file is ever run."""
+    found = find_inception_weights(path)
+    state = load_inception_weights(found)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    registered, layers = EXTRACTORS["inception"]
+    try:
+        return create_feature_extractor(registered, list(layers), cuda=False, verbose=False,
+                                        feature_extractor_weights_path=buffer)
+    except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors, one per line
+        first = next((line.strip() for line in str(e).splitlines()[1:]), str(e))
+        raise CheckpointError(f"{found}: not Inception-v3 weights in torch-fidelity's format "
+                              f"({textwrap.shorten(first, 160, placeholder=' ...')})") from None
+
+
 def make_extractor(name: str, *, classifier: Classifier | None = None, weights: str | Path | None = None,
                    device: str | torch.device = "cpu") -> torch_fidelity.FeatureExtractorBase:
     """torch-fidelity's extractor for `name` (a key of EXTRACTORS), frozen, in eval mode on `device`.
 
     "classifier" needs the trained `classifier` (copied, the caller's model is untouched); "inception"
-    reads `weights`, else the file in torch-fidelity's cache (MissingWeightsError if neither exists)."""
+    reads `weights`, else the file in torch-fidelity's cache (MissingWeightsError if neither exists;
+    CheckpointError for a file that is not plain Inception-v3 weights: see `load_inception_weights`)."""
     if name not in EXTRACTORS:
         raise ValueError(f"unknown feature extractor {name!r}; valid: {', '.join(EXTRACTORS)}")
+    if name == "inception":
+        return _inception(weights).to(device)
     registered, layers = EXTRACTORS[name]
-    if name == "classifier":
-        kwargs = {"feature_extractor_classifier": classifier}
-    else:
-        kwargs = {"feature_extractor_weights_path": str(find_inception_weights(weights))}
-    extractor = create_feature_extractor(registered, list(layers), cuda=False, verbose=False, **kwargs)
+    extractor = create_feature_extractor(registered, list(layers), cuda=False, verbose=False,
+                                         feature_extractor_classifier=classifier)
     return extractor.to(device)
 
 

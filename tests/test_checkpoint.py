@@ -1,6 +1,8 @@
 """Model files and training checkpoints: round-trips, exact resume, refusal of corrupt or unsafe files."""
 
+import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -152,23 +154,58 @@ class Payload:
         return open, (self.path, "w")
 
 
-def test_pickled_objects_are_refused_and_never_executed(tmp_path):
+class Evaluate:
+    """Unpickling this evaluates Python source that creates `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return eval, (f"open({self.path!r}, 'w')",)
+
+
+class Shell:
+    """Unpickling this runs a shell command that creates `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.path}'",)
+
+
+def refusal(path, names: str) -> str:
+    return (f"{path}: refused: it holds Python objects other than tensors ({names}), which could run code when "
+            "loaded; only plain tensor files are loaded")
+
+
+def test_pickled_objects_are_refused_by_name_and_never_executed(tmp_path):
     custom = tmp_path / "custom.pt"
     torch.save({"weights": Custom()}, custom)
-    with pytest.raises(CheckpointError, match="custom.pt"):
+    with pytest.raises(CheckpointError, match=re.escape(refusal(custom, f"{Custom.__module__}.Custom"))):
         safe_load(custom)
 
     marker = tmp_path / "pwned"
-    for name, write in [("payload.pt", lambda p: torch.save({"weights": Payload(marker)}, p)),
-                        ("payload.pkl", lambda p: p.write_bytes(pickle.dumps(Payload(marker), protocol=2)))]:
+    cases = [  # file, writer, the global it names
+        ("payload.pt", lambda p: torch.save({"weights": Payload(marker)}, p), f"{open.__module__}.open"),
+        ("payload.pkl", lambda p: p.write_bytes(pickle.dumps(Payload(marker), protocol=2)), f"{open.__module__}.open"),
+        ("eval.pt", lambda p: torch.save([Evaluate(marker)], p), "builtins.eval"),
+        ("eval.pkl", lambda p: p.write_bytes(pickle.dumps(Evaluate(marker), protocol=2)), "builtins.eval"),
+        ("shell.pt", lambda p: torch.save({"weights": Shell(marker)}, p), f"{os.system.__module__}.system"),
+        ("shell.pkl", lambda p: p.write_bytes(pickle.dumps(Shell(marker), protocol=2)), f"{os.name}.system"),
+    ]
+    for name, write, names in cases:
         write(tmp_path / name)
         for load in (safe_load, load_model):
-            with pytest.raises(CheckpointError, match=f"{name}: .*pickled .*open, refused because loading it could"):
+            with pytest.raises(CheckpointError) as error:
                 load(tmp_path / name)
+            assert str(error.value) == refusal(tmp_path / name, names)
         assert not marker.exists()
-    # the payload is live: an unsafe load would have run it
-    torch.load(tmp_path / "payload.pt", weights_only=False)
-    assert marker.exists()
+    # the payloads are live: an unsafe load would have run them
+    for name in ("payload.pt", "eval.pt", "shell.pt"):
+        torch.load(tmp_path / name, weights_only=False)
+        assert marker.exists()
+        marker.unlink()
 
 
 def test_wrong_contents_raise_checkpoint_error(tmp_path):

@@ -1,9 +1,13 @@
 """Image folders, class subsets, resizing and channel conversion (ddpm.images) and the prepare stage on them."""
 
 import json
+import math
 import os
+import struct
 import subprocess
 import sys
+import warnings
+import zlib
 
 import pytest
 import torch
@@ -57,11 +61,18 @@ def test_train_and_test_subfolders_are_used_as_the_splits(tmp_path):
     ("missing", "image folder {root} does not exist"),
     ("stray", "{root}: holds class subfolders and also images outside them (stray.png"),
     ("empty class", "class folder {root}/zebra holds no images"),
+    ("looping link", "cannot read image {root}/square/x.png: Too many levels of symbolic links"),
+    ("dangling link", "cannot read image {root}/square/x.png: No such file or directory"),
+    ("fifo", "cannot read image {root}/square/x.png: not a regular file"),
+    ("looping link, unlabelled", "cannot read image {root}/x.png: Too many levels of symbolic links"),
+    ("looping link beside classes", "cannot read image {root}/x.png: Too many levels of symbolic links"),
 ])
 def test_bad_folders_are_reported_by_name(tmp_path, damage, message):
     root = tmp_path / "shapes"
     if damage == "empty":
         root.mkdir()
+    elif damage == "looping link, unlabelled":
+        make_image_folder(root, per_class=3, classes=())
     elif damage != "missing":
         make_image_folder(root, per_class=3)
     bad = root / "square" / "square_001.png"
@@ -73,9 +84,41 @@ def test_bad_folders_are_reported_by_name(tmp_path, damage, message):
         Image.new("RGB", (8, 8)).save(root / "stray.png")
     elif damage == "empty class":
         (root / "zebra").mkdir()
+    elif damage == "looping link":
+        os.symlink("x.png", root / "square" / "x.png")
+    elif damage == "dangling link":
+        os.symlink("gone.png", root / "square" / "x.png")
+    elif damage == "fifo":
+        os.mkfifo(root / "square" / "x.png")
+    elif damage.startswith("looping link"):
+        os.symlink("x.png", root / "x.png")
     with pytest.raises(DataError) as e:
         load_image_folder(root, 32)
     assert message.format(root=root) in str(e.value) and "\n" not in str(e.value)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height RGB pixels and holds none."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+# over PIL's MAX_IMAGE_PIXELS it warns and decodes anyway; over twice that it raises its own exception
+@pytest.mark.parametrize("side", [math.isqrt(Image.MAX_IMAGE_PIXELS) + 1, 100_000])
+def test_decompression_bomb_is_refused_by_name_without_a_warning(tmp_path, side):
+    root = make_image_folder(tmp_path / "shapes", per_class=3)
+    bomb = root / "square" / "square_001.png"
+    bomb.write_bytes(png_header(side, side))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DataError) as e:
+            load_image_folder(root, 32)
+    message = str(e.value)
+    assert message.startswith(f"cannot read image {bomb}: Image size ({side * side} pixels) exceeds limit")
+    assert "decompression bomb" in message and "\n" not in message
+    assert [str(w.message) for w in caught] == []
 
 
 def _labelled(n_classes=4, per_class=3) -> ImageData:

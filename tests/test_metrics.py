@@ -1,6 +1,9 @@
 """FID / IS / KID / precision-recall through torch-fidelity, with the domain classifier as feature extractor
 on synthetic images, and the Inception-v3 path (weights found locally or a clear error, never a download)."""
 
+import hashlib
+import os
+import shutil
 import socket
 import warnings
 from pathlib import Path
@@ -12,6 +15,7 @@ import torch_fidelity
 from torch_fidelity import feature_extractor_inceptionv3
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+from ddpm import CheckpointError
 from ddpm.classifier import Classifier, ClassifierConfig, accuracy, to_unit_range, train_classifier
 from ddpm.metrics import (
     EXTRACTOR_NAME,
@@ -168,8 +172,9 @@ def test_conditional_accuracy_on_real_labels_equals_accuracy(classifier, real):
 
 @pytest.fixture(scope="module")
 def fake_inception(tmp_path_factory) -> Path:
-    """A randomly initialised Inception-v3 saved in torch-fidelity's weights format (the real ones are not here)."""
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_FILE
+    """A randomly initialised Inception-v3 saved in torch-fidelity's weights format (the real ones are not here),
+    under another name: torch-fidelity's name promises its published file, checked by hash."""
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(feature_extractor_inceptionv3, "load_state_dict_from_url", lambda *args, **kwargs: {})
         mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
@@ -226,3 +231,61 @@ def test_both_extractors_take_rgb_images_at_32_and_64_px(fake_inception, size):
         scale = feats.abs().max()  # a random network's activations are tiny: compare at their own scale
         assert feats.shape == dims and torch.isfinite(feats).all() and scale > 0, name
         assert (feats[0] - feats[1]).abs().max() > 1e-3 * scale, name  # different images, different features
+
+
+class Shell:
+    """Unpickling this runs a shell command that creates `path`."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.path}'",)
+
+
+@pytest.mark.parametrize("name", ["evil.pth", INCEPTION_WEIGHTS_FILE])
+def test_inception_weights_that_carry_code_are_refused_and_never_run(tmp_path, name):
+    marker, weights = tmp_path / "pwned", tmp_path / name
+    torch.save({"fc.weight": torch.zeros(1008, 2048), "payload": Shell(marker)}, weights)
+    with pytest.raises(CheckpointError) as error:
+        make_extractor("inception", weights=weights)
+    assert str(error.value).startswith(f"{weights}: ") and "\n" not in str(error.value)
+    assert not marker.exists()
+    torch.load(weights, weights_only=False)  # the payload is live: an unsafe load would have run it
+    assert marker.exists()
+
+
+def test_inception_is_built_from_the_weights_in_the_file(fake_inception):
+    extractor = make_extractor("inception", weights=fake_inception)
+    saved = torch.load(fake_inception, weights_only=True)
+    loaded = extractor.state_dict()
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    features = extract_features(extractor, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert features["features"].shape == (2, 2048) and features["logits"].shape == (2, 1008)
+
+
+def test_torch_fidelitys_file_name_promises_its_hash(fake_inception, tmp_path, monkeypatch):
+    renamed = tmp_path / INCEPTION_WEIGHTS_FILE
+    shutil.copy(fake_inception, renamed)
+    digest = hashlib.sha256(renamed.read_bytes()).hexdigest()
+    with pytest.raises(CheckpointError) as error:
+        make_extractor("inception", weights=renamed)
+    assert str(error.value) == (f"{renamed}: its SHA-256 starts {digest[:8]}, not 6726825d as torch-fidelity's "
+                                "published Inception-v3 weights do; a damaged or different file under their name")
+    monkeypatch.setattr("ddpm.metrics.INCEPTION_SHA256", digest[:8])  # as if it were the published file
+    assert make_extractor("inception", weights=renamed).get_name() == "inception-v3-compat"
+
+
+@pytest.mark.parametrize("content, why", [
+    (torch.zeros(3), "a Tensor, not a state dict of tensors)"),
+    ({"fc.weight": torch.zeros(1008, 2048)}, "Missing key(s) in state_dict: "),
+])
+def test_inception_weights_of_the_wrong_kind_are_one_line_naming_the_file(tmp_path, content, why):
+    weights = tmp_path / "other.pth"
+    torch.save(content, weights)
+    with pytest.raises(CheckpointError) as error:
+        make_extractor("inception", weights=weights)
+    message = str(error.value)
+    assert message.startswith(f"{weights}: not Inception-v3 weights in torch-fidelity's format ({why}")
+    assert "\n" not in message and len(message) < 300
