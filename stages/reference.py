@@ -11,9 +11,15 @@ labels.
 import warnings
 from pathlib import Path
 
-from ddpm import atomic_save, load_classifier, resolve_device
+from ddpm import CheckpointError, atomic_save, load_classifier, resolve_device
 from ddpm.data import floor_subset
-from ddpm.metrics import MissingWeightsError, find_inception_weights, make_extractor, reference_features
+from ddpm.metrics import (
+    MissingWeightsError,
+    find_inception_weights,
+    load_inception_weights,
+    make_extractor,
+    reference_features,
+)
 
 from .pipeline.io import atomic_dir, load_prepared
 from .pipeline.params import load_params, sections
@@ -26,9 +32,10 @@ def inception_weights(p) -> Path | None:
     if "inception" not in p.evaluate.extractors:
         return None
     try:
+        load_inception_weights(p.evaluate.inception_weights)  # read as plain tensors: a file never runs code
         return find_inception_weights(p.evaluate.inception_weights)
-    except MissingWeightsError as e:
-        raise MissingWeightsError(f"{e} (params.yaml: evaluate.inception_weights)") from None
+    except (MissingWeightsError, CheckpointError) as e:
+        raise type(e)(f"{e} (params.yaml: evaluate.inception_weights)") from None
 
 
 def main(argv: list[str]) -> None:

@@ -274,3 +274,28 @@ def test_a_sweep_list_reruns_only_sampling_and_evaluation():
         sweep = ("sample", "sample.ddim_steps", "sample.eta", "sample.guidance")
         reads_sweep = any(str(p) in sweep for p in stage.get("params", []))
         assert reads_sweep == (name == "sample"), name  # evaluate sees the sweep only through the sample folders
+
+
+def test_a_weights_param_that_carries_code_stops_the_reference_stage_before_any_work(mnist, classifier, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """evaluate.inception_weights names a file the stage reads as plain tensors: a pickle never runs."""
+    from test_metrics import Shell
+
+    marker, weights = tmp_path / "pwned", tmp_path / "evil.pth"
+    torch.save({"fc.weight": torch.zeros(1008, 2048), "payload": Shell(marker)}, weights)
+    monkeypatch.setenv("DDPM_TRACKING", "off")
+    (tmp_path / "ws").mkdir()
+    make_workspace(tmp_path / "ws", mnist, classifier, extractors=("classifier", "inception"))
+    params = yaml.safe_load((tmp_path / "ws/params.yaml").read_text())
+    params["evaluate"]["inception_weights"] = str(weights)
+    (tmp_path / "ws/params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path / "ws")
+    monkeypatch.setattr(sys, "argv", ["reference", "--data", "data/prepared", "--classifier", "models/classifier.pt",
+                                      "--out", "data/reference"])
+    with pytest.raises(SystemExit) as stop:
+        run(reference.main)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: {weights}: refused")
+    assert err[0].endswith("(params.yaml: evaluate.inception_weights)")
+    assert not marker.exists() and not (tmp_path / "ws/data/reference").exists()
