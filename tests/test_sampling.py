@@ -1,4 +1,5 @@
-"""Samplers against analytic optimal denoisers, plus the properties that make sampling reproducible."""
+"""Samplers against analytic optimal denoisers, plus the properties that make sampling reproducible, and
+guidance as model wrappers."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 from ddpm import (
     NULL_LABEL,
     Autoguided,
+    ClassifierFree,
     Diffusion,
     DiffusionConfig,
     ImageGenerator,
@@ -16,7 +18,6 @@ from ddpm import (
     ddim_timesteps,
     ddpm_sample,
     dpm_solver_sample,
-    guided_prediction,
     make_betas,
 )
 from ddpm.sampling import SPACINGS
@@ -232,7 +233,34 @@ def test_ddim_with_all_steps_and_eta_1_is_ddpm():
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_guidance_combines_conditional_and_unconditional_predictions():
+class LabelShift(nn.Module):
+    """D(x_t, y) = x_t + y, and x_t + 10 for the null label; counts its calls and the labels it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x_t, t, y=None):
+        self.calls.append(None if y is None else y.tolist())
+        if y is None:
+            return x_t + 10
+        return x_t + torch.where(y == NULL_LABEL, 10.0, y.float()).reshape(-1, 1, 1, 1)
+
+
+def test_classifier_free_guidance_by_hand():
+    """(1 + w) D(x_t, y) - w D(x_t, null) = x_t + (1 + w) y - 10 w, from one call on the doubled batch."""
+    net = LabelShift()
+    x_t, t, y = torch.zeros(3, 1, 1, 1), torch.tensor([5, 5, 5]), torch.tensor([0, 1, 2])
+    out = ClassifierFree(net, 0.5)(x_t, t, y)
+    assert out.flatten().tolist() == [-5.0, -3.5, -2.0]
+    assert net.calls == [[0, 1, 2, NULL_LABEL, NULL_LABEL, NULL_LABEL]]
+    net.calls.clear()
+    assert ClassifierFree(net, 0.0)(x_t, t, y).flatten().tolist() == [0.0, 1.0, 2.0]  # w = 0: the plain model
+    assert ClassifierFree(net, 3.0)(x_t, t).flatten().tolist() == [10.0] * 3         # no labels: the same
+    assert net.calls == [[0, 1, 2], None]
+
+
+def test_classifier_free_guidance_combines_conditional_and_unconditional_predictions():
     model = tiny_unet(num_classes=3)
     gen = torch.Generator().manual_seed(11)
     x_t = torch.randn(5, 1, 8, 8, generator=gen)
@@ -241,13 +269,51 @@ def test_guidance_combines_conditional_and_unconditional_predictions():
     with torch.no_grad():
         eps_c = model(x_t, t, y)
         eps_u = model(x_t, t, torch.full_like(y, NULL_LABEL))
-    assert not torch.allclose(eps_c, eps_u, atol=1e-3)  # the labels matter, or the test proves nothing
-    assert torch.equal(guided_prediction(model, x_t, t, y, 0.0), eps_c)
-    for w in (0.5, 3.0):
-        torch.testing.assert_close(guided_prediction(model, x_t, t, y, w), (1 + w) * eps_c - w * eps_u,
-                                   atol=1e-5, rtol=1e-5)
-    # no labels: the plain (unconditional) prediction whatever w is
-    torch.testing.assert_close(guided_prediction(model, x_t, t, None, 3.0), eps_u, atol=1e-6, rtol=0)
+        assert not torch.allclose(eps_c, eps_u, atol=1e-3)  # the labels matter, or the test proves nothing
+        assert torch.equal(ClassifierFree(model, 0.0)(x_t, t, y), eps_c)
+        for w in (0.5, 3.0):
+            torch.testing.assert_close(ClassifierFree(model, w)(x_t, t, y), (1 + w) * eps_c - w * eps_u,
+                                       atol=1e-5, rtol=1e-5)
+        # no labels: the plain (unconditional) prediction whatever w is
+        torch.testing.assert_close(ClassifierFree(model, 3.0)(x_t, t), eps_u, atol=1e-6, rtol=0)
+
+
+class TwoCalls(nn.Module):
+    """Classifier-free guidance written out with two separate calls, as a reference."""
+
+    def __init__(self, model, w):
+        super().__init__()
+        self.model, self.w = model, w
+
+    def forward(self, x_t, t, y):
+        uncond = self.model(x_t, t, torch.full_like(y, NULL_LABEL))
+        return (1 + self.w) * self.model(x_t, t, y) - self.w * uncond
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver"])
+def test_every_sampler_samples_a_classifier_free_guided_model(sampler):
+    diffusion = Diffusion(make_betas("linear", 20, beta_end=0.3))
+    net = tiny_unet(num_classes=3)
+    y = torch.tensor([0, 1, 2, 1])
+    x_T = ImageGenerator(14, range(4)).randn((4, 1, 8, 8))
+
+    def run(model):
+        gen = ImageGenerator(15, range(4))
+        if sampler == "ddpm":
+            return ddpm_sample(model, diffusion, x_T, y=y, generator=gen)
+        if sampler == "ddim":
+            return ddim_sample(model, diffusion, x_T, 5, eta=0.5, y=y, generator=gen)
+        return dpm_solver_sample(model, diffusion, x_T, 5, y=y)
+
+    with torch.no_grad():
+        guided = run(ClassifierFree(net, 2.0))
+        torch.testing.assert_close(guided, run(TwoCalls(net, 2.0)), atol=1e-4, rtol=1e-4)
+        assert torch.equal(run(ClassifierFree(net, 0.0)), run(net))
+        assert not torch.allclose(guided, run(net), atol=1e-2)  # the weight reaches the sampler
+    counter = LabelShift()
+    run(ClassifierFree(counter, 2.0))
+    assert len(counter.calls) == (20 if sampler == "ddpm" else 5)  # one batched call per step
+    assert all(c == [0, 1, 2, 1] + [NULL_LABEL] * 4 for c in counter.calls)
 
 
 def test_autoguidance_extrapolates_from_the_guide_to_the_model():
@@ -279,8 +345,8 @@ def test_per_image_seeds_do_not_depend_on_batching(sampler):
         x_T = ImageGenerator(42, idx).randn((len(idx), 1, 8, 8))
         gen = ImageGenerator(43, idx)
         if sampler == "ddpm":
-            return ddpm_sample(model, diffusion, x_T, y=y[idx], guidance=1.0, generator=gen)
-        return ddim_sample(model, diffusion, x_T, steps=10, eta=1.0, y=y[idx], guidance=1.0, generator=gen)
+            return ddpm_sample(ClassifierFree(model, 1.0), diffusion, x_T, y=y[idx], generator=gen)
+        return ddim_sample(ClassifierFree(model, 1.0), diffusion, x_T, steps=10, eta=1.0, y=y[idx], generator=gen)
 
     whole = run(range(8))
     halves = torch.cat([run(range(4)), run(range(4, 8))])
@@ -346,3 +412,4 @@ def test_v_prediction_samples_like_the_same_model_predicting_eps(diffusion, samp
             out[name] = ddpm_sample(model, d, x_T, generator=gen)
     torch.testing.assert_close(out["v"], out["eps"], atol=2e-3, rtol=0)
     assert out["eps"].std() > 0.1  # a real spread of samples, not a collapse both agree on
+
