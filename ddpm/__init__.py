@@ -22,6 +22,7 @@ from .sampling import (
     Autoguided,
     ClassifierFree,
     ImageGenerator,
+    SamplerSetting,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
@@ -37,7 +38,7 @@ __all__ = [
     "CheckpointError", "atomic_save", "config_hash", "guide_path", "load_classifier", "load_model", "safe_load",
     "save_classifier", "save_model",
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
-    "Autoguided", "ClassifierFree", "ImageGenerator", "ddim_sample", "ddim_timesteps", "ddpm_sample",
+    "Autoguided", "ClassifierFree", "ImageGenerator", "SamplerSetting", "ddim_sample", "ddim_timesteps", "ddpm_sample",
     "dpm_solver_sample", "generate", "guided", "make_betas",
     "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig",
 ]

@@ -26,7 +26,7 @@ from torch import nn
 from . import pictures
 from .checkpoint import CheckpointError, guide_path, load_model
 from .diffusion import NULL_LABEL, Diffusion
-from .sampling import METHODS, SPACINGS, ImageGenerator, generate, guided
+from .sampling import METHOD_NAMES, METHODS, SPACINGS, ImageGenerator, SamplerSetting, generate, guided
 from .training import resolve_device
 
 DEFAULT_DDIM_STEPS = 50
@@ -144,7 +144,7 @@ class Loaded:
 
     @property
     def guided(self) -> nn.Module:
-        """The model as the commands sample it: under its classifier-free guidance or autoguidance."""
+        """The model under its classifier-free guidance or autoguidance, as the pictures sample it."""
         return guided(self.model, self.cfg, self.autoguidance, self.guide)
 
     def labels(self, n: int) -> torch.Tensor | None:
@@ -259,10 +259,12 @@ def cmd_sample(args, m: Loaded) -> None:
         labels, nrow = torch.arange(len(m.class_names)).repeat_interleave(per_class), per_class
     else:
         labels, nrow = m.labels(args.num), math.ceil(math.sqrt(args.num))
-    images = generate(m.guided, m.diffusion, len(labels) if labels is not None else args.num, m.shape,
-                      seed=args.seed, method=method, steps=steps, eta=eta, labels=labels, batch_size=args.batch_size,
-                      clip_x0=args.clip_x0, spacing=args.spacing, progress=True)
-    name = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver": "DPM-Solver++(2M)"}[args.method]
+    setting = SamplerSetting(method, steps, eta, args.spacing, m.cfg, m.autoguidance)
+    images = generate(setting.model(m.model, m.guide), m.diffusion, len(labels) if labels is not None else args.num,
+                      m.shape, seed=args.seed, method=setting.method, steps=setting.steps, eta=setting.eta,
+                      labels=labels, batch_size=args.batch_size, clip_x0=args.clip_x0, spacing=setting.spacing,
+                      progress=True)
+    name = METHOD_NAMES[args.method]
     title = m.describe(f"{name} {steps} steps" + (f", eta = {eta:g}" if args.method == "ddim" else "") + (
         f", {args.spacing} spacing" if args.method != "ddpm" else ""))
     rows = m.row_names(None if labels is None else labels[::nrow])

@@ -6,9 +6,14 @@ Each sampler is a function of (model, diffusion, x_T, options, generator) and re
 or (x0, trajectory) when `return_trajectory=True`, where trajectory holds x_t before every step plus
 the result, and the model's x0 prediction at every step. A sampler calls `model(x_t, t, y)` and knows
 nothing of guidance: a guided model is passed in as the model.
+
+`SamplerSetting` names one point of a sampling sweep (method, steps, eta, spacing, guidance weights):
+its `tag` names the sample files, its `label` the plots, and `setting.model(net, guide)` wraps the network
+as the setting's guidance says.
 """
 
 import math
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -239,7 +244,7 @@ def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int,
              progress: bool = False) -> torch.Tensor:
     """`num` images as uint8 (num, C, H, W) on the CPU, sampled in batches; image i's noise depends
     only on (seed, i), so the result does not depend on `batch_size`. For guided images pass a guided
-    model (`ClassifierFree`, `Autoguided`, `guided`)."""
+    model (`SamplerSetting.model`, `ClassifierFree`, `Autoguided`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     device = diffusion.betas.device
@@ -260,3 +265,69 @@ def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int,
         out.append(to_uint8(x).cpu())
     return torch.cat(out)
 
+
+METHOD_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver": "DPM-Solver++(2M)"}
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    """One sampler setting of a sweep. `cfg` is the classifier-free guidance weight w of a class-conditional
+    model (None for an unconditional one, whose tags carry no weight), `autoguidance` the autoguidance
+    weight w (0: none). DDPM runs all T steps (`steps` records T); `eta` is DDIM's."""
+    method: str
+    steps: int
+    eta: float = 0.0
+    spacing: str = "uniform"
+    cfg: float | None = None
+    autoguidance: float = 0.0
+
+    def __post_init__(self):
+        checks = (("method", self.method in METHODS, ", ".join(METHODS)), ("steps", self.steps >= 1, ">= 1"),
+                  ("eta", self.eta >= 0, ">= 0"), ("spacing", self.spacing in SPACINGS, ", ".join(SPACINGS)),
+                  ("cfg", self.cfg is None or self.cfg >= 0, "None or >= 0"),
+                  ("autoguidance", self.autoguidance >= 0, ">= 0"))
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"SamplerSetting.{name} = {getattr(self, name)!r}; allowed: {allowed}")
+
+    @property
+    def tag(self) -> str:
+        """The file name of its samples: "ddpm", "ddim10_eta0", "dpmsolver20", then "_w{cfg}" for a
+        conditional model (even at w = 0) and "_ag{autoguidance}" when autoguided: "ddim10_eta0_w0.5"."""
+        name = {"ddpm": "ddpm", "ddim": f"ddim{self.steps}_eta{self.eta:g}"}.get(self.method,
+                                                                                 f"{self.method}{self.steps}")
+        name += f"_w{self.cfg:g}" if self.cfg is not None else ""
+        return name + (f"_ag{self.autoguidance:g}" if self.autoguidance else "")
+
+    @property
+    def label(self) -> str:
+        """For people: "DDPM-1000", "DDIM-10 η=0, w=0.5", "DPM-Solver++(2M)-20, autoguidance w=1"."""
+        return self._label(with_steps=True)
+
+    @property
+    def curve_label(self) -> str:
+        """The label without the step count, for a curve over steps: "DDIM η=0, w=0.5"."""
+        return self._label(with_steps=False)
+
+    def _label(self, with_steps: bool) -> str:
+        name = METHOD_NAMES[self.method] + (f"-{self.steps}" if with_steps else "")
+        name += f" η={self.eta:g}" if self.method == "ddim" else ""
+        guidance = ([f"w={self.cfg:g}"] if self.cfg is not None else []) + (
+            [f"autoguidance w={self.autoguidance:g}"] if self.autoguidance else [])
+        return ", ".join([name, *guidance])
+
+    def model(self, net: nn.Module, guide: nn.Module | None = None) -> nn.Module:
+        """`net` guided as this setting says (see `guided`); raises ValueError when it needs a guide."""
+        return guided(net, self.cfg, self.autoguidance, guide)
+
+    def to_dict(self) -> dict:
+        """The fields and the tag, as an index.json row starts."""
+        return asdict(self) | {"tag": self.tag}
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "SamplerSetting":
+        """The setting of a `to_dict` row; other keys are ignored, and a "tag" must be the setting's own."""
+        setting = cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
+        if "tag" in row and row["tag"] != setting.tag:
+            raise ValueError(f"tag {row['tag']!r} does not match its setting, whose tag is {setting.tag!r}")
+        return setting

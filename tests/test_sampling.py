@@ -1,5 +1,7 @@
 """Samplers against analytic optimal denoisers, plus the properties that make sampling reproducible, and
-guidance as model wrappers."""
+guidance as model wrappers with the sampler settings that name them."""
+
+import json
 
 import pytest
 import torch
@@ -12,12 +14,14 @@ from ddpm import (
     Diffusion,
     DiffusionConfig,
     ImageGenerator,
+    SamplerSetting,
     UNet,
     UNetConfig,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
     dpm_solver_sample,
+    generate,
     make_betas,
 )
 from ddpm.sampling import SPACINGS
@@ -413,3 +417,63 @@ def test_v_prediction_samples_like_the_same_model_predicting_eps(diffusion, samp
     torch.testing.assert_close(out["v"], out["eps"], atol=2e-3, rtol=0)
     assert out["eps"].std() > 0.1  # a real spread of samples, not a collapse both agree on
 
+
+TAGS = [  # (setting, tag, label): the tags name the pipeline's sample files and must not change
+    (SamplerSetting("ddpm", 1000, 1.0), "ddpm", "DDPM-1000"),
+    (SamplerSetting("ddpm", 1000, 1.0, cfg=2.0), "ddpm_w2", "DDPM-1000, w=2"),
+    (SamplerSetting("ddim", 10), "ddim10_eta0", "DDIM-10 η=0"),
+    (SamplerSetting("ddim", 10, 0.5, "trailing", cfg=0.5), "ddim10_eta0.5_w0.5", "DDIM-10 η=0.5, w=0.5"),
+    (SamplerSetting("ddim", 5, cfg=0.0), "ddim5_eta0_w0", "DDIM-5 η=0, w=0"),  # conditional, even at w 0
+    (SamplerSetting("ddim", 50, autoguidance=1.25), "ddim50_eta0_ag1.25", "DDIM-50 η=0, autoguidance w=1.25"),
+    (SamplerSetting("dpmsolver", 20), "dpmsolver20", "DPM-Solver++(2M)-20"),
+    (SamplerSetting("dpmsolver", 20, autoguidance=0.0), "dpmsolver20", "DPM-Solver++(2M)-20"),
+    (SamplerSetting("dpmsolver", 5, spacing="logsnr", autoguidance=1.0), "dpmsolver5_ag1",
+     "DPM-Solver++(2M)-5, autoguidance w=1"),
+    (SamplerSetting("ddim", 10, cfg=2.0, autoguidance=1.0), "ddim10_eta0_w2_ag1", "DDIM-10 η=0, w=2, autoguidance w=1"),
+]
+
+
+@pytest.mark.parametrize("setting, tag, label", TAGS, ids=[t for _, t, _ in TAGS])
+def test_sampler_setting_tag_label_and_dict(setting, tag, label):
+    assert setting.tag == tag
+    assert setting.label == label
+    row = json.loads(json.dumps(setting.to_dict()))  # as index.json stores it
+    assert row == {"method": setting.method, "steps": setting.steps, "eta": setting.eta, "spacing": setting.spacing,
+                   "cfg": setting.cfg, "autoguidance": setting.autoguidance, "tag": tag}
+    assert SamplerSetting.from_dict(row) == setting
+    assert SamplerSetting.from_dict({**row, "variant": "cond", "seed": 0, "fid": 3.5}) == setting
+
+
+def test_sampler_setting_curve_label_leaves_out_the_steps():
+    assert SamplerSetting("ddim", 10, cfg=0.5).curve_label == "DDIM η=0, w=0.5"
+    assert SamplerSetting("dpmsolver", 20, autoguidance=1.0).curve_label == "DPM-Solver++(2M), autoguidance w=1"
+
+
+def test_sampler_setting_rejects_bad_values_and_a_stale_tag():
+    with pytest.raises(ValueError, match="does not match its setting, whose tag is 'ddim10_eta0_w2'"):
+        SamplerSetting.from_dict({"method": "ddim", "steps": 10, "eta": 0.0, "cfg": 2.0, "tag": "ddim10_eta0"})
+    for bad, name in (({"method": "euler"}, "method"), ({"steps": 0}, "steps"), ({"spacing": "cubic"}, "spacing"),
+                      ({"cfg": -1.0}, "cfg"), ({"autoguidance": -0.5}, "autoguidance"), ({"eta": -1.0}, "eta")):
+        with pytest.raises(ValueError, match=f"SamplerSetting.{name} = "):
+            SamplerSetting(**{"method": "ddim", "steps": 10, **bad})
+
+
+def test_sampler_setting_model_wraps_the_network_as_it_says():
+    net, guide = tiny_unet(num_classes=3, seed=0), tiny_unet(num_classes=3, seed=1)
+    assert SamplerSetting("ddim", 10).model(net) is net
+    assert SamplerSetting("ddim", 10, cfg=0.0).model(net) is net  # w = 0 is the plain model
+    cfg = SamplerSetting("ddim", 10, cfg=2.0).model(net)
+    assert isinstance(cfg, ClassifierFree) and cfg.model is net and cfg.w == 2.0
+    auto = SamplerSetting("ddim", 10, autoguidance=1.5).model(net, guide)
+    assert isinstance(auto, Autoguided) and (auto.model, auto.guide, auto.w) == (net, guide, 1.5)
+    both = SamplerSetting("ddim", 10, cfg=2.0, autoguidance=1.5).model(net, guide)
+    assert isinstance(both.model, ClassifierFree) and both.model.w == 2.0 and both.guide is guide
+    with pytest.raises(ValueError, match="autoguidance w = 1.5 needs a guide model"):
+        SamplerSetting("ddim", 10, autoguidance=1.5).model(net)
+    # what a sweep samples: generate with the setting's model and options
+    diffusion = Diffusion(make_betas("linear", 20, beta_end=0.3))
+    s, labels = SamplerSetting("ddim", 4, cfg=2.0), torch.tensor([0, 1, 2])
+    images = generate(s.model(net), diffusion, 3, (1, 8, 8), seed=0, method=s.method, steps=s.steps, eta=s.eta,
+                      labels=labels, spacing=s.spacing)
+    assert torch.equal(images, generate(ClassifierFree(net, 2.0), diffusion, 3, (1, 8, 8), seed=0, steps=4,
+                                        labels=labels))
