@@ -1,6 +1,6 @@
 """ddpm: Denoising Diffusion Probabilistic Models (Ho et al. 2020) with DDIM sampling
 (Song et al. 2020), the DPM-Solver++(2M) ODE solver (Lu et al. 2022) and classifier-free
-guidance (Ho & Salimans 2022).
+guidance (Ho & Salimans 2022) and autoguidance (Karras et al. 2024) as model wrappers.
 
 The vocabulary (x0, x_t, t, eps, alpha_bar, y, w) is declared in `ddpm.diffusion`.
 """
@@ -22,13 +22,15 @@ from .diffusion import NULL_LABEL, Diffusion, DiffusionConfig, extract, to_model
 from .ema import EMA
 from .sampling import (
     Autoguided,
+    ClassifierFree,
     ImageGenerator,
+    SamplerSetting,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
     dpm_solver_sample,
     generate,
-    guided_prediction,
+    guided,
 )
 from .schedules import make_betas
 from .training import TrainConfig, Trainer, resolve_device
@@ -39,7 +41,7 @@ __all__ = [
     "load_model", "safe_load",
     "save_classifier", "save_model",
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
-    "Autoguided", "ImageGenerator", "ddim_sample", "ddim_timesteps", "ddpm_sample", "dpm_solver_sample", "generate",
-    "guided_prediction", "make_betas",
+    "Autoguided", "ClassifierFree", "ImageGenerator", "SamplerSetting", "ddim_sample", "ddim_timesteps", "ddpm_sample",
+    "dpm_solver_sample", "generate", "guided", "make_betas",
     "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig",
 ]

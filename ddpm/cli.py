@@ -26,7 +26,7 @@ from torch import nn
 from . import pictures
 from .checkpoint import CheckpointError, guide_path, load_model
 from .diffusion import NULL_LABEL, Diffusion
-from .sampling import METHODS, SPACINGS, Autoguided, ImageGenerator, generate
+from .sampling import METHOD_NAMES, METHODS, SPACINGS, ImageGenerator, SamplerSetting, generate, guided
 from .training import resolve_device
 
 DEFAULT_DDIM_STEPS = 50
@@ -133,13 +133,19 @@ def build_parser() -> Parser:
 @dataclass
 class Loaded:
     """A model file and what the arguments mean for it, checked before any sampling."""
-    model: nn.Module                # Autoguided (the model and its guide) under --autoguidance
+    model: nn.Module
     diffusion: Diffusion
     class_names: list[str] | None   # None for an unconditional model
     klass: int | None               # the --class index
-    guidance: float                 # classifier-free guidance w (conditional models; else 0)
+    cfg: float | None               # --guidance: classifier-free guidance w (conditional models; else None)
     shape: tuple[int, int, int]
-    autoguidance: float | None = None  # the autoguidance w (unconditional models; `model` is then Autoguided)
+    autoguidance: float = 0.0       # --autoguidance w (unconditional models)
+    guide: nn.Module | None = None  # the model's guide model, loaded under --autoguidance
+
+    @property
+    def guided(self) -> nn.Module:
+        """The model under its classifier-free guidance or autoguidance, as the pictures sample it."""
+        return guided(self.model, self.cfg, self.autoguidance, self.guide)
 
     def labels(self, n: int) -> torch.Tensor | None:
         """(n,) labels: --class, or the classes in turn; None for an unconditional model."""
@@ -151,9 +157,9 @@ class Loaded:
         return None if labels is None else [self.class_names[i] for i in labels.tolist()]
 
     def describe(self, sampler: str) -> str:
-        if self.autoguidance is not None:
+        if self.guide is not None:
             return sampler + f", autoguidance w = {self.autoguidance:g}"
-        return sampler + (f", w = {self.guidance:g}" if self.class_names is not None else "")
+        return sampler + (f", w = {self.cfg:g}" if self.cfg is not None else "")
 
 
 def pick_device(name: str) -> torch.device:
@@ -190,7 +196,7 @@ def load(args) -> Loaded:
     shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     autoguidance = getattr(args, "autoguidance", None)
     if autoguidance is None:
-        return Loaded(model, diffusion, names, klass, args.guidance or 0.0, shape)
+        return Loaded(model, diffusion, names, klass, (args.guidance or 0.0) if k else None, shape)
     if k is not None:
         raise UsageError(f"--autoguidance needs an unconditional model, but {args.model} is class-conditional "
                          "(use --guidance)")
@@ -198,7 +204,7 @@ def load(args) -> Loaded:
     if not guide_file.is_file():
         raise UsageError(f"--autoguidance needs the guide model {guide_file}; train with train.guide_at > 0")
     guide = load_model(guide_file, device)[0]
-    return Loaded(Autoguided(model, guide, autoguidance), diffusion, names, klass, 0.0, shape, autoguidance)
+    return Loaded(model, diffusion, names, klass, None, shape, autoguidance, guide)
 
 
 def prepare_output(path: Path | None) -> None:
@@ -253,10 +259,12 @@ def cmd_sample(args, m: Loaded) -> None:
         labels, nrow = torch.arange(len(m.class_names)).repeat_interleave(per_class), per_class
     else:
         labels, nrow = m.labels(args.num), math.ceil(math.sqrt(args.num))
-    images = generate(m.model, m.diffusion, len(labels) if labels is not None else args.num, m.shape,
-                      seed=args.seed, method=method, steps=steps, eta=eta, labels=labels, guidance=m.guidance,
-                      batch_size=args.batch_size, clip_x0=args.clip_x0, spacing=args.spacing, progress=True)
-    name = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver": "DPM-Solver++(2M)"}[args.method]
+    setting = SamplerSetting(method, steps, eta, args.spacing, m.cfg, m.autoguidance)
+    images = generate(setting.model(m.model, m.guide), m.diffusion, len(labels) if labels is not None else args.num,
+                      m.shape, seed=args.seed, method=setting.method, steps=setting.steps, eta=setting.eta,
+                      labels=labels, batch_size=args.batch_size, clip_x0=args.clip_x0, spacing=setting.spacing,
+                      progress=True)
+    name = METHOD_NAMES[args.method]
     title = m.describe(f"{name} {steps} steps" + (f", eta = {eta:g}" if args.method == "ddim" else "") + (
         f", {args.spacing} spacing" if args.method != "ddpm" else ""))
     rows = m.row_names(None if labels is None else labels[::nrow])
@@ -270,9 +278,9 @@ def cmd_reverse(args, m: Loaded) -> None:
     steps, _ = sampler_steps(args, m)
     gen = ImageGenerator(args.seed, range(args.num), m.diffusion.betas.device)
     x_T, y = gen.randn((args.num, *m.shape)), m.labels(args.num)
-    picture = pictures.reverse_strip(m.model, m.diffusion, x_T, y=None if y is None else y.to(x_T.device),
-                                     guidance=m.guidance, num_frames=args.frames, method=args.method, steps=steps,
-                                     generator=gen, progress=True)
+    picture = pictures.reverse_strip(m.guided, m.diffusion, x_T, y=None if y is None else y.to(x_T.device),
+                                     num_frames=args.frames, method=args.method, steps=steps, generator=gen,
+                                     progress=True)
     if y is not None:
         picture.row_labels = [r for name in m.row_names(y) for r in (f"{name}: x_t", "predicted x0")]
     picture.title = m.describe(f"Reverse process, {args.method.upper()} {steps} steps")
@@ -283,8 +291,8 @@ def cmd_interpolate(args, m: Loaded) -> None:
     steps = args.steps or min(DEFAULT_DDIM_STEPS, m.diffusion.timesteps)
     gen = ImageGenerator(args.seed, range(2 * args.num), m.diffusion.betas.device)
     noise, y = gen.randn((2 * args.num, *m.shape)), m.labels(args.num)
-    picture = pictures.interpolation(m.model, m.diffusion, noise[0::2], noise[1::2], args.frames, y=y,
-                                     guidance=m.guidance, steps=steps, progress=True)
+    picture = pictures.interpolation(m.guided, m.diffusion, noise[0::2], noise[1::2], args.frames, y=y,
+                                     steps=steps, progress=True)
     picture.title, picture.row_labels = m.describe(f"Slerp between two noises, DDIM {steps} steps"), m.row_names(y)
     write_picture(args, picture)
 
@@ -293,8 +301,8 @@ def cmd_compare(args, m: Loaded) -> None:
     T = m.diffusion.timesteps
     steps = args.steps or [s for s in DEFAULT_COMPARE_STEPS if s <= T] or [T]
     y = m.labels(args.num)
-    picture = pictures.sampler_comparison(m.model, m.diffusion, args.num, m.shape, seed=args.seed, steps=steps,
-                                          y=y, guidance=m.guidance, progress=True)
+    picture = pictures.sampler_comparison(m.guided, m.diffusion, args.num, m.shape, seed=args.seed, steps=steps,
+                                          y=y, progress=True)
     picture.title, picture.row_labels = m.describe("Same noise: DDPM (eta 1) vs DDIM (eta 0)"), m.row_names(y)
     write_picture(args, picture)
 

@@ -2,7 +2,8 @@
 side, the noise schedules, and grids with row and column labels.
 
 Functions return a `Picture` (uint8 images (N, C, H, W) with their grid layout and labels), uint8
-images, or matplotlib figures; the caller decides where to save them.
+images, or matplotlib figures; the caller decides where to save them. For guided pictures pass a guided
+model (`ClassifierFree`, `Autoguided`, `SamplerSetting.model`) as the model.
 """
 
 import math
@@ -64,34 +65,33 @@ def frame_indices(length: int, num_frames: int) -> list[int]:
     return [round(i * (length - 1) / (num_frames - 1)) for i in range(num_frames)]
 
 
-def sample_trajectory(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, *, y=None, guidance=0.0,
-                      method: str = "ddim", steps: int = 50, generator=None, progress: bool = False):
+def sample_trajectory(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, *, y=None, method: str = "ddim",
+                      steps: int = 50, generator=None, progress: bool = False):
     """Run a sampler with `return_trajectory=True`: (x_t list of S + 1, x0 prediction list of S, timesteps).
 
     method "ddim" is DDIM with eta = 0; "ddpm" is ancestral sampling (eta = 1, Song et al. 2020 eq. 16)
     over the same S-step sub-sequence, which for S = T is Ho et al.'s Algorithm 2 itself.
     timesteps[j] is the t at which the network saw x_t[j]."""
     if method == "ddpm" and steps == diffusion.timesteps:
-        _, traj = ddpm_sample(model, diffusion, x_T, y=y, guidance=guidance, generator=generator,
-                              return_trajectory=True, progress=progress)
+        _, traj = ddpm_sample(model, diffusion, x_T, y=y, generator=generator, return_trajectory=True,
+                              progress=progress)
         return traj["x_t"], traj["x0"], list(reversed(range(diffusion.timesteps)))
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"unknown method {method!r}; valid: ddpm, ddim")
     _, traj = ddim_sample(model, diffusion, x_T, steps, eta=1.0 if method == "ddpm" else 0.0, y=y,
-                          guidance=guidance, generator=generator, return_trajectory=True, progress=progress)
+                          generator=generator, return_trajectory=True, progress=progress)
     return traj["x_t"], traj["x0"], list(reversed(ddim_timesteps(diffusion.timesteps, steps)))
 
 
-def reverse_strip(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, *, y=None, guidance: float = 0.0,
-                  num_frames: int = 10, method: str = "ddim", steps: int = 50, generator=None,
-                  progress: bool = False) -> Picture:
+def reverse_strip(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, *, y=None, num_frames: int = 10,
+                  method: str = "ddim", steps: int = 50, generator=None, progress: bool = False) -> Picture:
     """The reverse process of B images at F = `num_frames` evenly spaced steps, from x_T to the sample.
 
     Images uint8 (2 * B * F, C, H, W), F to a row (fewer if the sampler has fewer steps): row 2b is
     image b's x_t, row 2b + 1 the network's x0 prediction from that x_t; the last column is the final
     sample in both rows. Column labels give the timestep t the network saw."""
-    xs, x0s, ts = sample_trajectory(model, diffusion, x_T, y=y, guidance=guidance, method=method, steps=steps,
-                                    generator=generator, progress=progress)
+    xs, x0s, ts = sample_trajectory(model, diffusion, x_T, y=y, method=method, steps=steps, generator=generator,
+                                    progress=progress)
     x0s = [*x0s, xs[-1]]  # the final sample is its own x0
     frames = frame_indices(len(xs), num_frames)
     top = torch.stack([xs[j] for j in frames], 1)    # (B, F, C, H, W)
@@ -119,29 +119,26 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alphas) -> torch.Tensor:
 
 
 def interpolation_row(model: nn.Module, diffusion: Diffusion, x_a: torch.Tensor, x_b: torch.Tensor, n: int, *,
-                      y: int | None = None, guidance: float = 0.0, steps: int = 50,
-                      progress: bool = False) -> torch.Tensor:
+                      y: int | None = None, steps: int = 50, progress: bool = False) -> torch.Tensor:
     """n images decoded by deterministic DDIM (eta = 0) from slerp(x_a, x_b) at n evenly spaced points.
 
     x_a, x_b: noise (C, H, W); y: one class for the whole row or None. Returns uint8 (n, C, H, W)."""
     x_T = slerp(x_a, x_b, torch.linspace(0, 1, n))
     labels = torch.full((n,), int(y), device=x_T.device) if y is not None else None
-    x = ddim_sample(model, diffusion, x_T, steps, eta=0.0, y=labels, guidance=guidance, progress=progress)
+    x = ddim_sample(model, diffusion, x_T, steps, eta=0.0, y=labels, progress=progress)
     return to_uint8(x).cpu()
 
 
 def interpolation(model: nn.Module, diffusion: Diffusion, x_a: torch.Tensor, x_b: torch.Tensor, n: int, *,
-                  y: torch.Tensor | None = None, guidance: float = 0.0, steps: int = 50,
-                  progress: bool = False) -> Picture:
+                  y: torch.Tensor | None = None, steps: int = 50, progress: bool = False) -> Picture:
     """One `interpolation_row` per pair: x_a, x_b noise (R, C, H, W), y (R,) or None -> R rows of n."""
     rows = [interpolation_row(model, diffusion, x_a[r], x_b[r], n, y=None if y is None else int(y[r]),
-                              guidance=guidance, steps=steps, progress=progress) for r in range(len(x_a))]
+                              steps=steps, progress=progress) for r in range(len(x_a))]
     return Picture(torch.cat(rows), n, col_labels=[f"{a:.2f}" for a in torch.linspace(0, 1, n).tolist()])
 
 
 def sampler_comparison(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int, int, int], *, seed: int,
-                       steps=(5, 10, 20, 50), y: torch.Tensor | None = None, guidance: float = 0.0,
-                       progress: bool = False) -> Picture:
+                       steps=(5, 10, 20, 50), y: torch.Tensor | None = None, progress: bool = False) -> Picture:
     """The same starting noise (image i's from (seed, i)) decoded by DDPM and by DDIM at each step count.
 
     Columns "DDPM S" (ancestral, eta = 1 over S steps; S = T is Algorithm 2 of Ho et al.) then "DDIM S"
@@ -152,8 +149,8 @@ def sampler_comparison(model: nn.Module, diffusion: Diffusion, num: int, shape: 
         for s in steps:
             exact_ddpm = method == "ddpm" and s == diffusion.timesteps
             columns.append(generate(model, diffusion, num, shape, seed=seed, method="ddpm" if exact_ddpm else "ddim",
-                                    steps=s, eta=1.0 if method == "ddpm" else 0.0, labels=y, guidance=guidance,
-                                    batch_size=num, progress=progress))
+                                    steps=s, eta=1.0 if method == "ddpm" else 0.0, labels=y, batch_size=num,
+                                    progress=progress))
             labels.append(f"{method.upper()} {s}")
     return Picture(torch.stack(columns, 1).flatten(0, 1), len(columns), col_labels=labels)
 

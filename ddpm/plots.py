@@ -1,30 +1,37 @@
 """Figures (matplotlib) built from plain records; the caller decides where to save them.
 
 matplotlib's object API (no pyplot, no backend state), imported only where a figure is drawn: it adds
-about a second to the start of every command that imports it."""
+about a second to the start of every command that imports it. Sampler settings are read from each record
+with `SamplerSetting.from_dict`, and named by its labels."""
+
+from dataclasses import replace
+
+from .sampling import SamplerSetting
 
 
 def fid_vs_steps(rows: list[dict], floor: float | None = None):
-    """FID against sampling steps, one line per (variant, method, eta, guidance); DDPM as a dashed reference
-    and the real-data `floor` (real train images scored like samples) as a dotted one.
+    """FID against sampling steps, one line per (variant, method, eta, cfg, autoguidance); DDPM as a dashed
+    reference and the real-data `floor` (real train images scored like samples) as a dotted one.
 
-    rows: dicts with variant, method, steps, eta, guidance, fid."""
+    rows: dicts with variant, fid and a SamplerSetting's fields (method, steps, eta, cfg, autoguidance;
+    spacing optional): cfg is the classifier-free guidance weight (None for an unconditional model),
+    autoguidance the autoguidance weight (0: none)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     series = {}
     for r in rows:
-        series.setdefault((r["variant"], r["method"], r["eta"], r["guidance"]), []).append((r["steps"], r["fid"]))
-    for i, ((variant, method, eta, w), points) in enumerate(sorted(series.items())):
-        guided = ("autoguided " if variant == "uncond" else "") + f"w={w:g}"  # uncond: autoguidance
-        label = f"{variant} {method}" + (f" η={eta:g}" if method == "ddim" else "") + (f" {guided}" if w else "")
+        s = SamplerSetting.from_dict(r)
+        key = (r["variant"], s.method, s.eta, -1.0 if s.cfg is None else s.cfg, s.autoguidance)
+        series.setdefault(key, []).append((s, r["fid"]))
+    for i, ((variant, method, *_), points) in enumerate(sorted(series.items())):
         color = f"C{i % 10}"
         if method == "ddpm":
-            ax.axhline(points[0][1], ls="--", color=color, label=f"{label} ({points[0][0]} steps)")
+            ax.axhline(points[0][1], ls="--", color=color, label=f"{variant} {points[0][0].label}")
         else:
-            steps, fids = zip(*sorted(points))
-            ax.plot(steps, fids, "o-", color=color, label=label)
+            steps, fids = zip(*sorted((s.steps, fid) for s, fid in points))
+            ax.plot(steps, fids, "o-", color=color, label=f"{variant} {points[0][0].curve_label}")
     if floor is not None:
         ax.axhline(floor, ls=":", color="gray", label="floor: real data")
     ax.set(xscale="log", xlabel="sampling steps (model calls)", ylabel="FID (classifier features)",
@@ -57,29 +64,24 @@ CFG_PANELS = (("fid", "FID (lower is better)"), ("is_mean", "IS (higher is bette
               ("cond_accuracy", "conditional accuracy"))
 
 
-def sampler_label(r: dict) -> str:
-    """"ddpm", "ddim10 η=0" or "dpmsolver10" for a record with method, steps, eta."""
-    if r["method"] == "ddpm":
-        return "ddpm"
-    return f"ddim{r['steps']} η={r['eta']:g}" if r["method"] == "ddim" else f"{r['method']}{r['steps']}"
-
-
 def cfg_tradeoff(rows: list[dict], floor: dict | None = None):
     """The classifier-free guidance trade-off: FID, IS and conditional accuracy against w, one line per
     sampler; the real-data `floor` (same keys) as a dotted line in each panel.
 
-    rows: dicts with method, steps, eta, guidance, fid, is_mean, cond_accuracy."""
+    rows: dicts with fid, is_mean, cond_accuracy and a SamplerSetting's fields (method, steps, eta, cfg;
+    spacing and autoguidance optional), cfg being the classifier-free guidance weight w."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 3.8))
     axes = fig.subplots(1, len(CFG_PANELS))
     series = {}
     for r in rows:
-        series.setdefault(sampler_label(r), []).append(r)
+        s = SamplerSetting.from_dict(r)
+        series.setdefault(replace(s, cfg=None).label, []).append((s.cfg, r))
     for i, (label, points) in enumerate(sorted(series.items())):
-        points = sorted(points, key=lambda r: r["guidance"])
+        points = sorted(points, key=lambda p: p[0])
         for ax, (key, _) in zip(axes, CFG_PANELS):
-            ax.plot([r["guidance"] for r in points], [r[key] for r in points], "o-", color=f"C{i % 10}", label=label)
+            ax.plot([w for w, _ in points], [r[key] for _, r in points], "o-", color=f"C{i % 10}", label=label)
     for ax, (key, name) in zip(axes, CFG_PANELS):
         if floor is not None and key in floor:
             ax.axhline(floor[key], ls=":", color="gray", label="real data")

@@ -1,12 +1,19 @@
 """Samplers: ancestral DDPM (Ho et al. 2020), DDIM (Song et al. 2020) and DPM-Solver++(2M) (Lu et al.
-2022), with classifier-free guidance and autoguidance (Karras et al. 2024).
+2022), and guidance as model wrappers: classifier-free guidance (Ho & Salimans 2022, `ClassifierFree`)
+and autoguidance (Karras et al. 2024, `Autoguided`).
 
 Each sampler is a function of (model, diffusion, x_T, options, generator) and returns the final x0,
 or (x0, trajectory) when `return_trajectory=True`, where trajectory holds x_t before every step plus
-the result, and the model's x0 prediction at every step.
+the result, and the model's x0 prediction at every step. A sampler calls `model(x_t, t, y)` and knows
+nothing of guidance: a guided model is passed in as the model.
+
+`SamplerSetting` names one point of a sampling sweep (method, steps, eta, spacing, guidance weights):
+its `tag` names the sample files, its `label` the plots, and `setting.model(net, guide)` wraps the network
+as the setting's guidance says.
 """
 
 import math
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -38,18 +45,29 @@ def randn(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
-@torch.no_grad()
-def guided_prediction(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
-                      guidance: float) -> torch.Tensor:
-    """eps~ = (1 + w) eps(x_t, y) - w eps(x_t, null) (Ho & Salimans 2022, eq. 6), one batched call.
-    The same combination of v predictions gives the same eps~ and x0~, since both are linear in v.
+def extrapolate(d: torch.Tensor, d_bad: torch.Tensor, w: float) -> torch.Tensor:
+    """(1 + w) D - w D_bad: the prediction D pushed away from a worse one D_bad, the guidance formula of
+    Ho & Salimans 2022 (eq. 6) and Karras et al. 2024. The same combination of eps or of v predictions
+    gives the same eps~ and x0~, since both are linear in x0 at a given x_t."""
+    return (1 + w) * d - w * d_bad
 
-    w = 0 (or no labels) is exactly the plain model prediction."""
-    if y is None or guidance == 0:
-        return model(x_t, t, y).float()
-    both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_LABEL)]))
-    eps_cond, eps_uncond = both.float().chunk(2)
-    return (1 + guidance) * eps_cond - guidance * eps_uncond
+
+class ClassifierFree(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022): the conditional model guided by its own label-free
+    prediction, eps~ = (1 + w) eps(x_t, y) - w eps(x_t, null) (eq. 6), both from one batched call.
+    Pass it to any sampler in place of the model. w = 0, or no labels, is exactly the plain prediction."""
+
+    def __init__(self, model: nn.Module, w: float):
+        super().__init__()
+        self.model, self.w = model, w
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None or self.w == 0:
+            return self.model(x_t, t, y).float()
+        both = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                          torch.cat([y, torch.full_like(y, NULL_LABEL)]))
+        d_cond, d_uncond = both.float().chunk(2)
+        return extrapolate(d_cond, d_uncond, self.w)
 
 
 class Autoguided(nn.Module):
@@ -57,26 +75,36 @@ class Autoguided(nn.Module):
     model guided by a worse version of itself, here an early EMA snapshot of the same training run
     (`Trainer.guide`). Pass it to any sampler in place of the model: it predicts
     (1 + w) D(x_t) - w D_guide(x_t), the classifier-free guidance formula with the guide in place of the
-    label-free prediction, and needs no labels. w = 0 is the model alone.
+    label-free prediction, and needs no labels (any are passed to both). w = 0 is the model alone."""
 
-    Both predictions (eps or v) are linear in x0 at a given x_t, so combining them combines the
-    denoised images the same way."""
-
-    def __init__(self, model: nn.Module, guide: nn.Module, guidance: float):
+    def __init__(self, model: nn.Module, guide: nn.Module, w: float):
         super().__init__()
-        self.model, self.guide, self.guidance = model, guide, guidance
+        self.model, self.guide, self.w = model, guide, w
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.model(x_t, t, y).float()
-        if self.guidance == 0:
-            return out
-        return (1 + self.guidance) * out - self.guidance * self.guide(x_t, t, y).float()
+        d = self.model(x_t, t, y).float()
+        if self.w == 0:
+            return d
+        return extrapolate(d, self.guide(x_t, t, y).float(), self.w)
+
+
+def guided(model: nn.Module, cfg: float | None = None, autoguidance: float = 0.0,
+           guide: nn.Module | None = None) -> nn.Module:
+    """`model` as a sampler should call it: under classifier-free guidance w = `cfg` (ClassifierFree) and
+    then autoguided by `guide` with w = `autoguidance` (Autoguided); the model itself when both are 0/None."""
+    if cfg:
+        model = ClassifierFree(model, cfg)
+    if autoguidance:
+        if guide is None:
+            raise ValueError(f"autoguidance w = {autoguidance:g} needs a guide model")
+        model = Autoguided(model, guide, autoguidance)
+    return model
 
 
 @torch.no_grad()
 def ddpm_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, y: torch.Tensor | None = None,
-                guidance: float = 0.0, generator=None, return_trajectory: bool = False,
-                variance: str = "posterior", clip_x0: bool = False, progress: bool = False):
+                generator=None, return_trajectory: bool = False, variance: str = "posterior",
+                clip_x0: bool = False, progress: bool = False):
     """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2). x_T (B, C, H, W) -> x0.
 
     variance "posterior": sigma_t^2 = beta~_t (eq. 7); "beta": sigma_t^2 = beta_t."""
@@ -87,7 +115,7 @@ def ddpm_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, y: to
                   desc="DDPM", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         # 1. predict the noise and x0 (eq. 15)
-        _, x0 = diffusion.eps_and_x0(x, t, guided_prediction(model, x, t, y, guidance))
+        _, x0 = diffusion.eps_and_x0(x, t, model(x, t, y).float())
         if clip_x0:
             x0 = x0.clamp(-1, 1)
         # 2. posterior mean mu~(x_t, x0) (eq. 7), then add sigma_t z; no noise at the last step
@@ -144,9 +172,8 @@ def ddim_timesteps(timesteps: int, steps: int, spacing: str = "uniform",
 
 @torch.no_grad()
 def ddim_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, steps: int, eta: float = 0.0,
-                y: torch.Tensor | None = None, guidance: float = 0.0, generator=None,
-                return_trajectory: bool = False, clip_x0: bool = False, progress: bool = False,
-                spacing: str = "uniform"):
+                y: torch.Tensor | None = None, generator=None, return_trajectory: bool = False,
+                clip_x0: bool = False, progress: bool = False, spacing: str = "uniform"):
     """DDIM (Song et al. 2020, eq. 12) over S = `steps` timesteps chosen by `spacing` (see
     ddim_timesteps), from high to low, the last step landing on alpha_bar = 1. eta = 0 is
     deterministic given x_T; eta = 1 with S = T is DDPM."""
@@ -158,7 +185,7 @@ def ddim_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, steps
         t = torch.full((x.shape[0],), taus[j], device=x.device, dtype=torch.long)
         a, a_prev = ab[taus[j]], (ab[taus[j - 1]] if j > 0 else ab.new_tensor(1.0))
         # 1. predict eps and x0 ("predicted x0" term of eq. 12)
-        eps, x0 = diffusion.eps_and_x0(x, t, guided_prediction(model, x, t, y, guidance))
+        eps, x0 = diffusion.eps_and_x0(x, t, model(x, t, y).float())
         if clip_x0:
             x0 = x0.clamp(-1, 1)
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
@@ -175,8 +202,8 @@ def ddim_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, steps
 
 @torch.no_grad()
 def dpm_solver_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, steps: int,
-                      y: torch.Tensor | None = None, guidance: float = 0.0, return_trajectory: bool = False,
-                      clip_x0: bool = False, progress: bool = False, spacing: str = "uniform"):
+                      y: torch.Tensor | None = None, return_trajectory: bool = False, clip_x0: bool = False,
+                      progress: bool = False, spacing: str = "uniform"):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", algorithm 2): the probability-flow ODE that
     DDIM (eta = 0) integrates to first order, integrated to second order in lambda = log(alpha / sigma)
     by reusing the previous step's x0 prediction, at the same cost of one model call per step.
@@ -194,7 +221,7 @@ def dpm_solver_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor,
     for j in tqdm(reversed(range(len(taus))), total=len(taus), desc=f"DPM-Solver++-{steps}",
                   disable=not progress, leave=False):
         t = torch.full((x.shape[0],), taus[j], device=x.device, dtype=torch.long)
-        _, x0 = diffusion.eps_and_x0(x, t, guided_prediction(model, x, t, y, guidance))
+        _, x0 = diffusion.eps_and_x0(x, t, model(x, t, y).float())
         if clip_x0:
             x0 = x0.clamp(-1, 1)
         if j == 0:  # to alpha_bar = 1: h is infinite and the step is x0 itself
@@ -213,10 +240,11 @@ def dpm_solver_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor,
 
 def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int, int, int], *, seed: int,
              method: str = "ddim", steps: int = 50, eta: float = 0.0, labels: torch.Tensor | None = None,
-             guidance: float = 0.0, batch_size: int = 250, clip_x0: bool = False, spacing: str = "uniform",
+             batch_size: int = 250, clip_x0: bool = False, spacing: str = "uniform",
              progress: bool = False) -> torch.Tensor:
     """`num` images as uint8 (num, C, H, W) on the CPU, sampled in batches; image i's noise depends
-    only on (seed, i), so the result does not depend on `batch_size`."""
+    only on (seed, i), so the result does not depend on `batch_size`. For guided images pass a guided
+    model (`SamplerSetting.model`, `ClassifierFree`, `Autoguided`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     device = diffusion.betas.device
@@ -227,13 +255,79 @@ def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int,
         x_T = gen.randn((len(idx), *shape))
         y = labels[start:start + len(idx)].to(device) if labels is not None else None
         if method == "ddpm":
-            x = ddpm_sample(model, diffusion, x_T, y=y, guidance=guidance, generator=gen, clip_x0=clip_x0,
-                            progress=progress)
+            x = ddpm_sample(model, diffusion, x_T, y=y, generator=gen, clip_x0=clip_x0, progress=progress)
         elif method == "ddim":
-            x = ddim_sample(model, diffusion, x_T, steps, eta=eta, y=y, guidance=guidance, generator=gen,
-                            clip_x0=clip_x0, spacing=spacing, progress=progress)
+            x = ddim_sample(model, diffusion, x_T, steps, eta=eta, y=y, generator=gen, clip_x0=clip_x0,
+                            spacing=spacing, progress=progress)
         else:
-            x = dpm_solver_sample(model, diffusion, x_T, steps, y=y, guidance=guidance, clip_x0=clip_x0,
-                                  spacing=spacing, progress=progress)
+            x = dpm_solver_sample(model, diffusion, x_T, steps, y=y, clip_x0=clip_x0, spacing=spacing,
+                                  progress=progress)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)
+
+
+METHOD_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver": "DPM-Solver++(2M)"}
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    """One sampler setting of a sweep. `cfg` is the classifier-free guidance weight w of a class-conditional
+    model (None for an unconditional one, whose tags carry no weight), `autoguidance` the autoguidance
+    weight w (0: none). DDPM runs all T steps (`steps` records T); `eta` is DDIM's."""
+    method: str
+    steps: int
+    eta: float = 0.0
+    spacing: str = "uniform"
+    cfg: float | None = None
+    autoguidance: float = 0.0
+
+    def __post_init__(self):
+        checks = (("method", self.method in METHODS, ", ".join(METHODS)), ("steps", self.steps >= 1, ">= 1"),
+                  ("eta", self.eta >= 0, ">= 0"), ("spacing", self.spacing in SPACINGS, ", ".join(SPACINGS)),
+                  ("cfg", self.cfg is None or self.cfg >= 0, "None or >= 0"),
+                  ("autoguidance", self.autoguidance >= 0, ">= 0"))
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"SamplerSetting.{name} = {getattr(self, name)!r}; allowed: {allowed}")
+
+    @property
+    def tag(self) -> str:
+        """The file name of its samples: "ddpm", "ddim10_eta0", "dpmsolver20", then "_w{cfg}" for a
+        conditional model (even at w = 0) and "_ag{autoguidance}" when autoguided: "ddim10_eta0_w0.5"."""
+        name = {"ddpm": "ddpm", "ddim": f"ddim{self.steps}_eta{self.eta:g}"}.get(self.method,
+                                                                                 f"{self.method}{self.steps}")
+        name += f"_w{self.cfg:g}" if self.cfg is not None else ""
+        return name + (f"_ag{self.autoguidance:g}" if self.autoguidance else "")
+
+    @property
+    def label(self) -> str:
+        """For people: "DDPM-1000", "DDIM-10 η=0, w=0.5", "DPM-Solver++(2M)-20, autoguidance w=1"."""
+        return self._label(with_steps=True)
+
+    @property
+    def curve_label(self) -> str:
+        """The label without the step count, for a curve over steps: "DDIM η=0, w=0.5"."""
+        return self._label(with_steps=False)
+
+    def _label(self, with_steps: bool) -> str:
+        name = METHOD_NAMES[self.method] + (f"-{self.steps}" if with_steps else "")
+        name += f" η={self.eta:g}" if self.method == "ddim" else ""
+        guidance = ([f"w={self.cfg:g}"] if self.cfg is not None else []) + (
+            [f"autoguidance w={self.autoguidance:g}"] if self.autoguidance else [])
+        return ", ".join([name, *guidance])
+
+    def model(self, net: nn.Module, guide: nn.Module | None = None) -> nn.Module:
+        """`net` guided as this setting says (see `guided`); raises ValueError when it needs a guide."""
+        return guided(net, self.cfg, self.autoguidance, guide)
+
+    def to_dict(self) -> dict:
+        """The fields and the tag, as an index.json row starts."""
+        return asdict(self) | {"tag": self.tag}
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "SamplerSetting":
+        """The setting of a `to_dict` row; other keys are ignored, and a "tag" must be the setting's own."""
+        setting = cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
+        if "tag" in row and row["tag"] != setting.tag:
+            raise ValueError(f"tag {row['tag']!r} does not match its setting, whose tag is {setting.tag!r}")
+        return setting

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ddpm import (
     Autoguided,
+    ClassifierFree,
     Diffusion,
     DiffusionConfig,
     TrainConfig,
@@ -147,6 +148,16 @@ def test_sample_autoguidance_is_that_of_generate_with_the_guide_beside_the_model
     expected = generate(Autoguided(model, guide, 2.0), diffusion, 3, (1, 28, 28), seed=0, steps=4)
     np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["images"], expected.numpy())
     assert not torch.equal(expected, generate(model, diffusion, 3, (1, 28, 28), seed=0, steps=4))
+
+
+def test_sample_guidance_is_that_of_generate_with_the_classifier_free_guided_model(models, tmp_path):
+    in_process("sample", "--model", models["cond"], "--num", "3", "--class", "1", "--steps", "4", "--guidance", "3",
+               "--device", "cpu", "--out", "g.png", "--save-array", "g.npz")
+    model, diffusion, _ = load_model(models["cond"])
+    labels = torch.ones(3, dtype=torch.long)
+    expected = generate(ClassifierFree(model, 3.0), diffusion, 3, (1, 28, 28), seed=0, steps=4, labels=labels)
+    np.testing.assert_array_equal(np.load(tmp_path / "g.npz")["images"], expected.numpy())
+    assert not torch.equal(expected, generate(model, diffusion, 3, (1, 28, 28), seed=0, steps=4, labels=labels))
 
 
 def test_sample_spacing_and_clipping_are_those_of_generate(models, tmp_path):

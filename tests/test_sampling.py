@@ -1,4 +1,7 @@
-"""Samplers against analytic optimal denoisers, plus the properties that make sampling reproducible."""
+"""Samplers against analytic optimal denoisers, plus the properties that make sampling reproducible, and
+guidance as model wrappers with the sampler settings that name them."""
+
+import json
 
 import pytest
 import torch
@@ -7,16 +10,18 @@ from torch import nn
 from ddpm import (
     NULL_LABEL,
     Autoguided,
+    ClassifierFree,
     Diffusion,
     DiffusionConfig,
     ImageGenerator,
+    SamplerSetting,
     UNet,
     UNetConfig,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
     dpm_solver_sample,
-    guided_prediction,
+    generate,
     make_betas,
 )
 from ddpm.sampling import SPACINGS
@@ -232,7 +237,34 @@ def test_ddim_with_all_steps_and_eta_1_is_ddpm():
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_guidance_combines_conditional_and_unconditional_predictions():
+class LabelShift(nn.Module):
+    """D(x_t, y) = x_t + y, and x_t + 10 for the null label; counts its calls and the labels it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x_t, t, y=None):
+        self.calls.append(None if y is None else y.tolist())
+        if y is None:
+            return x_t + 10
+        return x_t + torch.where(y == NULL_LABEL, 10.0, y.float()).reshape(-1, 1, 1, 1)
+
+
+def test_classifier_free_guidance_by_hand():
+    """(1 + w) D(x_t, y) - w D(x_t, null) = x_t + (1 + w) y - 10 w, from one call on the doubled batch."""
+    net = LabelShift()
+    x_t, t, y = torch.zeros(3, 1, 1, 1), torch.tensor([5, 5, 5]), torch.tensor([0, 1, 2])
+    out = ClassifierFree(net, 0.5)(x_t, t, y)
+    assert out.flatten().tolist() == [-5.0, -3.5, -2.0]
+    assert net.calls == [[0, 1, 2, NULL_LABEL, NULL_LABEL, NULL_LABEL]]
+    net.calls.clear()
+    assert ClassifierFree(net, 0.0)(x_t, t, y).flatten().tolist() == [0.0, 1.0, 2.0]  # w = 0: the plain model
+    assert ClassifierFree(net, 3.0)(x_t, t).flatten().tolist() == [10.0] * 3         # no labels: the same
+    assert net.calls == [[0, 1, 2], None]
+
+
+def test_classifier_free_guidance_combines_conditional_and_unconditional_predictions():
     model = tiny_unet(num_classes=3)
     gen = torch.Generator().manual_seed(11)
     x_t = torch.randn(5, 1, 8, 8, generator=gen)
@@ -241,13 +273,51 @@ def test_guidance_combines_conditional_and_unconditional_predictions():
     with torch.no_grad():
         eps_c = model(x_t, t, y)
         eps_u = model(x_t, t, torch.full_like(y, NULL_LABEL))
-    assert not torch.allclose(eps_c, eps_u, atol=1e-3)  # the labels matter, or the test proves nothing
-    assert torch.equal(guided_prediction(model, x_t, t, y, 0.0), eps_c)
-    for w in (0.5, 3.0):
-        torch.testing.assert_close(guided_prediction(model, x_t, t, y, w), (1 + w) * eps_c - w * eps_u,
-                                   atol=1e-5, rtol=1e-5)
-    # no labels: the plain (unconditional) prediction whatever w is
-    torch.testing.assert_close(guided_prediction(model, x_t, t, None, 3.0), eps_u, atol=1e-6, rtol=0)
+        assert not torch.allclose(eps_c, eps_u, atol=1e-3)  # the labels matter, or the test proves nothing
+        assert torch.equal(ClassifierFree(model, 0.0)(x_t, t, y), eps_c)
+        for w in (0.5, 3.0):
+            torch.testing.assert_close(ClassifierFree(model, w)(x_t, t, y), (1 + w) * eps_c - w * eps_u,
+                                       atol=1e-5, rtol=1e-5)
+        # no labels: the plain (unconditional) prediction whatever w is
+        torch.testing.assert_close(ClassifierFree(model, 3.0)(x_t, t), eps_u, atol=1e-6, rtol=0)
+
+
+class TwoCalls(nn.Module):
+    """Classifier-free guidance written out with two separate calls, as a reference."""
+
+    def __init__(self, model, w):
+        super().__init__()
+        self.model, self.w = model, w
+
+    def forward(self, x_t, t, y):
+        uncond = self.model(x_t, t, torch.full_like(y, NULL_LABEL))
+        return (1 + self.w) * self.model(x_t, t, y) - self.w * uncond
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver"])
+def test_every_sampler_samples_a_classifier_free_guided_model(sampler):
+    diffusion = Diffusion(make_betas("linear", 20, beta_end=0.3))
+    net = tiny_unet(num_classes=3)
+    y = torch.tensor([0, 1, 2, 1])
+    x_T = ImageGenerator(14, range(4)).randn((4, 1, 8, 8))
+
+    def run(model):
+        gen = ImageGenerator(15, range(4))
+        if sampler == "ddpm":
+            return ddpm_sample(model, diffusion, x_T, y=y, generator=gen)
+        if sampler == "ddim":
+            return ddim_sample(model, diffusion, x_T, 5, eta=0.5, y=y, generator=gen)
+        return dpm_solver_sample(model, diffusion, x_T, 5, y=y)
+
+    with torch.no_grad():
+        guided = run(ClassifierFree(net, 2.0))
+        torch.testing.assert_close(guided, run(TwoCalls(net, 2.0)), atol=1e-4, rtol=1e-4)
+        assert torch.equal(run(ClassifierFree(net, 0.0)), run(net))
+        assert not torch.allclose(guided, run(net), atol=1e-2)  # the weight reaches the sampler
+    counter = LabelShift()
+    run(ClassifierFree(counter, 2.0))
+    assert len(counter.calls) == (20 if sampler == "ddpm" else 5)  # one batched call per step
+    assert all(c == [0, 1, 2, 1] + [NULL_LABEL] * 4 for c in counter.calls)
 
 
 def test_autoguidance_extrapolates_from_the_guide_to_the_model():
@@ -279,8 +349,8 @@ def test_per_image_seeds_do_not_depend_on_batching(sampler):
         x_T = ImageGenerator(42, idx).randn((len(idx), 1, 8, 8))
         gen = ImageGenerator(43, idx)
         if sampler == "ddpm":
-            return ddpm_sample(model, diffusion, x_T, y=y[idx], guidance=1.0, generator=gen)
-        return ddim_sample(model, diffusion, x_T, steps=10, eta=1.0, y=y[idx], guidance=1.0, generator=gen)
+            return ddpm_sample(ClassifierFree(model, 1.0), diffusion, x_T, y=y[idx], generator=gen)
+        return ddim_sample(ClassifierFree(model, 1.0), diffusion, x_T, steps=10, eta=1.0, y=y[idx], generator=gen)
 
     whole = run(range(8))
     halves = torch.cat([run(range(4)), run(range(4, 8))])
@@ -346,3 +416,64 @@ def test_v_prediction_samples_like_the_same_model_predicting_eps(diffusion, samp
             out[name] = ddpm_sample(model, d, x_T, generator=gen)
     torch.testing.assert_close(out["v"], out["eps"], atol=2e-3, rtol=0)
     assert out["eps"].std() > 0.1  # a real spread of samples, not a collapse both agree on
+
+
+TAGS = [  # (setting, tag, label): the tags name the pipeline's sample files and must not change
+    (SamplerSetting("ddpm", 1000, 1.0), "ddpm", "DDPM-1000"),
+    (SamplerSetting("ddpm", 1000, 1.0, cfg=2.0), "ddpm_w2", "DDPM-1000, w=2"),
+    (SamplerSetting("ddim", 10), "ddim10_eta0", "DDIM-10 η=0"),
+    (SamplerSetting("ddim", 10, 0.5, "trailing", cfg=0.5), "ddim10_eta0.5_w0.5", "DDIM-10 η=0.5, w=0.5"),
+    (SamplerSetting("ddim", 5, cfg=0.0), "ddim5_eta0_w0", "DDIM-5 η=0, w=0"),  # conditional, even at w 0
+    (SamplerSetting("ddim", 50, autoguidance=1.25), "ddim50_eta0_ag1.25", "DDIM-50 η=0, autoguidance w=1.25"),
+    (SamplerSetting("dpmsolver", 20), "dpmsolver20", "DPM-Solver++(2M)-20"),
+    (SamplerSetting("dpmsolver", 20, autoguidance=0.0), "dpmsolver20", "DPM-Solver++(2M)-20"),
+    (SamplerSetting("dpmsolver", 5, spacing="logsnr", autoguidance=1.0), "dpmsolver5_ag1",
+     "DPM-Solver++(2M)-5, autoguidance w=1"),
+    (SamplerSetting("ddim", 10, cfg=2.0, autoguidance=1.0), "ddim10_eta0_w2_ag1", "DDIM-10 η=0, w=2, autoguidance w=1"),
+]
+
+
+@pytest.mark.parametrize("setting, tag, label", TAGS, ids=[t for _, t, _ in TAGS])
+def test_sampler_setting_tag_label_and_dict(setting, tag, label):
+    assert setting.tag == tag
+    assert setting.label == label
+    row = json.loads(json.dumps(setting.to_dict()))  # as index.json stores it
+    assert row == {"method": setting.method, "steps": setting.steps, "eta": setting.eta, "spacing": setting.spacing,
+                   "cfg": setting.cfg, "autoguidance": setting.autoguidance, "tag": tag}
+    assert SamplerSetting.from_dict(row) == setting
+    assert SamplerSetting.from_dict({**row, "variant": "cond", "seed": 0, "fid": 3.5}) == setting
+
+
+def test_sampler_setting_curve_label_leaves_out_the_steps():
+    assert SamplerSetting("ddim", 10, cfg=0.5).curve_label == "DDIM η=0, w=0.5"
+    assert SamplerSetting("dpmsolver", 20, autoguidance=1.0).curve_label == "DPM-Solver++(2M), autoguidance w=1"
+
+
+def test_sampler_setting_rejects_bad_values_and_a_stale_tag():
+    with pytest.raises(ValueError, match="does not match its setting, whose tag is 'ddim10_eta0_w2'"):
+        SamplerSetting.from_dict({"method": "ddim", "steps": 10, "eta": 0.0, "cfg": 2.0, "tag": "ddim10_eta0"})
+    for bad, name in (({"method": "euler"}, "method"), ({"steps": 0}, "steps"), ({"spacing": "cubic"}, "spacing"),
+                      ({"cfg": -1.0}, "cfg"), ({"autoguidance": -0.5}, "autoguidance"), ({"eta": -1.0}, "eta")):
+        with pytest.raises(ValueError, match=f"SamplerSetting.{name} = "):
+            SamplerSetting(**{"method": "ddim", "steps": 10, **bad})
+
+
+def test_sampler_setting_model_wraps_the_network_as_it_says():
+    net, guide = tiny_unet(num_classes=3, seed=0), tiny_unet(num_classes=3, seed=1)
+    assert SamplerSetting("ddim", 10).model(net) is net
+    assert SamplerSetting("ddim", 10, cfg=0.0).model(net) is net  # w = 0 is the plain model
+    cfg = SamplerSetting("ddim", 10, cfg=2.0).model(net)
+    assert isinstance(cfg, ClassifierFree) and cfg.model is net and cfg.w == 2.0
+    auto = SamplerSetting("ddim", 10, autoguidance=1.5).model(net, guide)
+    assert isinstance(auto, Autoguided) and (auto.model, auto.guide, auto.w) == (net, guide, 1.5)
+    both = SamplerSetting("ddim", 10, cfg=2.0, autoguidance=1.5).model(net, guide)
+    assert isinstance(both.model, ClassifierFree) and both.model.w == 2.0 and both.guide is guide
+    with pytest.raises(ValueError, match="autoguidance w = 1.5 needs a guide model"):
+        SamplerSetting("ddim", 10, autoguidance=1.5).model(net)
+    # what a sweep samples: generate with the setting's model and options
+    diffusion = Diffusion(make_betas("linear", 20, beta_end=0.3))
+    s, labels = SamplerSetting("ddim", 4, cfg=2.0), torch.tensor([0, 1, 2])
+    images = generate(s.model(net), diffusion, 3, (1, 8, 8), seed=0, method=s.method, steps=s.steps, eta=s.eta,
+                      labels=labels, spacing=s.spacing)
+    assert torch.equal(images, generate(ClassifierFree(net, 2.0), diffusion, 3, (1, 8, 8), seed=0, steps=4,
+                                        labels=labels))

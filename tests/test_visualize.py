@@ -11,9 +11,20 @@ import yaml
 from helpers import ROOT, merge
 from PIL import Image
 from test_cli import tiny_models
+from test_sampling import tiny_unet
 
-from ddpm import Diffusion, ImageGenerator, UNet, UNetConfig, guide_path, make_betas, to_uint8
-from ddpm.pictures import make_grid, reverse_strip, schedule_figure, slerp
+from ddpm import (
+    ClassifierFree,
+    Diffusion,
+    ImageGenerator,
+    UNet,
+    UNetConfig,
+    generate,
+    guide_path,
+    make_betas,
+    to_uint8,
+)
+from ddpm.pictures import interpolation, make_grid, reverse_strip, sampler_comparison, schedule_figure, slerp
 
 PICTURES = ["cond_classes.png", "schedule.png"] + [f"{v}_{kind}.png" for v in ("uncond", "cond")
                                                     for kind in ("reverse", "interpolation", "compare")]
@@ -56,6 +67,20 @@ def test_reverse_strip_layout():
     assert torch.equal(rows[:, 0, 0], to_uint8(x_T))
     assert torch.equal(rows[:, 0, -1], rows[:, 1, -1])  # the last column is the sample in both rows
     assert not torch.equal(rows[:, 0, 1], rows[:, 1, 1])
+
+
+def test_pictures_of_a_classifier_free_guided_model():
+    """A guided picture is the picture of the guided model: each column of the comparison is `generate` of it."""
+    diffusion, net = Diffusion(make_betas("linear", 20, beta_end=0.3)), tiny_unet(num_classes=3)
+    y, guided = torch.tensor([0, 2]), ClassifierFree(net, 2.0)
+    pic = sampler_comparison(guided, diffusion, 2, (1, 8, 8), seed=3, steps=(3,), y=y)
+    ddim = generate(guided, diffusion, 2, (1, 8, 8), seed=3, steps=3, labels=y)
+    assert torch.equal(pic.images.reshape(2, 2, 1, 8, 8)[:, 1], ddim)
+    assert not torch.equal(ddim, generate(net, diffusion, 2, (1, 8, 8), seed=3, steps=3, labels=y))
+    noise = ImageGenerator(4, range(2)).randn((2, 1, 8, 8))
+    plain = interpolation(net, diffusion, noise[:1], noise[1:], 3, y=y[:1], steps=3).images
+    assert torch.equal(interpolation(ClassifierFree(net, 0.0), diffusion, noise[:1], noise[1:], 3, y=y[:1],
+                                     steps=3).images, plain)
 
 
 def test_schedule_figure_shows_both_schedules():
