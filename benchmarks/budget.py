@@ -30,8 +30,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from ddpm import (
-    Autoguided,
     Diffusion,
+    SamplerSetting,
     Trainer,
     UNet,
     generate,
@@ -193,10 +193,12 @@ def main(argv: list[str]) -> None:
     for method, ddim_steps, spacing, w in itertools.product(args.method, args.ddim_steps, args.spacing,
                                                             args.guidance or args.autoguidance or [None]):
         start = time.perf_counter()
-        net = Autoguided(model, guide, w) if guided else model
+        setting = SamplerSetting(method, min(ddim_steps, p.diffusion.timesteps), spacing=spacing,
+                                 cfg=(w or 0.0) if k else None, autoguidance=(w or 0.0) if not k else 0.0)
+        net = setting.model(model, guide)
         images = generate(net, diffusion, args.num_samples, tuple(data.train_images.shape[1:]), seed=p.seed,
                           method=method, steps=min(ddim_steps, p.diffusion.timesteps), clip_x0=p.sample.clip_x0,
-                          spacing=spacing, labels=labels, guidance=(w or 0.0) if k else 0.0, progress=True)
+                          spacing=spacing, labels=labels, progress=True)
         sample_s = time.perf_counter() - start
         fid, floor_fid = scorer(images)["classifier"]["fid"], scorer.floor["classifier"]["fid"]
         row = {"name": args.name, "overrides": " ".join(args.overrides), "minutes": minutes, "steps": steps,

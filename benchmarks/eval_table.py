@@ -14,36 +14,42 @@ test split exactly as the samples are, the best this protocol lets a model score
 """
 
 import argparse
-import itertools
 import time
 
 import torch
 
-from ddpm import Autoguided, generate, guide_path, load_classifier, load_model, resolve_device, safe_load
-from ddpm.data import stratified_subset
+from ddpm import (
+    generate,
+    guide_path,
+    load_classifier,
+    load_guide,
+    load_model,
+    resolve_device,
+    safe_load,
+    sampler_settings,
+)
+from ddpm.data import floor_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
-from ddpm.plots import sampler_label
-from ddpm.sampling import SPACINGS
+from ddpm.sampling import METHODS, SPACINGS
 
 COLUMNS = [("FID", "fid", "{:8.3f}"), ("xfloor", "fid_over_floor", "{:7.2f}"), ("KID", "kid_mean", "{:8.4f}"),
            ("±", "kid_std", "{:7.4f}"), ("IS", "is_mean", "{:6.2f}"), ("±", "is_std", "{:5.2f}"),
            ("P", "precision", "{:5.3f}"), ("R", "recall", "{:5.3f}"), ("acc", "cond_accuracy", "{:5.3f}")]
 
 
-def settings(args, timesteps: int, conditional: bool) -> list[dict]:
+def settings(args, timesteps: int, conditional: bool) -> list:
     """DDPM (unless --no-ddpm), DDIM at each steps x eta and DPM-Solver++(2M) at each of its steps, each at
     every guidance weight when conditional, every autoguidance weight when not."""
-    ws = args.guidance if conditional else args.autoguidance
-    grid = [] if args.no_ddpm else [("ddpm", timesteps, 1.0)]
-    grid += [("ddim", s, e) for s, e in itertools.product(args.steps, args.eta) if s <= timesteps]
-    grid += [("dpmsolver", s, 0.0) for s in args.dpmsolver_steps if s <= timesteps]
-    return [{"method": m, "steps": s, "eta": e, "guidance": w} for (m, s, e), w in itertools.product(grid, ws)]
+    return [s for method in METHODS if not (method == "ddpm" and args.no_ddpm)
+            for s in sampler_settings(method, timesteps, steps=args.steps if method == "ddim" else args.dpmsolver_steps,
+                                      etas=args.eta, spacing=args.spacing, cfg=args.guidance if conditional else None,
+                                      autoguidance=(0.0,) if conditional else args.autoguidance)]
 
 
 def scorer_for(args, device: torch.device, n: int) -> Scorer:
     """Reference features of the test split and of the floor subset, for each requested extractor."""
     test, train = (safe_load(f"{args.data}/{split}.pt", ("images", "labels")) for split in ("test", "train"))
-    floor = stratified_subset(train["images"], train["labels"], n, args.seed + 2)  # as the reference stage draws it
+    floor = floor_subset(train["images"], train["labels"], n, args.seed)  # as the reference stage draws it
     classifier = load_classifier(args.classifier, device)
     extractors = {e: make_extractor(e, classifier=classifier, weights=args.inception_weights, device=device)
                   for e in args.extractors}
@@ -73,7 +79,8 @@ def main() -> None:
     ap.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="for a conditional model")
     ap.add_argument("--autoguidance", type=float, nargs="+", default=[0.0],
-                    help="for an unconditional model, guided by its guide model <name>-guide.pt (train.guide_at)")
+                    help="for an unconditional model, guided by its guide model <name>-guide.pt "
+                    "(train_uncond.guide_at)")
     ap.add_argument("--no-ddpm", action="store_true", help="skip ancestral sampling over all T steps")
     ap.add_argument("--extractors", nargs="+", default=["classifier"], choices=["classifier", "inception"])
     ap.add_argument("--inception-weights", help="torch-fidelity's Inception-v3 file (else its cache; no download)")
@@ -94,8 +101,9 @@ def main() -> None:
         if k is not None:
             ap.error(f"--autoguidance needs an unconditional model, but {args.model} is class-conditional")
         if not guide_path(args.model).is_file():
-            ap.error(f"--autoguidance needs the guide model {guide_path(args.model)}; train with train.guide_at > 0")
-        guide = load_model(guide_path(args.model), device)[0]
+            ap.error(f"--autoguidance needs the guide model {guide_path(args.model)}; train with "
+                     "train_uncond.guide_at > 0")
+        guide = load_guide(args.model, device)
     scorer = scorer_for(args, device, n)
     shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     labels = torch.arange(n) % k if k else None
@@ -106,13 +114,10 @@ def main() -> None:
     print(row("floor (real train)", scorer.floor))
     for s in settings(args, diffusion.timesteps, k is not None):
         start = time.perf_counter()
-        net = Autoguided(model, guide, s["guidance"]) if guide is not None else model
-        images = generate(net, diffusion, n, shape, seed=args.seed, method=s["method"], steps=s["steps"],
-                          eta=s["eta"], labels=labels, guidance=s["guidance"] if k else 0.0, batch_size=args.batch_size,
-                          clip_x0=args.clip_x0, spacing=args.spacing)
+        images = generate(s.model(model, guide), diffusion, n, shape, seed=args.seed, method=s.method, steps=s.steps,
+                          eta=s.eta, labels=labels, batch_size=args.batch_size, clip_x0=args.clip_x0, spacing=s.spacing)
         seconds = time.perf_counter() - start
-        name = sampler_label(s) + (f" w{s['guidance']:g}" if k else f" ag{s['guidance']:g}" if s["guidance"] else "")
-        print(row(name, scorer(images, labels), seconds, n), flush=True)
+        print(row(s.tag, scorer(images, labels), seconds, n), flush=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from .sampling import (
     dpm_solver_sample,
     generate,
     guided,
+    sampler_settings,
 )
 from .schedules import make_betas
 from .training import TrainConfig, Trainer, resolve_device
@@ -42,6 +43,6 @@ __all__ = [
     "save_classifier", "save_model",
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
     "Autoguided", "ClassifierFree", "ImageGenerator", "SamplerSetting", "ddim_sample", "ddim_timesteps", "ddpm_sample",
-    "dpm_solver_sample", "generate", "guided", "make_betas",
+    "dpm_solver_sample", "generate", "guided", "make_betas", "sampler_settings",
     "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig",
 ]

@@ -331,3 +331,18 @@ class SamplerSetting:
         if "tag" in row and row["tag"] != setting.tag:
             raise ValueError(f"tag {row['tag']!r} does not match its setting, whose tag is {setting.tag!r}")
         return setting
+
+
+def sampler_settings(method: str, timesteps: int, *, steps=(), etas=(0.0,), spacing: str = "uniform",
+                     cfg=None, autoguidance=(0.0,)) -> list[SamplerSetting]:
+    """Every setting of one sampler in a sweep: DDPM once over all `timesteps`, DDIM at each of `steps` x `etas`,
+    DPM-Solver++(2M) at each of `steps` (deterministic, eta 0); each at every classifier-free weight of `cfg`
+    (None: an unconditional model) and every `autoguidance` weight. Step counts above `timesteps` are left out."""
+    if method == "ddpm":
+        bases = [(timesteps, 1.0)]
+    elif method == "ddim":
+        bases = [(s, e) for s in steps for e in etas if s <= timesteps]
+    else:
+        bases = [(s, 0.0) for s in steps if s <= timesteps]
+    return [SamplerSetting(method, s, e, spacing, w, ag) for s, e in bases for w in (cfg or [None])
+            for ag in autoguidance]

@@ -13,7 +13,7 @@ import json
 import warnings
 from pathlib import Path
 
-from ddpm import load_classifier, resolve_device, safe_load
+from ddpm import SamplerSetting, load_classifier, resolve_device, safe_load
 from ddpm.metrics import Scorer, make_extractor
 from ddpm.plots import cfg_tradeoff, csv_text, fid_vs_steps
 
@@ -22,8 +22,6 @@ from .pipeline.params import load_params, sections
 from .pipeline.run import path_parser, run, seed_everything
 from .pipeline.tracking import stage_run
 from .reference import inception_weights
-
-SETTING = ("method", "steps", "eta", "guidance", "seed", "num_samples")  # of each sample set, from its index.json
 
 
 def main(argv: list[str]) -> None:
@@ -62,8 +60,9 @@ def evaluate(a, p, weights) -> tuple[dict, list[dict]]:
             if "cond_accuracy_per_class" in entry:
                 entry["cond_accuracy_per_class"] = dict(zip(info["class_names"], entry["cond_accuracy_per_class"]))
             results.setdefault(s["variant"], {})[s["tag"]] = entry | scores
-            samplers.setdefault(s["variant"], {})[s["tag"]] = {key: s[key] for key in SETTING}
-            rows.append({key: s[key] for key in ("variant", "method", "steps", "eta", "guidance")} | entry)
+            setting = SamplerSetting.from_dict(s).to_dict()
+            samplers.setdefault(s["variant"], {})[s["tag"]] = setting | {k: s[k] for k in ("seed", "num_samples")}
+            rows.append({"variant": s["variant"]} | setting | entry)
             print(f"{s['variant']} {s['tag']}: FID {entry['fid']:.3f} ({entry['fid_over_floor']:.2f} x floor)  "
                   f"IS {entry['is_mean']:.3f}  P {entry['precision']:.3f}  R {entry['recall']:.3f}")
     results["floor"] = scorer.floor
@@ -85,10 +84,10 @@ def tags(protocol: dict) -> dict:
 def write_outputs(a, results: dict, rows: list[dict]) -> None:
     floor = results["floor"]["classifier"]
     write_json(a.metrics, results)
-    write_text(a.plot, csv_text(rows, ("variant", "method", "steps", "eta", "guidance", "fid")))
+    write_text(a.plot, csv_text(rows, ("variant", "method", "steps", "eta", "cfg", "autoguidance", "fid")))
     save_figure(fid_vs_steps(rows, floor=floor["fid"]), a.figure)
     cond = [r for r in rows if r["variant"] == "cond"]
-    write_text(a.cfg_plot, csv_text(cond, ("method", "steps", "eta", "guidance", "fid", "is_mean", "cond_accuracy")))
+    write_text(a.cfg_plot, csv_text(cond, ("method", "steps", "eta", "cfg", "fid", "is_mean", "cond_accuracy")))
     save_figure(cfg_tradeoff(cond, floor), a.cfg_figure)
 
 

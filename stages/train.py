@@ -31,7 +31,9 @@ from .pipeline.io import (
 from .pipeline.params import load_params, sections, train_config
 from .pipeline.resume import TrainState, source_hash
 from .pipeline.run import barrier, init_distributed, path_parser, run, seed_everything
-from .pipeline.tracking import Tracker, stage_run
+from .pipeline.tracking import Tracker, mlflow_ui_command, stage_run
+
+LONG_HOURS = 3  # a CPU run forecast to train longer says so, with the laptop profile's command
 
 
 def main(argv: list[str]) -> None:
@@ -71,11 +73,18 @@ def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, wor
                       config, device, p.seed, rank, world_size)
     state.restore(trainer, tracker)
     save = (lambda tr: state.save(tr, tracker)) if rank == 0 else (lambda tr: None)
+    first = trainer.step
+    if rank == 0:
+        print(f"train@{a.variant}: watch it in the MLflow UI (`{mlflow_ui_command()}`) and its per-epoch grids in "
+              f"{state.grids}/")
 
     def on_step(tr, loss, seconds):
         state.record(tr, loss, seconds)
         if tr.step % p.train.checkpoint_every == 0:
             save(tr)
+        if tr.step == first + 10 and device.type == "cpu" and state.forecast(tr) > LONG_HOURS and rank == 0:
+            print(f"train@{a.variant}: about {state.forecast(tr):.1f} h of training left at this CPU's "
+                  f"{state.history[-1][3]:.2f} s/step; for a run of about 1.5 h in all: dvc exp run -S profile=laptop")
 
     def on_epoch_end(tr, epoch):
         if rank == 0:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm import Autoguided, ImageGenerator, generate, guide_path, load_model, resolve_device
+from ddpm import ImageGenerator, generate, guided, load_guide, load_model, resolve_device
 from ddpm.pictures import Picture, interpolation, reverse_strip, sampler_comparison, schedule_figure
 
 from .pipeline.io import atomic_dir, save_figure
@@ -28,24 +28,26 @@ def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> 
     model, diffusion, meta = load_model(model_path, device)
     k, T = model.config.num_classes, diffusion.timesteps
     shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
-    steps, w = min(v.steps, T), v.guidance if k else 0.0
+    steps = min(v.steps, T)
     names = [str(c) for c in meta.get("class_names") or range(k or 0)]
     y = torch.arange(n) % k if k else None
     rows = [names[i] for i in y] if k else None
-    tag = f"{variant} model" + (f", w = {w:g}" if k else "")
-    if not k and v.autoguidance:  # every picture below from the model guided by its early EMA snapshot
-        model = Autoguided(model, load_model(guide_path(model_path), device)[0], v.autoguidance)
+    tag = f"{variant} model" + (f", w = {v.guidance:g}" if k else "")
+    if k:  # every picture below from the guided model
+        model = guided(model, cfg=v.guidance)
+    elif v.autoguidance:  # guided by its early EMA snapshot
+        model = guided(model, autoguidance=v.autoguidance, guide=load_guide(model_path, device))
         tag += f", autoguidance w = {v.autoguidance:g}"
 
     if k:  # one row per class
         labels = torch.arange(k).repeat_interleave(v.per_class)
-        images = generate(model, diffusion, len(labels), shape, seed=seed, steps=steps, labels=labels, guidance=w,
+        images = generate(model, diffusion, len(labels), shape, seed=seed, steps=steps, labels=labels,
                           batch_size=len(labels), progress=True)
         save_figure(Picture(images, v.per_class, f"{tag}: DDIM {steps} steps", names).figure(),
                     out / f"{variant}_classes.png")
 
     gen = ImageGenerator(seed, range(n), device)
-    strip = reverse_strip(model, diffusion, gen.randn((n, *shape)), y=y.to(device) if k else None, guidance=w,
+    strip = reverse_strip(model, diffusion, gen.randn((n, *shape)), y=y.to(device) if k else None,
                           num_frames=v.frames, steps=steps, generator=gen, progress=True)
     strip.title = f"{tag}: reverse process, DDIM {steps} steps"
     if k:
@@ -53,12 +55,12 @@ def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> 
     save_figure(strip.figure(), out / f"{variant}_reverse.png")
 
     noise = ImageGenerator(seed, range(2 * n), device).randn((2 * n, *shape))
-    pic = interpolation(model, diffusion, noise[0::2], noise[1::2], v.frames, y=y, guidance=w, steps=steps,
+    pic = interpolation(model, diffusion, noise[0::2], noise[1::2], v.frames, y=y, steps=steps,
                         progress=True)
     pic.title, pic.row_labels = f"{tag}: slerp between two noises, DDIM {steps} steps", rows
     save_figure(pic.figure(), out / f"{variant}_interpolation.png")
 
-    pic = sampler_comparison(model, diffusion, n, shape, seed=seed, y=y, guidance=w, progress=True,
+    pic = sampler_comparison(model, diffusion, n, shape, seed=seed, y=y, progress=True,
                              steps=[s for s in v.compare_steps if s <= T] or [T])
     pic.title, pic.row_labels = f"{tag}: the same noise, DDPM (eta 1) vs DDIM (eta 0)", rows
     save_figure(pic.figure(), out / f"{variant}_compare.png")

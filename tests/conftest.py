@@ -36,14 +36,14 @@ def tiny_repo(tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="session")
 def tiny_experiments(tiny_repo) -> dict[str, str]:
-    """Two experiments on the tiny project: a sample param in the workspace, and the quick profile's
-    training and sampling changes (train.lr, v-prediction, Min-SNR weighting, cosine lr decay, DDIM
-    spacing) in a temporary copy (`--temp`, which runs under .dvc/tmp/exps/). Returns each one's output."""
+    """Two experiments on the tiny project: a sample param in the workspace, and a switch to the gpu profile
+    with two values of one's own, one that no profile sets (cosine lr decay) and one that overrides the
+    profile's (DDIM spacing), in a temporary copy (`--temp`, which runs under .dvc/tmp/exps/). Returns each
+    one's output."""
     repo, _ = tiny_repo
     out = {}
-    quick = ["--temp", "-S", "train.lr=2e-3", "-S", "diffusion.prediction=v", "-S", "train.min_snr_gamma=5",
-             "-S", "train.lr_schedule=cosine", "-S", "sample.spacing=quadratic"]
-    for name, args in [("eta-half", ["-S", "sample.eta=[0.5]"]), ("quick", quick)]:
+    gpu = ["--temp", "-S", "profile=gpu", "-S", "train.lr_schedule=cosine", "-S", "sample.spacing=quadratic"]
+    for name, args in [("eta-half", ["-S", "sample.eta=[0.5]"]), ("gpu", gpu)]:
         proc = run(["dvc", "exp", "run", "-n", name, *args], repo)
         out[name] = proc.stdout + proc.stderr
     return out

@@ -11,13 +11,14 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
+PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", "profiles.yaml", ".gitignore", ".dvcignore")
 
-ALL_STAGES = {"check", "prepare", "classifier", "reference", "train@uncond", "train@cond", "sample-ddpm@uncond",
-              "sample-ddim@uncond", "sample-dpmsolver@uncond", "sample-ddpm@cond", "sample-ddim@cond",
-              "sample-dpmsolver@cond", "evaluate", "visualize"}
+ALL_STAGES = {"profile", "check", "prepare", "classifier", "reference", "train@uncond", "train@cond",
+              "sample-ddpm@uncond", "sample-ddim@uncond", "sample-dpmsolver@uncond", "sample-ddpm@cond",
+              "sample-ddim@cond", "sample-dpmsolver@cond", "evaluate", "visualize"}
 
-# Small enough that a full `dvc repro` takes a minute or two on 2 CPU cores.
+# Small enough that a full `dvc repro` takes a minute or two on 2 CPU cores; fp32 (bf16 is slow on some CPUs),
+# and every sampler.
 TINY = {
     "device": "cpu",
     "data": {"name": "glyphs", "limit": 300, "test_limit": 100},
@@ -25,10 +26,11 @@ TINY = {
     "model": {"base_channels": 8, "channel_mults": [1, 2, 2], "attention_resolutions": [7], "num_heads": 2},
     "classifier": {"epochs": 4, "batch_size": 32, "width": 8},
     "train": {"epochs": 2, "batch_size": 50, "warmup_steps": 2, "checkpoint_every": 4, "grid_size": 20,
-              "grid_ddim_steps": 5},
+              "grid_ddim_steps": 5, "bf16": False},
     "train_uncond": {"guide_at": 0.5},
     "visualize": {"per_class": 2, "num_images": 2, "frames": 4, "steps": 5, "compare_steps": [5, 10]},
-    "sample": {"num_samples": 40, "batch_size": 40, "ddim_steps": [5, 10], "dpmsolver_steps": [5], "guidance": [1.0],
+    "sample": {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 40, "batch_size": 40, "ddim_steps": [5, 10],
+               "dpmsolver_steps": [5], "spacing": "uniform", "clip_x0": False, "guidance": [1.0],
                "autoguidance": [0.0, 1.0], "grid_size": 20},
 }
 

@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from torchvision.transforms.functional import gaussian_blur
 
-from ddpm import atomic_save, safe_load
+from ddpm import SamplerSetting, atomic_save, safe_load
 from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classifier
 from ddpm.data import read_idx
 from ddpm.metrics import (
@@ -172,8 +172,9 @@ def make_workspace(root: Path, mnist, classifier, extractors=("classifier",)) ->
             atomic_save({"images": corrupt(images[held], noise=noise, seed=len(index)),
                          "labels": labels[held] if variant == "cond" else torch.zeros(0, dtype=torch.long)},
                         folder / f"{tag}.pt")
-            index.append({"method": method, "steps": steps, "eta": eta, "guidance": w, "tag": tag,
-                          "variant": variant, "num_samples": N, "seed": 0})
+            setting = SamplerSetting(method, steps, eta, cfg=w if variant == "cond" else None)
+            assert setting.tag == tag
+            index.append({**setting.to_dict(), "variant": variant, "num_samples": N, "seed": 0})
         (folder / "index.json").write_text(json.dumps(index))
     return ["--data", "data/prepared", "--classifier", "models/classifier.pt", "--reference", "data/reference",
             "--metrics", "metrics/eval.json", "--plot", "plots/fid_vs_steps.csv", "--figure", "plots/fid_vs_steps.png",
@@ -221,15 +222,16 @@ def test_eval_json_puts_every_number_next_to_its_floor_and_protocol(workspace):
     assert protocol["num_real"] == 1000 and protocol["num_generated"] == N and protocol["num_floor"] == N
     assert protocol["extractors"] == ["classifier"] and protocol["reference_split"] == "test"
     assert protocol["kid_subset_size"] == N
-    assert protocol["samplers"]["cond"]["ddim5_eta0_w3"] == {"method": "ddim", "steps": 5, "eta": 0.0,
-                                                             "guidance": 3.0, "seed": 0, "num_samples": N}
+    assert protocol["samplers"]["cond"]["ddim5_eta0_w3"] == {
+        "method": "ddim", "steps": 5, "eta": 0.0, "spacing": "uniform", "cfg": 3.0, "autoguidance": 0.0,
+        "tag": "ddim5_eta0_w3", "seed": 0, "num_samples": N}
 
 
 def test_plots_fid_vs_steps_and_the_guidance_tradeoff(workspace):
     fid = (workspace / "plots/fid_vs_steps.csv").read_text().splitlines()
-    assert fid[0] == "variant,method,steps,eta,guidance,fid" and len(fid) == 1 + 7
+    assert fid[0] == "variant,method,steps,eta,cfg,autoguidance,fid" and len(fid) == 1 + 7
     cfg = (workspace / "plots/cfg_tradeoff.csv").read_text().splitlines()
-    assert cfg[0] == "method,steps,eta,guidance,fid,is_mean,cond_accuracy" and len(cfg) == 1 + 4
+    assert cfg[0] == "method,steps,eta,cfg,fid,is_mean,cond_accuracy" and len(cfg) == 1 + 4
     assert all((workspace / f"plots/{name}.png").stat().st_size > 10_000 for name in ("fid_vs_steps", "cfg_tradeoff"))
 
 
@@ -238,7 +240,8 @@ def test_mlflow_run_carries_the_protocol_and_the_floor(workspace):
     (run_,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'evaluate'")
     tags, metrics = run_.data.tags, run_.data.metrics
     assert tags["protocol.extractors"] == "classifier" and tags["protocol.num_real"] == "1000"
-    assert tags["sampler.cond.ddim5_eta0_w3"] == "method=ddim steps=5 eta=0.0 guidance=3.0 seed=0 num_samples=200"
+    assert tags["sampler.cond.ddim5_eta0_w3"] == ("method=ddim steps=5 eta=0.0 spacing=uniform cfg=3.0 "
+                                                  "autoguidance=0.0 tag=ddim5_eta0_w3 seed=0 num_samples=200")
     assert run_.data.params["evaluate.extractors"] == '["classifier"]'
     assert {"floor.classifier.fid", "cond.ddpm_w1.fid_over_floor", "cond.ddpm_w1.precision"} <= set(metrics)
     parent = client.get_run(tags["mlflow.parentRunId"]).data.metrics

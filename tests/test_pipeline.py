@@ -50,7 +50,7 @@ def test_autoguided_samples_are_those_of_the_model_guided_by_its_halfway_snapsho
     assert torch.equal(torch.load(samples / "dpmsolver5_ag1.pt", weights_only=True)["images"], expected)
     assert not torch.equal(torch.load(samples / "dpmsolver5.pt", weights_only=True)["images"], expected)
     index = json.loads((samples / "index.json").read_text())
-    assert [(s["tag"], s["guidance"]) for s in index] == [("dpmsolver5", 0.0), ("dpmsolver5_ag1", 1.0)]
+    assert [(s["tag"], s["autoguidance"]) for s in index] == [("dpmsolver5", 0.0), ("dpmsolver5_ag1", 1.0)]
 
 
 def test_prepared_data_matches_params(tiny_repo):
@@ -123,10 +123,26 @@ def test_a_key_that_one_model_reads_changes_only_that_models_stages(tiny_repo, s
     assert set(status) == changed | {"check"}, status
 
 
-def test_changing_training_params_reruns_train_sample_evaluate(tiny_repo, tiny_experiments):
+def exp_params(repo, name: str) -> dict:
+    """params.yaml of experiment `name`, as `dvc exp show` lists it."""
+    for baseline in json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout):
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") == name:
+                    return rev["data"]["params"]["params.yaml"]["data"]
+    raise AssertionError(f"no experiment {name}")
+
+
+def test_a_profile_switch_reruns_train_sample_evaluate_and_keeps_your_values(tiny_repo, tiny_experiments):
     repo, _ = tiny_repo
-    assert stages_run(tiny_experiments["quick"]) == ALL_STAGES - {"prepare", "classifier", "reference"}
-    diff = run(["dvc", "metrics", "diff", "--json", "HEAD", "quick"], repo).stdout
+    output = tiny_experiments["gpu"]
+    assert stages_run(output) == ALL_STAGES - {"prepare", "classifier", "reference"}
+    # the tiny project's own values (params.yaml edited by hand) and the -S override beat the profile's
+    assert "kept model.base_channels = 8" in output and "kept sample.spacing = 'quadratic'" in output
+    params = exp_params(repo, "gpu")
+    assert params["profile"] == "gpu" and params["model"]["num_res_blocks"] == 2 and params["train"]["lr"] == 0.001
+    assert params["model"]["base_channels"] == 8 and params["sample"]["spacing"] == "quadratic"
+    diff = run(["dvc", "metrics", "diff", "--json", "HEAD", "gpu"], repo).stdout
     changes = json.loads(diff)["metrics/eval.json"]
     assert "uncond.ddpm.fid" in changes and "cond.ddim10_eta0_w1.fid" in changes
 

@@ -103,7 +103,7 @@ def test_experiments_get_their_own_parent_runs(tiny_repo, tiny_experiments):
     repo, _ = tiny_repo
     client = client_for(repo)
     exp = client.get_experiment_by_name("ddpm")
-    for name, stages in [("eta-half", {"sample-ddim-uncond", "evaluate"}), ("quick", {"train-uncond", "evaluate"})]:
+    for name, stages in [("eta-half", {"sample-ddim-uncond", "evaluate"}), ("gpu", {"train-uncond", "evaluate"})]:
         (parent,) = client.search_runs([exp.experiment_id], f"tags.DVC_EXP_NAME = '{name}' and tags.role = 'pipeline'")
         children = runs_of(client, parent.info.run_id)
         assert stages <= set(children) and "prepare" not in children
@@ -137,12 +137,12 @@ def test_unreachable_tracking_server_is_one_clear_line(tiny_repo, tmp_path):
 def test_report_lists_experiments_with_fid(tiny_repo, tiny_experiments, tmp_path):
     repo, _ = tiny_repo
     proc = run([sys.executable, "-m", "stages.report", "--csv", str(tmp_path / "table.csv")], repo)
-    assert "eta-half" in proc.stdout and "quick" in proc.stdout and "uncond.ddpm.fid" in proc.stdout
+    assert "eta-half" in proc.stdout and "gpu" in proc.stdout and "uncond.ddpm.fid" in proc.stdout
     import pandas as pd
     table = pd.read_csv(tmp_path / "table.csv", index_col=0)
-    assert table.loc["quick", "train.lr"] == 0.002 and table.loc[["eta-half", "quick"], "uncond.ddpm.fid"].notna().all()
-    assert table.loc["quick", "diffusion.prediction"] == "v" and table.loc["quick", "train.min_snr_gamma"] == 5
-    assert table.loc["quick", "train.lr_schedule"] == "cosine" and table.loc["quick", "sample.spacing"] == "quadratic"
+    assert table.loc["gpu", "train.lr"] == 0.001 and table.loc[["eta-half", "gpu"], "uncond.ddpm.fid"].notna().all()
+    assert table.loc["gpu", "profile"] == "gpu" and table.loc["eta-half", "profile"] == "laptop"
+    assert table.loc["gpu", "train.lr_schedule"] == "cosine" and table.loc["gpu", "sample.spacing"] == "quadratic"
 
 
 def test_queued_experiments_in_parallel_both_land_in_mlflow(tiny_repo):

@@ -139,6 +139,7 @@ class VisualizeParams:
 
 @dataclass(frozen=True)
 class Params:
+    profile: str                         # the profile whose values the profile stage wrote (profiles.yaml)
     seed: int
     device: str
     data: DataParams
@@ -227,7 +228,9 @@ def _checks(p: Params):
     guide_at = p.train_uncond.guide_at
     b0, b1 = p.diffusion.beta_start, p.diffusion.beta_end
     mults = p.model.channel_mults
+    profiles = list(yaml.safe_load(Path("profiles.yaml").read_text())) if Path("profiles.yaml").is_file() else []
     return [
+        ("profile", not profiles or p.profile in profiles, "one of " + ", ".join(profiles)),
         ("seed", p.seed >= 0, ">= 0"),
         ("device", p.device in DEVICES or p.device.startswith("cuda:"), "one of " + ", ".join(DEVICES)),
         ("data.name", p.data.name in DATASETS, "one of " + ", ".join(DATASETS)),
@@ -333,8 +336,9 @@ def validate(raw: dict) -> Params:
 
 
 def sections(p: Params, *names: str) -> dict:
-    """The named params as plain values, for logging: sections("seed", "train") -> {"seed": 0, "train": {...}}."""
-    out = {}
+    """The named params as plain values, for logging, and the profile: sections("seed", "train") ->
+    {"profile": "laptop", "seed": 0, "train": {...}}."""
+    out = {"profile": p.profile}  # every run says which profile its values came from
     for name in names:
         head, _, rest = name.partition(".")
         value = getattr(p, head)

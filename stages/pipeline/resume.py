@@ -77,6 +77,11 @@ class TrainState:
         tracker.log_history("lr", [(s, lr) for s, _, lr, _ in self.pending])
         self.pending.clear()
 
+    def forecast(self, trainer: Trainer, steps: int = 10) -> float:
+        """Hours of training left at the mean rate of the last `steps` steps."""
+        rows = self.history[-steps:]
+        return (trainer.total_steps - trainer.step) * sum(h[3] for h in rows) / max(1, len(rows)) / 3600
+
     def epoch_summary(self, steps: int) -> dict:
         """Seconds and mean loss of the last `steps` steps."""
         rows = self.history[-steps:]

@@ -41,6 +41,14 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+def mlflow_ui_command() -> str:
+    """The command that opens the MLflow UI on the store the stages log to."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri.startswith("http"):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri or 'sqlite:///mlflow.db'}"
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}."""
     out = {}
