@@ -108,7 +108,7 @@ def epoch_grid(trainer: Trainer, p, unet) -> torch.Tensor:
     n, k = p.train.grid_size, unet.num_classes
     return generate(trainer.ema.module, trainer.diffusion, n, (unet.in_channels, unet.image_size, unet.image_size),
                     seed=p.seed, steps=p.train.grid_ddim_steps, labels=torch.arange(n) % k if k else None,
-                    batch_size=n)
+                    batch_size=min(n, p.train.batch_size))  # the images do not depend on it
 
 
 def write_outputs(a, p, unet, trainer: Trainer, state: TrainState, info: dict, metrics: dict) -> None:

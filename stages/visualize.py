@@ -42,7 +42,7 @@ def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> 
     if k:  # one row per class
         labels = torch.arange(k).repeat_interleave(v.per_class)
         images = generate(model, diffusion, len(labels), shape, seed=seed, steps=steps, labels=labels,
-                          batch_size=len(labels), progress=True)
+                          batch_size=min(len(labels), 256), progress=True)  # the images do not depend on it
         save_figure(Picture(images, v.per_class, f"{tag}: DDIM {steps} steps", names).figure(),
                     out / f"{variant}_classes.png")
 
