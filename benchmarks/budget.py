@@ -27,7 +27,6 @@ from pathlib import Path
 import mlflow
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from ddpm import (
     Diffusion,
@@ -86,26 +85,24 @@ def classifier_for(p, data, path: Path, device) -> Classifier:
 def train_for(p, data, minutes: float, device, max_steps: int | None = None,
               conditional: bool = False) -> tuple[Trainer, float]:
     """The unconditional (or class-conditional) model trained for `minutes` of wall clock, or for
-    `max_steps` steps if given: (trainer, seconds)."""
+    `max_steps` steps if given, whatever train.epochs says: (trainer, seconds)."""
     torch.manual_seed(p.seed)
     classes = len(data.class_names) if conditional else None
     unet = p.model.unet(data.train_images.shape[1], data.train_images.shape[2], classes)
+    config = train_config(p, "cond" if conditional else "uncond")
+    config = dataclasses.replace(config, epochs=10**9)  # the budget ends training, not the epochs
     trainer = Trainer(UNet(unet).to(device), Diffusion.from_config(p.diffusion), data.train_images,
-                      data.train_labels if conditional else None, train_config(p, "cond" if conditional else "uncond"),
-                      device, seed=p.seed)
-    trainer.model.train()
+                      data.train_labels if conditional else None, config, device, seed=p.seed)
+    trainer.schedule_steps = max_steps  # where an lr decay ends; for a wall-clock budget, estimated as it goes
     start = time.perf_counter()
-    budget = f"{max_steps} steps" if max_steps else f"{minutes:g} min"
-    trainer.schedule_steps = max_steps
-    with tqdm(desc=f"train {budget}", total=max_steps, unit="step") as bar:
-        while (trainer.step < max_steps) if max_steps else (time.perf_counter() - start < 60 * minutes):
-            loss = trainer.train_step(trainer.batch_indices(*divmod(trainer.step, trainer.steps_per_epoch)))
-            if not max_steps:  # the steps the budget will allow at the rate so far: where an lr decay ends
-                elapsed = time.perf_counter() - start
-                trainer.schedule_steps = max(trainer.step + 1, round(trainer.step * 60 * minutes / elapsed))
-            bar.update(1)
-            if trainer.step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    def estimate(tr, loss, seconds):  # the steps the budget will allow at the rate so far
+        tr.schedule_steps = max(tr.step + 1, round(tr.step * 60 * minutes / (time.perf_counter() - start)))
+
+    if max_steps:
+        trainer.fit(max_steps=max_steps)
+    else:
+        trainer.fit(estimate, seconds=60 * minutes)
     return trainer, time.perf_counter() - start
 
 

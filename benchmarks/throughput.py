@@ -5,10 +5,11 @@ torch.utils.flop_counter), the achieved FLOP/s against this machine's measured m
 overhead of the DDIM sampler over the bare network forwards it makes.
 
     python benchmarks/throughput.py --steps 5                  # the default UNetConfig at 28x28x1
-    python benchmarks/throughput.py --batch-size 32 --base-channels 32 --bf16
+    python benchmarks/throughput.py --batch-size 32 --base-channels 32 --precision bf16
 """
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -25,6 +26,7 @@ from ddpm import (
     ddim_timesteps,
     resolve_device,
 )
+from ddpm.training import AUTOCAST, PRECISIONS, resolve_precision, tf32
 
 
 def timed(fn, device: torch.device, reps: int = 1) -> float:
@@ -38,10 +40,12 @@ def timed(fn, device: torch.device, reps: int = 1) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    torch.mm(a, b)  # warm-up
-    return 2 * n**3 / timed(lambda: torch.mm(a, b), device, reps) / 1e9
+def matmul_gflops(device: torch.device, precision: str, n: int = 2048, reps: int = 3) -> float:
+    """torch.mm of two n x n matrices in `precision` (fp32, tf32, bf16, fp16), GFLOP/s."""
+    a, b = (torch.randn(n, n, device=device).to(AUTOCAST.get(precision, torch.float32)) for _ in range(2))
+    with tf32(precision == "tf32") if device.type == "cuda" else contextlib.nullcontext():
+        torch.mm(a, b)  # warm-up
+        return 2 * n**3 / timed(lambda: torch.mm(a, b), device, reps) / 1e9
 
 
 def main() -> None:
@@ -57,7 +61,8 @@ def main() -> None:
     p.add_argument("--sample-batch", type=int, default=64)
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--device", default="auto")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for training and sampling")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="for training (as train.precision) and sampling (autocast for bf16 and fp16)")
     args = p.parse_args()
 
     device = resolve_device(args.device)
@@ -66,21 +71,22 @@ def main() -> None:
                       channel_mults=tuple(args.channel_mults), num_res_blocks=args.num_res_blocks)
     model = UNet(unet).to(device)
     diffusion = Diffusion(DiffusionConfig().betas()).to(device)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    precision = resolve_precision(args.precision, device)
     threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
-    print(f"device {device}{threads}, {str(dtype)[6:]}, UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+    print(f"device {device}{threads}, {precision}, UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"params, {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}")
 
     # Training: one counted (and warm-up) step, then timed steps.
     images = torch.randint(0, 256, (args.batch_size, args.channels, args.image_size, args.image_size),
                            dtype=torch.uint8)
-    trainer = Trainer(model, diffusion, images, None, TrainConfig(batch_size=args.batch_size, bf16=args.bf16), device)
+    config = TrainConfig(batch_size=args.batch_size, precision=precision)
+    trainer = Trainer(model, diffusion, images, None, config, device)
     idx = torch.arange(args.batch_size, device=device)
     with FlopCounterMode(display=False) as counter:
         trainer.train_step(idx)
     flops = counter.get_total_flops()
     step_s = timed(lambda: trainer.train_step(idx), device, args.steps)
-    peak = matmul_gflops(device, dtype)
+    peak = matmul_gflops(device, precision)
     print(f"train        {step_s:.3f} s/step, {args.batch_size / step_s:.1f} images/s")
     print(f"FLOPs/step   {flops / 1e9:.1f} GFLOP (forward + backward) -> {flops / step_s / 1e9:.1f} GFLOP/s")
     print(f"matmul       {peak:.1f} GFLOP/s (2048^3 torch.mm) -> training reaches {flops / step_s / 1e9 / peak:.0%}")
@@ -94,7 +100,8 @@ def main() -> None:
         for tau in reversed(taus):
             model(x_T, torch.full((args.sample_batch,), tau, device=device))
 
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+    dtype = AUTOCAST.get(precision)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         forwards()  # warm-up
         raw_s = timed(forwards, device)
         ddim_s = timed(lambda: ddim_sample(model, diffusion, x_T, args.sample_steps), device)

@@ -1,5 +1,6 @@
-"""The training loop: AdamW, lr warm-up (and optional cosine decay), gradient clipping, EMA, optional
-bf16 autocast, and an early EMA snapshot as the guide model for autoguidance.
+"""The training loop: AdamW, lr warm-up (and optional cosine decay), gradient clipping, EMA, a choice of
+numeric precision (fp32, TF32, bf16 or fp16 autocast), and an early EMA snapshot as the guide model for
+autoguidance.
 
 The network, the diffusion and the data are passed in; the loop never writes files. A stage
 script observes it through callbacks (logging, checkpoints, sample grids) and can save and
@@ -8,6 +9,7 @@ Data parallelism: give each process its `rank` and `world_size`; every rank draw
 epoch permutation and takes its own slice of each global batch.
 """
 
+import contextlib
 import copy
 import math
 import time
@@ -22,6 +24,10 @@ from .diffusion import Diffusion, to_model_range
 from .ema import EMA
 
 LR_SCHEDULES = ("constant", "cosine")
+# fp32; tf32: fp32 weights, TensorFloat-32 matmuls and convolutions (CUDA); bf16/fp16: autocast (fp16 with a
+# gradient scaler); auto: what suits the device (resolve_precision)
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "auto")
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,10 @@ class TrainConfig:
     p_uncond: float = 0.1       # label drop rate for classifier-free guidance (conditional models)
     min_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0: the plain loss
     logsnr_normal: tuple[float, ...] | None = None  # (mean, std): training t with log-SNR ~ N; None: uniform t
-    bf16: bool = False          # bfloat16 autocast for the forward/backward pass
+    precision: str = "fp32"     # fp32 | tf32 | bf16 | fp16 | auto (see PRECISIONS, resolve_precision)
+    compile: bool = False       # torch.compile the model for the training step
+    channels_last: bool = False  # channels-last memory format for CUDA convolutions (slower on CPUs); under
+                                 # DistributedDataParallel, convert the network before wrapping it
     guide_at: float = 0.0       # keep the EMA weights at this fraction of training as the guide model; 0: none
 
 
@@ -52,6 +61,41 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 natively (AVX512-BF16, AMX). oneDNN also runs it on AVX2-only CPUs,
+    emulated and about 16x slower than fp32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and torch.backends.cpu.get_cpu_capability() != "AVX2"
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The precision a run on `device` uses for `precision`: one of fp32, tf32, bf16, fp16.
+
+    auto: on CUDA bf16 where the GPU has it natively, else fp16; on a CPU bf16 where it is native, else
+    fp32; fp32 elsewhere (mps). tf32 is fp32 off CUDA (TensorFloat-32 is an NVIDIA tensor-core format)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    kind = torch.device(device).type
+    if precision == "auto":
+        if kind == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        return "bf16" if kind == "cpu" and cpu_has_native_bf16() else "fp32"
+    if precision == "tf32" and kind != "cuda":
+        return "fp32"
+    return precision
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TensorFloat-32 for CUDA matmuls and cuDNN convolutions on (or off) inside the block. cuDNN allows
+    it by default, so plain fp32 must switch it off."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class Trainer:
     """Trains `model` on uint8 images (N, C, H, W) with optional labels (N,)."""
 
@@ -59,7 +103,10 @@ class Trainer:
                  labels: torch.Tensor | None, config: TrainConfig, device: torch.device, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
         if config.batch_size % world_size:
-            raise ValueError(f"train.batch_size {config.batch_size} is not divisible by {world_size} processes")
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by {world_size} processes")
+        self.precision = resolve_precision(config.precision, device)  # what `config.precision` means here
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.model, self.diffusion, self.config, self.device = model, diffusion.to(device), config, device
         self.images = images.to(device)
         self.labels = labels.to(device) if labels is not None else None
@@ -69,6 +116,11 @@ class Trainer:
         # under DistributedDataParallel, `model` is the wrapper and `net` the network it wraps
         self.net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.ema = EMA(self.net, config.ema_decay)
+        # the training step's forward: compiled (sharing the weights) or the model itself
+        self.train_model = torch.compile(model) if config.compile else model
+        # fp16 only: scales the loss so that small gradients survive float16, and skips a step whose scaled
+        # gradients overflowed (then halves the scale); a no-op otherwise
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.step = 0
         # the EMA weights at guide_step, frozen: a worse version of the final model for autoguidance
         self.guide: nn.Module | None = None
@@ -119,35 +171,52 @@ class Trainer:
             group["lr"] = self.lr_at(self.step)
         # t and the noise of step k on rank r depend only on (seed, k, r): exact resumes, distinct ranks
         self.generator.manual_seed((self.seed << 40) + (self.step << 8) + self.rank)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            loss = self.diffusion.loss(self.model, x0, y, self.config.p_uncond, self.generator,
-                                       self.config.min_snr_gamma, self.config.logsnr_normal).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # the gradient norm, clipped to train.grad_clip (0: not clipped): a finite loss can have inf/NaN gradients
+        with tf32(self.precision == "tf32") if self.device.type == "cuda" else contextlib.nullcontext():
+            dtype = AUTOCAST.get(self.precision)
+            with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = self.diffusion.loss(self.train_model, x0, y, self.config.p_uncond, self.generator,
+                                           self.config.min_snr_gamma, self.config.logsnr_normal).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, to clip and check
+        # the gradient norm, clipped to grad_clip (0: not clipped): a finite loss can have inf/NaN gradients
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
-        if not torch.isfinite(loss + norm):  # one host sync; the weights stay as they were
-            what, value = ("loss", loss) if not torch.isfinite(loss) else ("gradient norm", norm)
-            raise FloatingPointError(f"training {what} is {value.item()} at step {self.step + 1}; "
-                                     "lower train.lr, keep train.grad_clip > 0 or disable train.bf16")
-        self.optimizer.step()
+        self.check_finite(loss, norm)
+        self.scaler.step(self.optimizer)  # fp16: skipped when the scaled gradients overflowed
+        self.scaler.update()
         self.ema.update(self.net)
         self.step += 1
         if self.guide is None and self.guide_step is not None and self.step >= self.guide_step:
             self.guide = copy.deepcopy(self.ema.module)
         return loss.detach()
 
+    def check_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """Raise FloatingPointError on a non-finite loss or gradient norm (one host sync), before the weights
+        change. Under fp16 an overflow of the scaled gradients is the scaler's to handle (it skips the
+        step and halves the scale, as it does in the first steps of every run), until the scale falls below
+        1: gradients that overflow even unscaled mean the run diverged. A non-finite loss always does."""
+        finite_loss, finite_norm = torch.isfinite(torch.stack([loss.detach().float(), norm.float()])).tolist()
+        if finite_loss and (finite_norm or (self.scaler.is_enabled() and self.scaler.get_scale() >= 1)):
+            return
+        what, value = ("loss", loss) if not finite_loss else ("gradient norm", norm)
+        scale = f" at fp16 loss scale {self.scaler.get_scale():g}" if self.scaler.is_enabled() and finite_loss else ""
+        raise FloatingPointError(f"training {what} is {value.item()} at step {self.step + 1}{scale}; lower the "
+                                 "learning rate, keep gradient clipping on or use fp32 precision")
+
     def fit(self, on_step: Callable | None = None, on_epoch_end: Callable | None = None,
-            progress: bool = True) -> None:
-        """Train until `total_steps`, starting from `self.step` (0, or where a checkpoint left off).
+            progress: bool = True, max_steps: int | None = None, seconds: float | None = None) -> None:
+        """Train from `self.step` (0, or where a checkpoint left off) until `total_steps`, or earlier: at
+        step `max_steps`, or at the end of the first step that ends `seconds` of wall clock after the call.
 
         on_step(trainer, loss: float, seconds: float) after every step;
         on_epoch_end(trainer, epoch: int) after every epoch (epochs count from 0)."""
         self.model.train()
+        stop = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
+        deadline = math.inf if seconds is None else time.perf_counter() + seconds
         # a context manager, so that an error is printed below the bar, not glued to its end
-        with tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not progress,
+        with tqdm(total=stop if seconds is None else None, initial=self.step, desc="train", disable=not progress,
                   dynamic_ncols=True) as bar:
-            while self.step < self.total_steps:
+            while self.step < stop and time.perf_counter() < deadline:
                 epoch, i = divmod(self.step, self.steps_per_epoch)
                 start = time.perf_counter()
                 loss = self.train_step(self.batch_indices(epoch, i))
@@ -170,6 +239,8 @@ class Trainer:
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         if self.guide is not None:
             state["guide"] = self.guide.state_dict()
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -177,6 +248,8 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if "guide" in state:
             self.guide = copy.deepcopy(self.ema.module)
             self.guide.load_state_dict(state["guide"])

@@ -65,18 +65,19 @@ def main(argv: list[str]) -> None:
 def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, world_size: int) -> None:
     seed_everything(p.seed)  # the same initial weights on every rank
     images, labels, info = load_prepared(a.data, "train")
-    model = UNet(unet).to(device)
+    model = UNet(unet).to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         seed_everything(p.seed + rank)  # each rank its own dropout
     trainer = Trainer(model, Diffusion.from_config(p.diffusion), images, labels if unet.num_classes else None,
                       config, device, p.seed, rank, world_size)
     state.restore(trainer, tracker)
+    tracker.set_tags({"precision": trainer.precision})  # what train.precision (e.g. auto) means on this device
     save = (lambda tr: state.save(tr, tracker)) if rank == 0 else (lambda tr: None)
     first = trainer.step
     if rank == 0:
-        print(f"train@{a.variant}: watch it in the MLflow UI (`{mlflow_ui_command()}`) and its per-epoch grids in "
-              f"{state.grids}/")
+        print(f"train@{a.variant}: {trainer.precision} on {device}; watch it in the MLflow UI "
+              f"(`{mlflow_ui_command()}`) and its per-epoch grids in {state.grids}/")
 
     def on_step(tr, loss, seconds):
         state.record(tr, loss, seconds)

@@ -26,7 +26,7 @@ TINY = {
     "model": {"base_channels": 8, "channel_mults": [1, 2, 2], "attention_resolutions": [7], "num_heads": 2},
     "classifier": {"epochs": 4, "batch_size": 32, "width": 8},
     "train": {"epochs": 2, "batch_size": 50, "warmup_steps": 2, "checkpoint_every": 4, "grid_size": 20,
-              "grid_ddim_steps": 5, "bf16": False},
+              "grid_ddim_steps": 5, "precision": "fp32"},
     "train_uncond": {"guide_at": 0.5},
     "visualize": {"per_class": 2, "num_images": 2, "frames": 4, "steps": 5, "compare_steps": [5, 10]},
     "sample": {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 40, "batch_size": 40, "ddim_steps": [5, 10],

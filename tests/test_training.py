@@ -1,10 +1,14 @@
-"""The training loop (it learns, warms up, stops on NaN, splits batches across ranks) and the EMA."""
+"""The training loop (it learns, warms up, stops on NaN, splits batches across ranks, trains in reduced
+precision, stops at a step or a time limit) and the EMA."""
+
+import time
 
 import pytest
 import torch
 from torch import nn
 
 from ddpm import EMA, Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, to_model_range, to_uint8
+from ddpm.training import resolve_precision, tf32
 
 CPU = torch.device("cpu")
 
@@ -89,12 +93,13 @@ class NanAfter(nn.Module):
         return out * float("nan") if self.calls >= self.n else out
 
 
-def test_nan_loss_raises_naming_the_step():
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_nan_loss_raises_naming_the_step(precision):
     images, _ = shapes(8, size=8)
     trainer = Trainer(NanAfter(3), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
-                      TrainConfig(epochs=5, batch_size=4), CPU)
-    with pytest.raises(FloatingPointError, match="step 3"):
-        trainer.fit(progress=False)
+                      TrainConfig(epochs=5, batch_size=4, precision=precision), CPU)
+    with pytest.raises(FloatingPointError, match="^training loss is nan at step 3; lower the learning rate"):
+        trainer.fit(progress=False)  # under fp16 too: the loss scaler never makes the loss itself non-finite
     assert trainer.step == 2
 
 
@@ -115,7 +120,8 @@ def test_non_finite_gradient_of_a_finite_loss_raises_before_the_update(grad_clip
     model = InfiniteGradient()
     trainer = Trainer(model, Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
                       TrainConfig(epochs=1, batch_size=4, grad_clip=grad_clip), CPU)
-    with pytest.raises(FloatingPointError, match=r"training gradient norm is nan at step 1; lower train.lr"):
+    with pytest.raises(FloatingPointError, match=r"^training gradient norm is nan at step 1; lower the learning "
+                       "rate, keep gradient clipping on or use fp32 precision$"):
         trainer.fit(progress=False)
     assert trainer.step == 0 and model.w.item() == 0 and model.z.item() == 0  # no update was made
 
@@ -247,3 +253,162 @@ def test_ema_module_is_a_frozen_copy():
     fresh.load_state_dict(state)
     assert fresh.updates == ema.updates
     assert torch.equal(fresh.module[0].weight, ema.module[0].weight)
+
+
+def micro_unet(size: int = 8) -> UNet:
+    """A UNet small enough for CPU float16, which is slow: one level, no attention."""
+    torch.manual_seed(0)
+    return UNet(UNetConfig(image_size=size, base_channels=8, channel_mults=(1,), num_res_blocks=1,
+                           attention_resolutions=(), num_heads=1, dropout=0.0))
+
+
+def fixed_loss(model: nn.Module, diffusion: Diffusion, images: torch.Tensor) -> float:
+    """The fp32 loss on the same t and noise every time."""
+    with torch.no_grad():
+        return diffusion.loss(model, to_model_range(images), generator=torch.Generator().manual_seed(1)).mean().item()
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_mixed_precision_steps_run_under_autocast_and_learn(precision, dtype):
+    images, _ = shapes(32, size=8)
+    diffusion = Diffusion(DiffusionConfig(timesteps=100).betas())
+    trainer = Trainer(micro_unet(), diffusion, images, None,
+                      TrainConfig(epochs=10, batch_size=16, lr=3e-3, warmup_steps=2, precision=precision), CPU)
+    assert trainer.precision == precision and trainer.scaler.is_enabled() == (precision == "fp16")
+    before = fixed_loss(trainer.net, diffusion, images)
+    computed = set()
+    hook = trainer.net.out[2].register_forward_hook(lambda module, args, out: computed.add(out.dtype))
+    trainer.fit(progress=False)
+    hook.remove()
+    assert computed == {dtype}  # the network ran in the reduced precision...
+    assert trainer.net.out[2].weight.dtype == torch.float32  # ...on float32 weights
+    after = fixed_loss(trainer.net, diffusion, images)
+    assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize("precision, device, cuda_bf16, cpu_bf16, capability, expected", [
+    ("auto", "cuda", True, False, "AVX2", "bf16"),
+    ("auto", "cuda", False, True, "AVX512", "fp16"),       # e.g. a V100 or T4: fp16 tensor cores, no bf16
+    ("auto", "cpu", False, True, "AVX512", "bf16"),        # AVX512-BF16 or AMX
+    ("auto", "cpu", False, True, "AVX2", "fp32"),          # emulated bf16, ~16x slower than fp32
+    ("auto", "cpu", False, False, "AVX512", "fp32"),
+    ("auto", "mps", True, True, "DEFAULT", "fp32"),
+    ("tf32", "cuda", True, True, "AVX512", "tf32"),
+    ("tf32", "cpu", True, True, "AVX512", "fp32"),         # TensorFloat-32 is a CUDA tensor-core format
+    ("fp32", "cuda", True, True, "AVX512", "fp32"),
+    ("bf16", "cpu", False, False, "AVX2", "bf16"),         # asked for explicitly: kept, however slow
+    ("fp16", "cpu", False, False, "AVX2", "fp16"),
+])
+def test_resolve_precision(monkeypatch, precision, device, cuda_bf16, cpu_bf16, capability, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda_bf16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert resolve_precision(precision, torch.device(device)) == expected
+
+
+def test_unknown_precision_is_refused_naming_the_allowed_ones():
+    images, _ = shapes(8, size=8)
+    with pytest.raises(ValueError, match=r"unknown precision 'fp8'; valid: fp32, tf32, bf16, fp16, auto"):
+        Trainer(micro_unet(), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
+                TrainConfig(precision="fp8"), CPU)
+
+
+def test_tf32_switches_cuda_matmuls_and_convolutions_inside_the_block_only():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for enabled in (True, False):
+        with tf32(enabled):
+            assert torch.backends.cuda.matmul.allow_tf32 is enabled and torch.backends.cudnn.allow_tf32 is enabled
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_fp16_skips_a_step_whose_gradients_overflow_until_the_loss_scale_falls_below_one():
+    images, _ = shapes(8, size=8)
+    model = InfiniteGradient()  # a NaN gradient at every step, at any loss scale
+    trainer = Trainer(model, Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
+                      TrainConfig(epochs=20, batch_size=4, precision="fp16"), CPU)
+    trainer.train_step(trainer.batch_indices(0, 0))  # as the scaler does at the start of every fp16 run
+    assert trainer.step == 1 and model.w.item() == 0 and model.z.item() == 0
+    assert trainer.scaler.get_scale() == 2.0**15
+    with pytest.raises(FloatingPointError, match=r"^training gradient norm is nan at step 18 at fp16 loss scale "
+                       r"0.5; lower the learning rate"):
+        trainer.fit(progress=False)  # 65536 halved 17 times
+    assert trainer.step == 17 and model.w.item() == 0
+
+
+def test_fp16_resume_is_exact_and_keeps_the_loss_scale():
+    images, _ = shapes(16, size=8)
+    config = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_steps=1, precision="fp16")
+
+    def trainer():
+        return Trainer(micro_unet(), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None, config, CPU)
+
+    straight, first, resumed = trainer(), trainer(), trainer()
+    straight.fit(progress=False)
+    first.fit(progress=False, max_steps=2)
+    resumed.load_state_dict(first.state_dict())
+    resumed.fit(progress=False)
+    assert resumed.step == straight.step == 4
+    for a, b in zip(resumed.net.state_dict().values(), straight.net.state_dict().values()):
+        assert torch.equal(a, b)
+    # the scale is part of the state: a resumed run goes on at the scale it had reached, not at a fresh 2^16
+    first.scaler.update(2.0**10)
+    again = trainer()
+    again.load_state_dict(first.state_dict())
+    assert again.scaler.get_scale() == 2.0**10 and again.scaler.state_dict() == first.scaler.state_dict()
+
+
+def test_channels_last_trains_the_same_network_in_the_other_memory_format():
+    images, _ = shapes(8, size=8)
+    losses = []
+    for channels_last in (False, True):
+        trainer = Trainer(micro_unet(), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
+                          TrainConfig(epochs=1, batch_size=8, warmup_steps=1, channels_last=channels_last), CPU)
+        weight = trainer.net.out[2].weight  # (1, 8, 3, 3): the two formats differ
+        assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last != weight.is_contiguous()
+        losses.append([trainer.train_step(torch.arange(8)).item() for _ in range(2)])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_compile_compiles_the_training_forward_and_keeps_the_plain_network_for_the_rest(monkeypatch):
+    compiled, calls = [], []
+
+    def fake_compile(model):  # torch.compile itself takes minutes on a small CPU
+        compiled.append(model)
+        return lambda *args, **kwargs: calls.append(1) or model(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    images, _ = shapes(8, size=8)
+    trainer = Trainer(micro_unet(), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
+                      TrainConfig(epochs=1, batch_size=4, compile=True), CPU)
+    trainer.fit(progress=False)
+    assert compiled == [trainer.model] and len(calls) == trainer.step == 2
+    assert trainer.state_dict()["model"].keys() == micro_unet().state_dict().keys()  # no "_orig_mod." prefix
+
+
+def test_fit_stops_at_max_steps_and_resumes_up_to_total_steps():
+    images, _ = shapes(9, size=8)
+    trainer = Trainer(NanAfter(10**9), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
+                      TrainConfig(epochs=2, batch_size=4), CPU)
+    ends = []
+    trainer.fit(on_epoch_end=lambda tr, epoch: ends.append(tr.step), progress=False, max_steps=4)
+    assert trainer.step == 4 and ends == [3]
+    trainer.fit(on_epoch_end=lambda tr, epoch: ends.append(tr.step), progress=False, max_steps=100)
+    assert trainer.step == trainer.total_steps == 6 and ends == [3, 6]  # never past total_steps
+
+
+def test_fit_stops_at_the_end_of_the_step_that_passes_the_time_limit(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    images, _ = shapes(8, size=8)
+    trainer = Trainer(NanAfter(10**9), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
+                      TrainConfig(epochs=100, batch_size=4), CPU)
+
+    def one_second_per_step(tr, loss, seconds):
+        clock[0] += 1.0
+
+    trainer.fit(one_second_per_step, progress=False, seconds=2.5)
+    assert trainer.step == 3  # steps start at 0, 1 and 2 s
+    trainer.fit(one_second_per_step, progress=False, seconds=0)
+    assert trainer.step == 3
+    trainer.fit(one_second_per_step, progress=False, seconds=10, max_steps=5)
+    assert trainer.step == 5  # whichever comes first

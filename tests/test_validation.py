@@ -12,6 +12,8 @@ from stages.pipeline.params import ParamsError, validate
 from stages.pipeline.run import run
 
 BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
+# without a guide model, for the autoguidance cases
+BASE["train_uncond"]["guide_at"], BASE["sample"]["autoguidance"], BASE["visualize"]["autoguidance"] = 0, [0.0], 0.0
 
 CASES = [  # (section, key, bad value, expected message fragment)
     ("train", "lrr", 0.1, "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
@@ -21,13 +23,17 @@ CASES = [  # (section, key, bad value, expected message fragment)
     ("train", "batch_size", 0, "train.batch_size = 0 is out of range; allowed: >= 1"),
     ("train", "epochs", 2.5, "train.epochs must be int, got 2.5"),
     ("train_cond", "p_uncond", 1.5, "train_cond.p_uncond = 1.5 is out of range; allowed: in [0, 1]"),
-    ("train", "p_uncond", 0.1, "unknown key 'train.p_uncond'"),
+    ("train", "p_uncond", 0.1, "train.p_uncond is now train_cond.p_uncond"),
     ("train", "lr", float("inf"), "train.lr must be a finite number, got inf"),
     ("train", "logsnr_normal", [float("nan"), 1.0], "train.logsnr_normal[0] must be a finite number, got nan"),
     ("sample", "guidance", [float("inf")], "sample.guidance[0] must be a finite number, got inf"),
     ("sample", "eta", ["inf"], "sample.eta[0] must be a finite number, got inf"),
     ("train", "ema_decay", 1.0, "train.ema_decay = 1.0 is out of range; allowed: in [0, 1)"),
-    ("train", "bf16", "yes", "train.bf16 must be bool, got 'yes'"),
+    ("train", "bf16", True, "train.bf16 is now train.precision: fp32 | tf32 | bf16 | fp16 | auto (bf16: true is "
+                            "precision: bf16)"),
+    ("train", "precision", "fp8", "train.precision = 'fp8' is out of range; allowed: one of fp32, tf32, bf16, fp16, "
+                                  "auto"),
+    ("train", "compile", "yes", "train.compile must be bool, got 'yes'"),
     ("sample", "guidance", [-1.0], "sample.guidance = (-1.0,) is out of range; allowed: a list of values >= 0"),
     ("sample", "autoguidance", [1.0], "sample.autoguidance = (1.0,) is out of range; allowed: [0] while "
                                       "train_uncond.guide_at is 0 (the unconditional model has no guide model"),

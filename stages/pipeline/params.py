@@ -18,7 +18,7 @@ import yaml
 from ddpm import DiffusionConfig, TrainConfig, UNetConfig
 from ddpm.diffusion import PREDICTIONS
 from ddpm.sampling import METHODS, SPACINGS
-from ddpm.training import LR_SCHEDULES
+from ddpm.training import LR_SCHEDULES, PRECISIONS
 
 
 class ParamsError(ValueError):
@@ -87,7 +87,9 @@ class TrainParams:
     ema_decay: float
     min_snr_gamma: float
     logsnr_normal: tuple[float, ...] | None
-    bf16: bool
+    precision: str                       # fp32 | tf32 | bf16 | fp16 | auto (ddpm.training.resolve_precision)
+    compile: bool                        # torch.compile the training step
+    channels_last: bool                  # channels-last memory format (CUDA convolutions)
     checkpoint_every: int                # steps between resumable checkpoints (and at every epoch end)
     nproc: int                           # data-parallel processes on this machine (torchrun)
     grid_size: int                       # images in the per-epoch sample grid
@@ -155,6 +157,8 @@ class Params:
 
 
 VARIANTS = ("uncond", "cond")
+RENAMED = {"train.bf16": "train.precision: fp32 | tf32 | bf16 | fp16 | auto (bf16: true is precision: bf16)",
+           "train.guide_at": "train_uncond.guide_at", "train.p_uncond": "train_cond.p_uncond"}
 
 
 def train_config(p: Params, variant: str) -> TrainConfig:
@@ -209,6 +213,8 @@ def parse(cls, values: dict, prefix: str = ""):
     kwargs = {}
     for key, value in (values or {}).items():
         full = f"{prefix}.{key}" if prefix else key
+        if full in RENAMED:
+            raise ParamsError(f"params.yaml: {full} is now {RENAMED[full]}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
@@ -264,6 +270,7 @@ def _checks(p: Params):
         ("train.lr", t.lr > 0, "> 0"),
         ("train.warmup_steps", t.warmup_steps >= 0, ">= 0"),
         ("train.lr_schedule", t.lr_schedule in LR_SCHEDULES, "one of " + ", ".join(LR_SCHEDULES)),
+        ("train.precision", t.precision in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
         ("train.weight_decay", t.weight_decay >= 0, ">= 0"),
         ("train.grad_clip", t.grad_clip >= 0, ">= 0 (0 disables clipping)"),
         ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
