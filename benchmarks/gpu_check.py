@@ -5,10 +5,10 @@ keeps what it measured, and stops itself before the budget is up:
 
 1. the GPU's torch.mm rate in fp32, tf32, bf16 and fp16;
 2. training images/s and achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter) of the UNet of
-   GPU_PARAMS in each precision, compiled, and in channels-last memory format;
+   the gpu profile in each precision, compiled, and in channels-last memory format;
 3. sampling images/s with DDIM and DPM-Solver++(2M) at 50 and 20 steps, unguided and with classifier-free
    guidance (two network evaluations per step);
-4. the pipeline end to end: `dvc repro` of a copy of the project with GPU_PARAMS on the MNIST test split
+4. the pipeline end to end: `dvc repro` of a copy of the project with the gpu profile on the MNIST test split
    (benchmarks.mnist_split), each stage's seconds (from `dvc repro`'s output as it runs) and each model and
    sampler's FID over its floor; a failing stage's error line instead where one fails.
 
@@ -45,34 +45,35 @@ try:
     from benchmarks.mnist_split import main as split_mnist
     from benchmarks.throughput import matmul_gflops, timed
     from ddpm import Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, generate
+    from stages.pipeline.profiles import read_profiles
 except ImportError as e:  # outside the project's venv: what is missing, not a traceback
     missing = [m for m in NEEDS if importlib.util.find_spec(m) is None] or [e.name]
     sys.exit(f"gpu_check: {sys.executable} cannot import {', '.join(missing)}; run it from the repository root "
              "in the project's venv (pip install -r requirements.txt)")
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")  # what `dvc repro` needs
+PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", "profiles.yaml", ".gitignore", ".dvcignore")  # for dvc
 MNIST_T10K = (ROOT.parent / "shared/data/mnist-t10k", ROOT / "shared/data/mnist-t10k")
 TRACKING_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DDPM_TRACKING", "DDPM_MODEL_NAME",
                       "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT")
 
-# The GPU configuration: params.yaml overrides for one H200, until a named profile replaces it. The MNIST
-# split has 8,000 training images: 32 steps an epoch at batch 256. The base-128 UNet (25.8M parameters)
-# costs 26.4 GFLOP per image per training step, 6.8 TFLOP per step: at a third of the H200's ~990 TFLOP/s
-# in bf16 that is ~20 ms, and GroupNorm/SiLU (memory-bound) and kernel launches add about as much again:
-# ~50 ms a step, ~2 s an epoch, plus ~1 s for the epoch's sample grid and checkpoint (~400 MB of state).
-# 25 epochs (800 steps) then take ~75 s per model, so both models, the samplers (without the 1000-step
-# DDPM), the evaluation and 13 stage start-ups fit in the ~5 minutes that SIZES keeps for the pipeline.
-GPU_PARAMS = {
-    "data": {"name": "mnist"},
-    "diffusion": {"schedule": "cosine", "prediction": "v"},
-    "model": {"base_channels": 128, "channel_mults": [1, 2, 2], "attention_resolutions": [7]},
-    "train": {"epochs": 25, "batch_size": 256, "lr": 1e-3, "warmup_steps": 100, "lr_schedule": "cosine",
-              "min_snr_gamma": 5, "ema_decay": 0.999, "precision": "auto", "grid_ddim_steps": 20},
-    "sample": {"methods": ["ddim", "dpmsolver"], "batch_size": 1000, "ddim_steps": [20, 50],
-               "dpmsolver_steps": [20], "spacing": "trailing", "clip_x0": True},
-    "evaluate": {"batch_size": 1000},
-}
+# The `gpu` profile (profiles.yaml) on the MNIST split, which has 8,000 training images: 32 steps an epoch at
+# batch 256. The base-128 UNet (25.8M parameters) costs 26.4 GFLOP per image per training step, 6.8 TFLOP per
+# step: at a third of the H200's ~990 TFLOP/s in bf16 that is ~20 ms, and GroupNorm/SiLU (memory-bound) and
+# kernel launches add about as much again: ~50 ms a step, ~2 s an epoch with its grid and checkpoint, so the
+# profile's 20 epochs take about a minute per model. Sampling and evaluation run in batches of 1000.
+def profile_params(name: str) -> dict:
+    """Profile `name`'s values (profiles.yaml) as params.yaml sections, with `profile` naming it."""
+    out = {"profile": name}
+    for key, value in read_profiles(ROOT / "profiles.yaml")[name].items():
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
 # --tiny: the same keys at toy size on a CPU (compare TINY in tests/helpers.py)
 TINY_PARAMS = {
     "device": "cpu",
@@ -416,7 +417,8 @@ def main(argv: list[str]) -> None:
     mode = "tiny" if args.tiny else "gpu"
     if args.tiny:  # toy numbers mean nothing, and on a small shared CPU one thread runs them fastest
         torch.set_num_threads(1)
-    params = TINY_PARAMS if args.tiny else GPU_PARAMS
+    params = TINY_PARAMS if args.tiny else merge(profile_params("gpu"), {
+        "data": {"name": "mnist"}, "sample": {"batch_size": 1000}, "evaluate": {"batch_size": 1000}})
     mnist = args.mnist or next((p for p in MNIST_T10K if (p / "t10k-images-idx3-ubyte.gz").is_file()), None)
     meta = {"mode": mode, "date": datetime.datetime.now().isoformat(timespec="seconds"), "budget_s": args.budget_s,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_model()})",
