@@ -5,35 +5,19 @@ Work in progress lives in --checkpoints (stages/pipeline/resume.py): a rerun wit
 and code resumes from it and continues the same MLflow run.
 """
 
-import dataclasses
 import os
-import shutil
-import subprocess
-import sys
 import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm import Diffusion, Trainer, UNet, config_hash, generate, guide_path, save_model
-from ddpm.plots import loss_curve
+from ddpm import Diffusion, Trainer, UNet, generate, guide_path
 
-from .pipeline.io import (
-    atomic_dir,
-    class_names,
-    load_info,
-    load_prepared,
-    save_figure,
-    save_grid,
-    write_json,
-    write_text,
-)
+from .pipeline.io import class_names, load_info, load_prepared, save_grid, write_json, write_text
 from .pipeline.params import load_params, sections, train_config
-from .pipeline.resume import TrainState, source_hash
-from .pipeline.run import barrier, init_distributed, path_parser, run, seed_everything
+from .pipeline.resume import TrainState
+from .pipeline.run import barrier, init_distributed, path_parser, relaunch, run, seed_everything
 from .pipeline.tracking import Tracker, mlflow_ui_command, stage_run
-
-LONG_HOURS = 3  # a CPU run forecast to train longer says so, with the laptop profile's command
 
 
 def main(argv: list[str]) -> None:
@@ -41,15 +25,12 @@ def main(argv: list[str]) -> None:
     ap.add_argument("variant", choices=("uncond", "cond"))
     a = ap.parse_args(argv)
     p = load_params()
-    if p.train.nproc > 1 and "WORLD_SIZE" not in os.environ:  # relaunch as train.nproc processes
-        sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc_per_node={p.train.nproc}", "-m", "stages.train", *argv]))
+    if p.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        relaunch(p.train.nproc, "stages.train", argv)
     info = load_info(a.data)
     num_classes = len(class_names(info, "conditional training")) if a.variant == "cond" else None
     unet, config = p.model.unet(info["shape"][0], info["shape"][1], num_classes), train_config(p, a.variant)
-    state = TrainState(a.checkpoints, config_hash({
-        "unet": dataclasses.asdict(unet), "diffusion": dataclasses.asdict(p.diffusion),
-        "train": dataclasses.asdict(config), "seed": p.seed, "data": info["content_hash"], "code": source_hash()}))
+    state = TrainState.of(a.checkpoints, unet, p.diffusion, config, p.seed, info["content_hash"])
     rank, world_size, device = init_distributed(p.device)
     if rank > 0:  # only rank 0 writes files and talks to MLflow
         barrier()
@@ -83,9 +64,8 @@ def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, wor
         state.record(tr, loss, seconds)
         if tr.step % p.train.checkpoint_every == 0:
             save(tr)
-        if tr.step == first + 10 and device.type == "cpu" and state.forecast(tr) > LONG_HOURS and rank == 0:
-            print(f"train@{a.variant}: about {state.forecast(tr):.1f} h of training left at this CPU's "
-                  f"{state.history[-1][3]:.2f} s/step; for a run of about 1.5 h in all: dvc exp run -S profile=laptop")
+        if tr.step == first + 10 and rank == 0 and (warning := state.long_run_warning(tr, p.profile)):
+            print(f"train@{a.variant}: {warning}")
 
     def on_epoch_end(tr, epoch):
         if rank == 0:
@@ -113,16 +93,7 @@ def epoch_grid(trainer: Trainer, p, unet) -> torch.Tensor:
 
 
 def write_outputs(a, p, unet, trainer: Trainer, state: TrainState, info: dict, metrics: dict) -> None:
-    meta = {"variant": a.variant, "class_names": info["class_names"], "run_hash": state.run_hash}
-    with atomic_dir(a.out) as tmp:
-        save_model(tmp / "model.pt", trainer.ema.module, unet, p.diffusion, {**meta, "steps": trainer.step})
-        if trainer.guide is not None:  # the EMA weights at train_uncond.guide_at, for autoguidance
-            save_model(guide_path(tmp / "model.pt"), trainer.guide, unet, p.diffusion,
-                       {**meta, "steps": trainer.guide_step})
-        write_json(tmp / "config.json", {"unet": dataclasses.asdict(unet),
-                                         "diffusion": dataclasses.asdict(p.diffusion)})
-        shutil.copytree(state.grids, tmp / "grids")
-        save_figure(loss_curve([h[0] for h in state.history], [h[1] for h in state.history]), tmp / "loss.png")
+    state.write_model(a.out, trainer, unet, p.diffusion, {"variant": a.variant, "class_names": info["class_names"]})
     write_text(a.plot, state.loss_csv())
     write_json(a.metrics, metrics)
 

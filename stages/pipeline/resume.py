@@ -6,15 +6,19 @@ from last.pt in the same MLflow run; any other run clears the folder and starts 
 import hashlib
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import ddpm
-from ddpm import Trainer, atomic_save, safe_load
+from ddpm import Trainer, atomic_save, config_hash, guide_path, safe_load, save_model
+from ddpm.plots import loss_curve
 
-from .io import write_json
+from .io import atomic_dir, save_figure, write_json
 from .tracking import Tracker
+
+LONG_HOURS = 3  # a run forecast to train longer says so, with the command for a shorter one
 
 
 def source_hash(modules=("diffusion", "ema", "schedules", "training", "unet")) -> str:
@@ -34,6 +38,12 @@ class TrainState:
         self.grids = self.folder / "grids"
         self.history: list[tuple[int, float, float, float]] = []
         self.pending: list[tuple[int, float, float, float]] = []
+
+    @classmethod
+    def of(cls, folder: Path, unet, diffusion, config, seed: int, data_hash: str) -> "TrainState":
+        """The state of the run that these configs, seed, data and the library's code define."""
+        return cls(folder, config_hash({"unet": asdict(unet), "diffusion": asdict(diffusion), "train": asdict(config),
+                                        "seed": seed, "data": data_hash, "code": source_hash()}))
 
     def previous_run_id(self) -> str | None:
         """The MLflow run id of this exact run if it was started before; otherwise clear the folder."""
@@ -77,10 +87,16 @@ class TrainState:
         tracker.log_history("lr", [(s, lr) for s, _, lr, _ in self.pending])
         self.pending.clear()
 
-    def forecast(self, trainer: Trainer, steps: int = 10) -> float:
-        """Hours of training left at the mean rate of the last `steps` steps."""
-        rows = self.history[-steps:]
-        return (trainer.total_steps - trainer.step) * sum(h[3] for h in rows) / max(1, len(rows)) / 3600
+    def long_run_warning(self, trainer: Trainer, profile: str, hours: float = LONG_HOURS) -> str | None:
+        """A line saying so when the rest of training, at the rate of the last 10 steps, takes over `hours`."""
+        rows = self.history[-10:]
+        rate = sum(h[3] for h in rows) / max(1, len(rows))
+        left = (trainer.total_steps - trainer.step) * rate / 3600
+        if left <= hours:
+            return None
+        fix = ("for a run of about 1.5 h in all: dvc exp run -S profile=laptop" if profile != "laptop" else
+               "fewer steps: dvc exp run -S train.epochs=N")
+        return f"about {left:.1f} h of training left at {rate:.2f} s/step on this machine; {fix}"
 
     def epoch_summary(self, steps: int) -> dict:
         """Seconds and mean loss of the last `steps` steps."""
@@ -93,6 +109,19 @@ class TrainState:
         return {"final_loss": sum(h[1] for h in last) / max(1, len(last)), "steps": len(self.history),
                 "train_seconds": round(seconds, 2),
                 "images_per_second": round(len(self.history) * batch_size / max(seconds, 1e-9), 2)}
+
+    def write_model(self, out: Path, trainer: Trainer, unet, diffusion, meta: dict) -> None:
+        """The finished model folder: model.pt (the EMA weights), model-guide.pt (the guide, if any),
+        config.json, the per-epoch grids and loss.png."""
+        meta = {**meta, "run_hash": self.run_hash}
+        with atomic_dir(out) as tmp:
+            save_model(tmp / "model.pt", trainer.ema.module, unet, diffusion, {**meta, "steps": trainer.step})
+            if trainer.guide is not None:  # the EMA weights at guide_at of training, for autoguidance
+                save_model(guide_path(tmp / "model.pt"), trainer.guide, unet, diffusion,
+                           {**meta, "steps": trainer.guide_step})
+            write_json(tmp / "config.json", {"unet": asdict(unet), "diffusion": asdict(diffusion)})
+            shutil.copytree(self.grids, tmp / "grids")
+            save_figure(loss_curve([h[0] for h in self.history], [h[1] for h in self.history]), tmp / "loss.png")
 
     def loss_csv(self) -> str:
         return "step,loss,lr\n" + "".join(f"{int(s)},{v:.6f},{lr:.6g}\n" for s, v, lr, _ in self.history)

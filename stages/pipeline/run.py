@@ -5,6 +5,7 @@ import argparse
 import os
 import random
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,6 +49,12 @@ def path_parser(*options: str) -> argparse.ArgumentParser:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def relaunch(nproc: int, module: str, argv: list[str]) -> None:
+    """Run `python -m module argv` as `nproc` data-parallel processes (torchrun) and exit with its status."""
+    sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={nproc}", "-m", module, *argv]))
 
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
