@@ -3,6 +3,10 @@
 A training checkpoint is a dict of tensors and plain values (model and EMA weights, optimizer
 state, step, RNG state, the model config and a hash of the training config). A model file is
 what inference needs: the EMA weights, the UNet config and the diffusion config.
+
+An export folder (`export_model`) holds the same for use outside the project: model.safetensors (the
+weights), config.json (the configs, the class names, the guide model's), and model-guide.safetensors
+when the model has a guide; `load_model` reads it with `safetensors.torch.load_file`, so no pickle at all.
 """
 
 import contextlib
@@ -14,12 +18,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .diffusion import Diffusion, DiffusionConfig
 from .unet import UNet, UNetConfig
 
 MODEL_KEYS = ("format", "unet", "diffusion", "weights", "meta")
 ARCHIVE_MAGIC = b"PK\x03\x04"  # the zip header that starts every file torch.save (so atomic_save) writes
+EXPORT_FORMAT = "ddpm-export-v1"
+EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
 
 
 class CheckpointError(ValueError):
@@ -98,24 +105,86 @@ def save_model(path: str | Path, model: torch.nn.Module, unet: UNetConfig, diffu
 
 def guide_path(model_file: str | Path) -> Path:
     """Where the guide model of a model file lives (the early EMA weights that autoguidance guides it by):
-    <name>-guide.pt beside <name>.pt, so models/uncond/model-guide.pt beside models/uncond/model.pt."""
+    <name>-guide.pt beside <name>.pt, so models/uncond/model-guide.pt beside models/uncond/model.pt; in an
+    export folder, model-guide.safetensors."""
     model_file = Path(model_file)
-    return model_file.with_name(f"{model_file.stem}-guide.pt")
+    if model_file.is_dir():
+        model_file = model_file / EXPORT_WEIGHTS
+    return model_file.with_name(f"{model_file.stem}-guide{model_file.suffix or '.pt'}")
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, Diffusion, dict]:
-    """Read a model file written by `save_model`: (model in eval mode, diffusion, meta)."""
+    """Read a model file written by `save_model`, or an export folder (or one of its .safetensors files)
+    written by `export_model`: (model in eval mode, diffusion, meta)."""
+    if Path(path).is_dir() or Path(path).suffix == ".safetensors":
+        return load_exported(Path(path) / EXPORT_WEIGHTS if Path(path).is_dir() else Path(path), device)
     obj = safe_load(path, MODEL_KEYS)
     if obj["format"] != "ddpm-model-v1":
         raise CheckpointError(f"{path}: unknown model format {obj['format']!r}")
+    model, diffusion = _build(path, obj["unet"], obj["diffusion"], obj["weights"])
+    return model.to(device).eval(), diffusion.to(device), obj["meta"]
+
+
+def _build(path: Path, unet: dict, diffusion: dict, weights: dict) -> tuple[UNet, Diffusion]:
+    """The UNet of config `unet` holding `weights`, and the diffusion of config `diffusion`."""
     try:
-        unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in obj["unet"].items()})
-        model = UNet(unet)
-        model.load_state_dict(obj["weights"])
-        dcfg = DiffusionConfig(**obj["diffusion"])
+        model = UNet(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in unet.items()}))
+        model.load_state_dict(weights)
+        dcfg = DiffusionConfig(**diffusion)
     except (TypeError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: model file does not match its config ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), Diffusion.from_config(dcfg).to(device), obj["meta"]
+    return model, Diffusion.from_config(dcfg)
+
+
+def export_model(model_file: str | Path, folder: str | Path) -> dict:
+    """Write model file `model_file` (`save_model`) as an export folder: folder/model.safetensors (its
+    weights), folder/model-guide.safetensors (its guide model's, if it has one: `guide_path`) and
+    folder/config.json (UNet and diffusion configs, class names, meta, guide); returns that config."""
+    obj, folder = safe_load(model_file, MODEL_KEYS), Path(folder)
+    meta = dict(obj["meta"])
+    config = {"format": EXPORT_FORMAT, "unet": obj["unet"], "diffusion": obj["diffusion"],
+              "class_names": meta.pop("class_names", None),
+              "meta": meta, "guide": None}
+    weights = {EXPORT_WEIGHTS: obj["weights"]}
+    if guide_path(model_file).is_file():
+        guide = safe_load(guide_path(model_file), MODEL_KEYS)
+        if (guide["unet"], guide["diffusion"]) != (obj["unet"], obj["diffusion"]):
+            raise CheckpointError(f"{guide_path(model_file)}: its config is not that of {model_file}")
+        config["guide"] = {"weights": guide_path(folder / EXPORT_WEIGHTS).name, "steps": guide["meta"].get("steps")}
+        weights[config["guide"]["weights"]] = guide["weights"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, state in weights.items():
+        with atomic_write(folder / name) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": EXPORT_FORMAT})
+    with atomic_write(folder / EXPORT_CONFIG) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def load_exported(weights_file: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, Diffusion, dict]:
+    """Read model.safetensors (or model-guide.safetensors) of an export folder with the folder's config.json:
+    (model in eval mode, diffusion, meta with class_names, and for the guide its own steps)."""
+    weights_file = Path(weights_file)
+    config_file = weights_file.with_name(EXPORT_CONFIG)
+    for path in (weights_file, config_file):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError:
+        config = None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{config_file}: not the config.json of a folder written by `ddpm export`")
+    try:
+        weights = load_file(weights_file)
+    except Exception as e:  # safetensors raises its own error type, and OSError
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{weights_file}: not a safetensors file of tensors, or truncated ({why})") from None
+    model, diffusion = _build(weights_file, config["unet"], config["diffusion"], weights)
+    meta = {**config["meta"], "class_names": config["class_names"]}
+    if config.get("guide") and weights_file.name == config["guide"]["weights"]:
+        meta["steps"] = config["guide"]["steps"]
+    return model.to(device).eval(), diffusion.to(device), meta
 
 
 def load_guide(model_file: str | Path, device: torch.device | str = "cpu") -> UNet:

@@ -5,6 +5,10 @@
     ddpm interpolate --model models/uncond/model.pt --frames 8 --out interpolation.png
     ddpm compare     --model models/uncond/model.pt --steps 5 10 20 50 --out compare.png
     ddpm schedule    --timesteps 1000 --out schedule.png
+    ddpm export      --model models/cond/model.pt --out exported/cond --params params.yaml --metrics metrics/eval.json
+
+--model takes a model file written by the train stage or a folder written by `ddpm export` (safetensors
+weights: loading one runs no pickle), and samples them alike.
 
 Image i's starting noise depends only on (--seed, i), so the same seed on the same device writes the
 same picture. A picture is the raw image grid (white 2-pixel padding, torchvision's make_grid layout)
@@ -26,6 +30,7 @@ from torch import nn
 from . import pictures
 from .checkpoint import CheckpointError, guide_path, load_model
 from .diffusion import NULL_LABEL, Diffusion
+from .export import ExportError, check_folder, read_inputs, write_export
 from .sampling import METHOD_NAMES, METHODS, SPACINGS, ImageGenerator, SamplerSetting, generate, guided
 from .training import resolve_device
 
@@ -70,10 +75,12 @@ def build_parser() -> Parser:
 
     def command(name: str, help: str, out: str, num: int | None = None, num_help: str = "") -> Parser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--out", type=file_with_suffix(".png"), default=Path(out), help=f"PNG to write ({out})")
+        if out:
+            p.add_argument("--out", type=file_with_suffix(".png"), default=Path(out), help=f"PNG to write ({out})")
         if num is None:
             return p
-        p.add_argument("--model", type=Path, required=True, help="a model file written by the train stage")
+        p.add_argument("--model", type=Path, required=True,
+                       help="a model file written by the train stage, or a folder written by `ddpm export`")
         p.add_argument("--num", type=at_least(1), default=num, help=f"{num_help} ({num})")
         p.add_argument("--class", dest="klass", metavar="K", help="class index or name (conditional models); "
                        "without it a conditional model cycles through its classes")
@@ -127,6 +134,15 @@ def build_parser() -> Parser:
                 "schedule.png")
     p.add_argument("--timesteps", type=at_least(1), default=1000, help="T (1000)")
     p.set_defaults(run=cmd_schedule)
+
+    p = command("export", "Write a model file as a folder to share: model.safetensors, model-guide.safetensors "
+                "(if it has a guide), config.json, a model card README.md and samples.png.", "", num=100,
+                num_help="images in samples.png; a conditional model draws ceil(num / classes) per class")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write (new, or an earlier export)")
+    p.add_argument("--steps", type=at_least(1), help=f"DDIM steps of samples.png ({DEFAULT_DDIM_STEPS}, at most T)")
+    p.add_argument("--params", type=Path, help="the pipeline's params.yaml, for the card's training section")
+    p.add_argument("--metrics", type=Path, help="the evaluate stage's metrics/eval.json, for the card's FID table")
+    p.set_defaults(run=cmd_export)
     return ap
 
 
@@ -252,6 +268,15 @@ def sampler_steps(args, m: Loaded) -> tuple[int, float]:
 
 
 def cmd_sample(args, m: Loaded) -> None:
+    picture, labels = sample_picture(args, m)
+    write_picture(args, picture)
+    if args.save_array:
+        y = labels if labels is not None else torch.full((len(picture.images),), NULL_LABEL)
+        atomic_write(args.save_array, lambda tmp: np.savez(tmp, images=picture.images.numpy(), labels=y.numpy()))
+
+
+def sample_picture(args, m: Loaded) -> tuple[pictures.Picture, torch.Tensor | None]:
+    """The grid of `ddpm sample` (one row per class for a conditional model without --class), and its labels."""
     steps, eta = sampler_steps(args, m)
     method = "ddim" if args.method == "ddpm" and steps < m.diffusion.timesteps else args.method
     if m.class_names is not None and m.klass is None:  # one row per class
@@ -268,10 +293,7 @@ def cmd_sample(args, m: Loaded) -> None:
     title = m.describe(f"{name} {steps} steps" + (f", eta = {eta:g}" if args.method == "ddim" else "") + (
         f", {args.spacing} spacing" if args.method != "ddpm" else ""))
     rows = m.row_names(None if labels is None else labels[::nrow])
-    write_picture(args, pictures.Picture(images, nrow, title, rows))
-    if args.save_array:
-        y = labels if labels is not None else torch.full((len(images),), NULL_LABEL)
-        atomic_write(args.save_array, lambda tmp: np.savez(tmp, images=images.numpy(), labels=y.numpy()))
+    return pictures.Picture(images, nrow, title, rows), labels
 
 
 def cmd_reverse(args, m: Loaded) -> None:
@@ -312,19 +334,36 @@ def cmd_schedule(args) -> None:
     atomic_write(args.out, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
+def cmd_export(args, m: Loaded) -> None:
+    params, scores = read_inputs(args.params, args.metrics)
+    grid = argparse.Namespace(**vars(args), method="ddim", eta=None, spacing="uniform", clip_x0=False,
+                              batch_size=250)
+    picture, _ = sample_picture(grid, m)
+    command = f"ddpm sample --model {args.out} --num {args.num} --seed {args.seed}" + "".join(
+        f" --{flag} {value}" for flag, value in (("steps", args.steps), ("guidance", args.guidance),
+                                                 ("class", args.klass)) if value is not None)
+    note = f"`{command}`: {picture.title}" + (", one row per class." if picture.row_labels else ".")
+    write_export(args.model, args.out, pictures.grid_image(picture.images, picture.nrow), note, params, scores)
+    print(f"wrote {args.out}: {', '.join(sorted(p.name for p in args.out.iterdir()))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         loaded = None if args.command == "schedule" else load(args)
         if hasattr(args, "method"):
             sampler_steps(args, loaded)  # rejects --eta with --method ddpm
-        prepare_output(args.out)
+        if args.command == "export":
+            check_folder(args.out)
+            read_inputs(args.params, args.metrics)
+        else:
+            prepare_output(args.out)
         prepare_output(getattr(args, "save_array", None))
         if loaded is None:
             args.run(args)
         else:
             args.run(args, loaded)
-    except (UsageError, CheckpointError) as e:
+    except (UsageError, CheckpointError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -4,6 +4,8 @@ matplotlib's object API (no pyplot, no backend state), imported only where a fig
 about a second to the start of every command that imports it. Sampler settings are read from each record
 with `SamplerSetting.from_dict`, and named by its labels."""
 
+import csv
+import io
 from dataclasses import replace
 
 from .sampling import SamplerSetting
@@ -76,8 +78,7 @@ def cfg_tradeoff(rows: list[dict], floor: dict | None = None):
     axes = fig.subplots(1, len(CFG_PANELS))
     series = {}
     for r in rows:
-        s = SamplerSetting.from_dict(r)
-        series.setdefault(replace(s, cfg=None).label, []).append((s.cfg, r))
+        series.setdefault(cfg_series(r), []).append((r["cfg"], r))
     for i, (label, points) in enumerate(sorted(series.items())):
         points = sorted(points, key=lambda p: p[0])
         for ax, (key, _) in zip(axes, CFG_PANELS):
@@ -92,7 +93,23 @@ def cfg_tradeoff(rows: list[dict], floor: dict | None = None):
     return fig
 
 
+def steps_series(row: dict) -> str:
+    """The curve over sampling steps that a record belongs to: its variant and its setting without the step
+    count ("cond DDIM η=0, w=0.5"), as the `series` column that dvc.yaml's plots draw one line per."""
+    return f"{row['variant']} {SamplerSetting.from_dict(row).curve_label}"
+
+
+def cfg_series(row: dict) -> str:
+    """The curve over the guidance weight w that a record belongs to: its sampler setting without w ("DDIM-10 η=0")."""
+    return replace(SamplerSetting.from_dict(row), cfg=None).label
+
+
 def csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:
-    """The `columns` of each record as CSV text with a header line (floats to 6 significant digits)."""
-    cell = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)
-    return ",".join(columns) + "\n" + "".join(",".join(cell(r[c]) for c in columns) + "\n" for r in rows)
+    """The `columns` of each record as CSV text with a header line (floats to 6 significant digits; None and
+    a missing key as an empty cell; a cell with a comma quoted)."""
+    cell = lambda v: f"{v:.6g}" if isinstance(v, float) else "" if v is None else str(v)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([cell(r.get(c)) for c in columns] for r in rows)
+    return out.getvalue()

@@ -3,19 +3,26 @@ FID, IS, KID and precision/recall (torch-fidelity, on each extractor of evaluate
 its floor (real train images scored the same way), and, for the conditional model, the classifier's
 accuracy on the requested classes.
 
-usage: python -m stages.evaluate --data DIR --classifier FILE --reference DIR --metrics FILE
-         --plot CSV --figure PNG --cfg-plot CSV --cfg-figure PNG SAMPLE_DIR...
-metrics: results[variant][tag] = the classifier's metrics (+ fid_over_floor, cond_accuracy), with each other
-extractor's under its name; results["floor"][extractor]; results["protocol"] (how the numbers were made).
+usage: python -m stages.evaluate --data DIR --classifier FILE --reference DIR --metrics FILE --details FILE
+         --table CSV --plot CSV --figure PNG --cfg-plot CSV --cfg-figure PNG SAMPLE_DIR...
+--metrics: the headline that DVC shows (`headline`). --details: results[variant][tag] = the classifier's
+metrics (+ fid_over_floor, cond_accuracy), with each other extractor's under its name; results["floor"][extractor];
+results["protocol"] (how the numbers were made). --table: one row per sample set.
+Every output is written to a temporary first and moved into place only when all are written and logged,
+the metrics last: a stage that fails or is killed leaves the previous outputs as they were.
 """
 
+import contextlib
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
 from ddpm import SamplerSetting, load_classifier, resolve_device, safe_load
 from ddpm.metrics import Scorer, make_extractor
-from ddpm.plots import cfg_tradeoff, csv_text, fid_vs_steps
+from ddpm.plots import cfg_series, cfg_tradeoff, csv_text, fid_vs_steps, steps_series
+from ddpm.sampling import METHODS
 
 from .pipeline.io import load_info, save_figure, write_json, write_text
 from .pipeline.params import load_params, sections
@@ -23,10 +30,14 @@ from .pipeline.run import path_parser, run, seed_everything
 from .pipeline.tracking import stage_run
 from .reference import inception_weights
 
+SETTING = ("variant", "tag", "method", "steps", "eta", "spacing", "cfg", "autoguidance")
+SCORES = ("fid", "fid_over_floor", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "f_score",
+          "cond_accuracy")
+
 
 def main(argv: list[str]) -> None:
-    ap = path_parser("--data", "--classifier", "--reference", "--metrics", "--plot", "--figure", "--cfg-plot",
-                     "--cfg-figure")
+    ap = path_parser("--data", "--classifier", "--reference", "--metrics", "--details", "--table", "--plot",
+                     "--figure", "--cfg-plot", "--cfg-figure")
     ap.add_argument("samples", type=Path, nargs="+")
     a = ap.parse_args(argv)
     p = load_params()
@@ -34,11 +45,13 @@ def main(argv: list[str]) -> None:
     params = sections(p, "seed", "device", "evaluate", "sample.num_samples")
     with stage_run("evaluate", params=params, data_hash=load_info(a.data)["content_hash"]) as tracker:
         results, rows = evaluate(a, p, weights)
-        write_outputs(a, results, rows)
-        tracker.set_tags(tags(results["protocol"]))
-        tracker.log_metrics({k: v for k, v in results.items() if k != "protocol"}, parent=True)
-        for f in (a.metrics, a.plot, a.figure, a.cfg_plot, a.cfg_figure):
-            tracker.log_artifact(f)
+        outputs = (a.plot, a.figure, a.cfg_plot, a.cfg_figure, a.table, a.details, a.metrics)  # metrics last
+        with staged(outputs) as tmp:
+            write_outputs(tmp, a, results, rows)
+            tracker.set_tags(tags(results["protocol"]))
+            tracker.log_metrics({k: v for k, v in results.items() if k != "protocol"}, parent=True)
+            for f in outputs:
+                tracker.log_artifact(tmp[f])
 
 
 def evaluate(a, p, weights) -> tuple[dict, list[dict]]:
@@ -62,7 +75,8 @@ def evaluate(a, p, weights) -> tuple[dict, list[dict]]:
             results.setdefault(s["variant"], {})[s["tag"]] = entry | scores
             setting = SamplerSetting.from_dict(s).to_dict()
             samplers.setdefault(s["variant"], {})[s["tag"]] = setting | {k: s[k] for k in ("seed", "num_samples")}
-            rows.append({"variant": s["variant"]} | setting | entry)
+            others = {f"{e}.{k}": v for e, m in scores.items() for k, v in m.items() if isinstance(v, float)}
+            rows.append({"variant": s["variant"]} | setting | entry | others)
             print(f"{s['variant']} {s['tag']}: FID {entry['fid']:.3f} ({entry['fid_over_floor']:.2f} x floor)  "
                   f"IS {entry['is_mean']:.3f}  P {entry['precision']:.3f}  R {entry['recall']:.3f}")
     results["floor"] = scorer.floor
@@ -81,14 +95,61 @@ def tags(protocol: dict) -> dict:
     return out
 
 
-def write_outputs(a, results: dict, rows: list[dict]) -> None:
+def headline(rows: list[dict], floor: dict) -> dict:
+    """The numbers to compare at a glance, per model: the setting with the lowest FID (its tag, FID, FID/floor,
+    IS and, for the conditional model, conditional accuracy) and each sampler's lowest FID; and the floor's FID."""
+    out = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        best = min(mine, key=lambda r: r["fid"])
+        out[variant] = {"best": best["tag"]} | {k: round6(best[k]) for k in ("fid", "fid_over_floor", "is_mean",
+                                                                              "cond_accuracy") if k in best}
+        for method in METHODS:
+            fids = [r["fid"] for r in mine if r["method"] == method]
+            if fids:
+                out[variant][method] = {"fid": round6(min(fids))}
+    return out | {"floor": {"fid": round6(floor["fid"])}}
+
+
+def round6(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def write_outputs(tmp: dict, a, results: dict, rows: list[dict]) -> None:
+    """Every output, each to its temporary tmp[path]."""
     floor = results["floor"]["classifier"]
-    write_json(a.metrics, results)
-    write_text(a.plot, csv_text(rows, ("variant", "method", "steps", "eta", "cfg", "autoguidance", "fid")))
-    save_figure(fid_vs_steps(rows, floor=floor["fid"]), a.figure)
-    cond = [r for r in rows if r["variant"] == "cond"]
-    write_text(a.cfg_plot, csv_text(cond, ("method", "steps", "eta", "cfg", "fid", "is_mean", "cond_accuracy")))
-    save_figure(cfg_tradeoff(cond, floor), a.cfg_figure)
+    write_json(tmp[a.metrics], headline(rows, floor))
+    write_json(tmp[a.details], results)
+    others = sorted({k for r in rows for k in r if "." in k})  # the other extractors' numbers
+    write_text(tmp[a.table], csv_text(rows, (*SETTING, *SCORES, *others)))
+    curves = sorted(({"series": steps_series(r)} | r for r in rows), key=lambda r: (r["series"], r["steps"]))
+    write_text(tmp[a.plot], csv_text(curves, ("series", "variant", "method", "steps", "eta", "cfg", "autoguidance",
+                                              "fid", "fid_over_floor")))
+    save_figure(fid_vs_steps(rows, floor=floor["fid"]), tmp[a.figure])
+    cond = sorted(({"series": cfg_series(r)} | r for r in rows if r["variant"] == "cond"),
+                  key=lambda r: (r["series"], r["cfg"]))
+    write_text(tmp[a.cfg_plot], csv_text(cond, ("series", "method", "steps", "eta", "cfg", "fid", "is_mean",
+                                                "cond_accuracy")))
+    save_figure(cfg_tradeoff(cond, floor), tmp[a.cfg_figure])
+
+
+@contextlib.contextmanager
+def staged(paths):
+    """Yield {path: a temporary path with the same name, in a hidden folder beside it}; when the block
+    succeeds, move each into place in the order of `paths`; whatever happens, remove the temporaries."""
+    folders = {Path(p).parent / f".evaluate.tmp{os.getpid()}" for p in paths}
+    for folder in folders:
+        for stale in folder.parent.glob(".evaluate.tmp*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        folder.mkdir(parents=True)
+    tmp = {p: Path(p).parent / f".evaluate.tmp{os.getpid()}" / Path(p).name for p in paths}
+    try:
+        yield tmp
+        for p in paths:
+            os.replace(tmp[p], p)
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

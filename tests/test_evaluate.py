@@ -1,8 +1,10 @@
 """Evaluation on real MNIST digits: the floor, sensitivity to corruption, IS, conditional accuracy,
 agreement with torch-fidelity, and the reference + evaluate stages on a small workspace."""
 
+import csv
 import dataclasses
 import json
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -150,6 +152,11 @@ SETS = {("uncond", "ddpm"): [("ddpm", 1000, 1.0, 0.0, 8)],
         ("cond", "ddim"): [("ddim5_eta0_w1", 5, 0.0, 1.0, 48), ("ddim5_eta0_w3", 5, 0.0, 3.0, 40)]}
 
 
+OUTPUTS = {"--metrics": "metrics/eval_summary.json", "--details": "metrics/eval.json", "--table": "metrics/eval.csv",
+           "--plot": "plots/fid_vs_steps.csv", "--figure": "plots/fid_vs_steps.png",
+           "--cfg-plot": "plots/cfg_tradeoff.csv", "--cfg-figure": "plots/cfg_tradeoff.png"}
+
+
 def make_workspace(root: Path, mnist, classifier, extractors=("classifier",)) -> list[str]:
     """Prepared data, classifier, sample sets and params.yaml in `root`; returns evaluate's argv."""
     images, labels = mnist
@@ -177,8 +184,7 @@ def make_workspace(root: Path, mnist, classifier, extractors=("classifier",)) ->
             index.append({**setting.to_dict(), "variant": variant, "num_samples": N, "seed": 0})
         (folder / "index.json").write_text(json.dumps(index))
     return ["--data", "data/prepared", "--classifier", "models/classifier.pt", "--reference", "data/reference",
-            "--metrics", "metrics/eval.json", "--plot", "plots/fid_vs_steps.csv", "--figure", "plots/fid_vs_steps.png",
-            "--cfg-plot", "plots/cfg_tradeoff.csv", "--cfg-figure", "plots/cfg_tradeoff.png",
+            *[a for flag, path in OUTPUTS.items() for a in (flag, path)],
             *[f"samples/{v}/{m}" for v, m in SETS]]
 
 
@@ -228,10 +234,17 @@ def test_eval_json_puts_every_number_next_to_its_floor_and_protocol(workspace):
 
 
 def test_plots_fid_vs_steps_and_the_guidance_tradeoff(workspace):
-    fid = (workspace / "plots/fid_vs_steps.csv").read_text().splitlines()
-    assert fid[0] == "variant,method,steps,eta,cfg,autoguidance,fid" and len(fid) == 1 + 7
-    cfg = (workspace / "plots/cfg_tradeoff.csv").read_text().splitlines()
-    assert cfg[0] == "method,steps,eta,cfg,fid,is_mean,cond_accuracy" and len(cfg) == 1 + 4
+    fid = list(csv.DictReader((workspace / "plots/fid_vs_steps.csv").open()))
+    assert list(fid[0]) == ["series", "variant", "method", "steps", "eta", "cfg", "autoguidance", "fid",
+                            "fid_over_floor"] and len(fid) == 7
+    assert [(r["series"], r["steps"]) for r in fid] == [
+        ("cond DDIM η=0, w=1", "5"), ("cond DDIM η=0, w=3", "5"), ("cond DDPM, w=1", "1000"),
+        ("cond DDPM, w=3", "1000"),
+        ("uncond DDIM η=0", "5"), ("uncond DDIM η=0", "10"), ("uncond DDPM", "1000")]
+    cfg = list(csv.DictReader((workspace / "plots/cfg_tradeoff.csv").open()))
+    assert list(cfg[0]) == ["series", "method", "steps", "eta", "cfg", "fid", "is_mean", "cond_accuracy"]
+    assert [(r["series"], r["cfg"]) for r in cfg] == [("DDIM-5 η=0", "1"), ("DDIM-5 η=0", "3"), ("DDPM-1000", "1"),
+                                                       ("DDPM-1000", "3")]
     assert all((workspace / f"plots/{name}.png").stat().st_size > 10_000 for name in ("fid_vs_steps", "cfg_tradeoff"))
 
 
@@ -302,3 +315,60 @@ def test_a_weights_param_that_carries_code_stops_the_reference_stage_before_any_
     assert err[0].startswith(f"error: {weights}: refused")
     assert err[0].endswith("(params.yaml: evaluate.inception_weights)")
     assert not marker.exists() and not (tmp_path / "ws/data/reference").exists()
+
+
+def leaves(tree) -> list:
+    return [v for x in tree.values() for v in leaves(x)] if isinstance(tree, dict) else [tree]
+
+
+def test_the_metrics_file_is_the_headline_and_every_number_is_in_the_details_and_the_table(workspace):
+    ev = json.loads((workspace / "metrics/eval.json").read_text())
+    summary = json.loads((workspace / "metrics/eval_summary.json").read_text())
+    for variant in ("uncond", "cond"):
+        best = min(ev[variant], key=lambda tag: ev[variant][tag]["fid"])
+        assert summary[variant]["best"] == best
+        assert summary[variant]["fid_over_floor"] == pytest.approx(ev[variant][best]["fid_over_floor"], rel=1e-5)
+        assert summary[variant]["is_mean"] == pytest.approx(ev[variant][best]["is_mean"], rel=1e-5)
+        for method in ("ddpm", "ddim"):
+            fids = [e["fid"] for tag, e in ev[variant].items() if tag.startswith(method)]
+            assert summary[variant][method] == {"fid": pytest.approx(min(fids), rel=1e-5)}
+        assert "dpmsolver" not in summary[variant]  # no DPM-Solver sample sets here
+    assert summary["cond"]["cond_accuracy"] == pytest.approx(ev["cond"][summary["cond"]["best"]]["cond_accuracy"])
+    assert "cond_accuracy" not in summary["uncond"]
+    assert summary["floor"] == {"fid": pytest.approx(ev["floor"]["classifier"]["fid"], rel=1e-5)}
+    assert len(leaves(summary)) == 7 + 6 + 1 and sum(isinstance(v, str) for v in leaves(summary)) == 2
+    table = list(csv.DictReader((workspace / "metrics/eval.csv").open()))
+    assert [(r["variant"], r["tag"]) for r in table] == [(v, tag) for (v, _), sets in SETS.items() for tag, *_ in sets]
+    for r in table:
+        assert float(r["fid"]) == pytest.approx(ev[r["variant"]][r["tag"]]["fid"], rel=1e-5)
+        uncond = r["variant"] == "uncond"
+        assert (r["cond_accuracy"] == "") == uncond and (r["cfg"] == "") == uncond
+
+
+@pytest.mark.parametrize("failing", ["figure", "mlflow"])
+def test_a_failure_before_the_end_leaves_the_previous_outputs_as_they_were(mnist, classifier, workspace, tmp_path,
+                                                                            monkeypatch, failing):
+    """A figure that cannot be drawn, or an MLflow store that fails while the artifacts are logged: no new
+    output appears (neither beside old ones nor where there were none), and no temporary is left."""
+    from stages.pipeline.tracking import Tracker
+
+    root = tmp_path / "ws"
+    shutil.copytree(workspace, root, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    monkeypatch.chdir(root)
+    for gone in ("metrics/eval.csv", "plots/cfg_tradeoff.png"):  # outputs of no earlier run
+        (root / gone).unlink()
+    before = {path: (root / path).read_bytes() if (root / path).exists() else None for path in OUTPUTS.values()}
+
+    def fail(*args, **kwargs):
+        raise OSError(f"{failing} failed")
+    if failing == "figure":
+        monkeypatch.setenv("DDPM_TRACKING", "off")
+        monkeypatch.setattr(evaluate, "save_figure", fail)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        monkeypatch.setattr(Tracker, "log_artifact", fail)
+    with pytest.raises(OSError, match=f"{failing} failed"):
+        evaluate.main(make_workspace(root, mnist, classifier))
+    after = {path: (root / path).read_bytes() if (root / path).exists() else None for path in OUTPUTS.values()}
+    assert after == before
+    assert not [p for p in root.rglob("*") if ".tmp" in p.name]

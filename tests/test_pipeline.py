@@ -1,6 +1,8 @@
 """The DVC pipeline end to end: real git, real DVC, the tiny config on the CPU."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,8 +145,8 @@ def test_a_profile_switch_reruns_train_sample_evaluate_and_keeps_your_values(tin
     assert params["profile"] == "gpu" and params["model"]["num_res_blocks"] == 2 and params["train"]["lr"] == 0.001
     assert params["model"]["base_channels"] == 8 and params["sample"]["spacing"] == "quadratic"
     diff = run(["dvc", "metrics", "diff", "--json", "HEAD", "gpu"], repo).stdout
-    changes = json.loads(diff)["metrics/eval.json"]
-    assert "uncond.ddpm.fid" in changes and "cond.ddim10_eta0_w1.fid" in changes
+    changes = json.loads(diff)["metrics/eval_summary.json"]
+    assert "uncond.ddpm.fid" in changes and "cond.ddim.fid" in changes
 
 
 def test_params_error_is_one_line_before_any_work(tmp_path):
@@ -181,3 +183,71 @@ def test_missing_dataset_offline_is_a_clear_error(tmp_path):
     assert proc.returncode == 1 and len(err) == 1 and err[0].startswith("error:"), proc.stderr
     assert "mnist" in err[0] and "data/raw/mnist" in err[0]
     assert not (repo / "data/prepared").exists()
+
+
+def metric_leaves(tree) -> list:
+    return [v for x in tree.values() for v in metric_leaves(x)] if isinstance(tree, dict) else [tree]
+
+
+def test_dvc_metrics_are_a_screen_wide_and_the_details_have_every_setting(tiny_repo):
+    repo, _ = tiny_repo
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    files = {path: entry["data"] for path, entry in shown[""]["data"].items()}
+    assert set(files) == {"metrics/classifier.json", "metrics/train_uncond.json", "metrics/train_cond.json",
+                          "metrics/eval_summary.json"}
+    assert len(metric_leaves(files)) <= 30, metric_leaves(files)
+    summary = files["metrics/eval_summary.json"]
+    assert set(summary) == {"uncond", "cond", "floor"} and set(summary["cond"]) == {
+        "best", "fid", "fid_over_floor", "is_mean", "cond_accuracy", "ddpm", "ddim", "dpmsolver"}
+    details = json.loads((repo / "metrics/eval.json").read_text())
+    table = (repo / "metrics/eval.csv").read_text().splitlines()
+    for variant in ("uncond", "cond"):
+        index = [json.loads((repo / f"samples/{variant}/{m}/index.json").read_text()) for m in SAMPLERS]
+        tags = {s["tag"] for sets in index for s in sets}
+        assert set(details[variant]) == tags and summary[variant]["best"] in tags
+        assert {line.split(",")[1] for line in table if line.startswith(f"{variant},")} == tags
+        assert summary[variant]["fid"] == pytest.approx(min(e["fid"] for e in details[variant].values()), rel=1e-5)
+
+
+def test_dvc_plots_draw_one_line_per_model_sampler_and_guidance_weight(tiny_repo, tmp_path):
+    repo, _ = tiny_repo
+    ROOT = Path(__file__).resolve().parents[1]
+    (repo / ".dvc/plots").mkdir(exist_ok=True)  # the project's own templates; `dvc init` made this .dvc
+    shutil.copy(ROOT / ".dvc/plots/series.json", repo / ".dvc/plots/series.json")
+    shown = json.loads(run(["dvc", "plots", "show", "--json", "-o", str(tmp_path)], repo).stdout)["data"]
+
+    def series(plot_id: str) -> dict[str, list]:
+        (plot,) = shown[plot_id]
+        assert plot["content"]["encoding"]["color"]["field"] == "series"
+        out = {}
+        for point in plot["content"]["data"]["values"]:
+            out.setdefault(point["series"], []).append(float(point[plot["content"]["encoding"]["x"]["field"]]))
+        return out
+
+    steps = series("plots/fid_vs_steps.csv")  # TINY: ddim steps 5 and 10, dpmsolver 5; autoguidance 0, 1; w 1
+    assert steps == {"uncond DDPM": [40.0], "uncond DDPM, autoguidance w=1": [40.0],
+                     "uncond DDIM η=0": [5.0, 10.0], "uncond DDIM η=0, autoguidance w=1": [5.0, 10.0],
+                     "uncond DPM-Solver++(2M)": [5.0], "uncond DPM-Solver++(2M), autoguidance w=1": [5.0],
+                     "cond DDPM, w=1": [40.0], "cond DDIM η=0, w=1": [5.0, 10.0],
+                     "cond DPM-Solver++(2M), w=1": [5.0]}
+    accuracy = series("Conditional model, conditional accuracy vs guidance weight w")
+    assert accuracy == {"DDPM-40": [1.0], "DDIM-5 η=0": [1.0], "DDIM-10 η=0": [1.0], "DPM-Solver++(2M)-5": [1.0]}
+    assert {"plots/fid_vs_steps.png", "plots/cfg_tradeoff.png"} <= set(shown)
+
+
+def test_the_models_are_dvc_artifacts_that_a_version_tag_registers(tiny_repo, tmp_path):
+    """dvc.yaml's artifacts: a Git tag NAME@vX.Y.Z (as `gto register` writes) makes `dvc artifacts get` fetch it."""
+    import dvc.api
+
+    repo, _ = tiny_repo
+    head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    tags = ["ddpm-uncond@v0.1.0", "ddpm-cond@v0.1.0"]
+    try:
+        for tag in tags:
+            run(["git", "tag", "-a", tag, "-m", "registered"], repo)
+        for name, path in (("ddpm-uncond", "models/uncond/model.pt"), ("ddpm-cond", "models/cond/model.pt")):
+            run(["dvc", "artifacts", "get", ".", name, "-o", str(tmp_path / f"{name}.pt")], repo)
+            assert (tmp_path / f"{name}.pt").read_bytes() == (repo / path).read_bytes()
+            assert dvc.api.artifacts_show(name, repo=str(repo)) == {"rev": head, "path": path}
+    finally:
+        run(["git", "tag", "-d", *tags], repo, check=False)
