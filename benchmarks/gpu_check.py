@@ -295,7 +295,10 @@ def make_repo(path: Path, params: dict, mnist: Path | None) -> None:
         params = merge(params, {"data": {"name": "glyphs"}})
     (path / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
                                                            params), sort_keys=False))
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=path, check=True, capture_output=True, env=environment())
+    shutil.copytree(ROOT / ".dvc/plots", path / ".dvc/plots", dirs_exist_ok=True)  # the project's plot templates
+    for cmd in (["git", "add", "-A"],
                 ["git", "-c", "user.name=gpu_check", "-c", "user.email=gpu_check@localhost", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=path, check=True, capture_output=True, env=environment())
 

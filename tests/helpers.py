@@ -72,6 +72,7 @@ def make_repo(path: Path, overrides: dict) -> Path:
     run(["git", "config", "user.email", "tests@example.com"], path)
     run(["git", "config", "user.name", "tests"], path)
     run(["dvc", "init", "-q"], path)
+    shutil.copytree(ROOT / ".dvc/plots", path / ".dvc/plots", dirs_exist_ok=True)  # the project's plot templates
     run(["git", "add", "-A"], path)
     run(["git", "commit", "-qm", "tiny project"], path)
     return path
