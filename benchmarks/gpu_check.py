@@ -43,6 +43,7 @@ try:
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks.mnist_split import main as split_mnist
+    from benchmarks.project import copy_project, merge
     from benchmarks.throughput import matmul_gflops, timed
     from ddpm import Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, generate
     from stages.pipeline.profiles import read_profiles
@@ -52,7 +53,6 @@ except ImportError as e:  # outside the project's venv: what is missing, not a t
              "in the project's venv (pip install -r requirements.txt)")
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", "profiles.yaml", ".gitignore", ".dvcignore")  # for dvc
 MNIST_T10K = (ROOT.parent / "shared/data/mnist-t10k", ROOT / "shared/data/mnist-t10k")
 TRACKING_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DDPM_TRACKING", "DDPM_MODEL_NAME",
                       "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT")
@@ -279,35 +279,14 @@ def sample_rows(r: Report, device: torch.device, params: dict, s: dict) -> None:
 
 
 def make_repo(path: Path, params: dict, mnist: Path | None) -> None:
-    """A git + DVC repo at `path` with the project, `params` merged into its params.yaml, and the MNIST
-    test split as a data.root folder (else the offline glyphs dataset)."""
-    path.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, path / name)
+    """A copy of the project at `path` with `params`, and the MNIST test split as a data.root folder (else
+    the offline glyphs dataset)."""
     if mnist:
-        split_mnist([str(mnist), str(path / "data/raw/mnist-t10k-split")])
-        params = merge(params, {"data": {"root": "data/raw/mnist-t10k-split"}})
+        split_mnist([str(mnist), str(path.parent / "mnist-t10k-split")])
+        params = merge(params, {"data": {"root": str(path.parent / "mnist-t10k-split")}})
     else:
         params = merge(params, {"data": {"name": "glyphs"}})
-    (path / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                                                           params), sort_keys=False))
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=path, check=True, capture_output=True, env=environment())
-    shutil.copytree(ROOT / ".dvc/plots", path / ".dvc/plots", dirs_exist_ok=True)  # the project's plot templates
-    for cmd in (["git", "add", "-A"],
-                ["git", "-c", "user.name=gpu_check", "-c", "user.email=gpu_check@localhost", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=path, check=True, capture_output=True, env=environment())
-
-
-def merge(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for k, v in overrides.items():
-        out[k] = merge(base.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
+    copy_project(path, params, environment())
 
 
 def environment() -> dict:

@@ -2,16 +2,15 @@
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
+
+from benchmarks.project import copy_project, merge  # noqa: F401 (merge: for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", "profiles.yaml", ".gitignore", ".dvcignore")
 
 ALL_STAGES = {"profile", "check", "prepare", "classifier", "reference", "train@uncond", "train@cond",
               "sample-ddpm@uncond", "sample-ddim@uncond", "sample-dpmsolver@uncond", "sample-ddpm@cond",
@@ -35,13 +34,6 @@ TINY = {
 }
 
 
-def merge(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for k, v in overrides.items():
-        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
-
-
 def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command with the test interpreter's bin/ first on PATH, capturing its output."""
     full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -59,23 +51,8 @@ def stages_run(output: str) -> set[str]:
 
 def make_repo(path: Path, overrides: dict) -> Path:
     """A git + DVC repo at `path` holding the project with `overrides` merged into params.yaml."""
-    path.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, path / name)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], path)
-    run(["git", "config", "user.email", "tests@example.com"], path)
-    run(["git", "config", "user.name", "tests"], path)
-    run(["dvc", "init", "-q"], path)
-    shutil.copytree(ROOT / ".dvc/plots", path / ".dvc/plots", dirs_exist_ok=True)  # the project's plot templates
-    run(["git", "add", "-A"], path)
-    run(["git", "commit", "-qm", "tiny project"], path)
-    return path
+    return copy_project(path, overrides, {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
+                                                              f"{os.environ['PATH']}"})
 
 
 def make_image_folder(root: Path, per_class: int = 12, classes=("circle", "square")) -> Path:
