@@ -344,5 +344,6 @@ def sampler_settings(method: str, timesteps: int, *, steps=(), etas=(0.0,), spac
         bases = [(s, e) for s in steps for e in etas if s <= timesteps]
     else:
         bases = [(s, 0.0) for s in steps if s <= timesteps]
+    spacing = "uniform" if method == "ddpm" else spacing  # DDPM visits every step
     return [SamplerSetting(method, s, e, spacing, w, ag) for s, e in bases for w in (cfg or [None])
             for ag in autoguidance]

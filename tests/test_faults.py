@@ -96,7 +96,7 @@ def test_diverging_training_stops_naming_the_step_and_keeps_the_last_checkpoint(
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert [line for line in lines if "error" in line] == [lines[-1]], proc.stderr
-    error = re.fullmatch(r"error: training loss is (nan|inf) at step (\d+); lower train\.lr.*", lines[-1])
+    error = re.fullmatch(r"error: training loss is (nan|inf) at step (\d+); lower the learning rate.*", lines[-1])
     assert error, lines[-1]
     bad_step = int(error[2])
     assert bad_step > 2, f"diverged at step {bad_step}, before the first checkpoint"

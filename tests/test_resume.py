@@ -67,7 +67,7 @@ def test_killed_training_resumes_to_the_same_result(repos):
 def test_checkpoint_of_other_params_is_not_reused(repos):
     killed, _ = repos
     assert (killed / "ck/last.pt").exists()
-    params = (killed / "params.yaml").read_text().replace("lr: 0.0002", "lr: 0.0005")
+    params = (killed / "params.yaml").read_text().replace("lr: 0.002", "lr: 0.0005")
     (killed / "params.yaml").write_text(params)
     out = run(TRAIN, killed).stdout
     assert "ignoring ck: it holds a run with other params, data or code; starting afresh" in out

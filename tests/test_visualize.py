@@ -142,7 +142,8 @@ def test_stage_rejects_a_bad_visualize_param(project, tmp_path, monkeypatch):
     from stages.pipeline.params import ParamsError
     from stages.visualize import main
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY_PARAMS, "visualize": {"frames": 1}}))
+    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(merge(defaults, {**TINY_PARAMS, "visualize": {"frames": 1}})))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ParamsError, match=r"^params.yaml: visualize.frames = 1 is out of range; allowed: >= 2$"):
         main(["--uncond", str(project / "models/uncond.pt"), "--cond", str(project / "models/cond.pt"),
