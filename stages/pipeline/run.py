@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -17,8 +18,14 @@ from ddpm.data import DataError
 from .params import ParamsError
 from .tracking import TrackingError
 
+
+class NotWritableError(OSError):
+    """An output folder the stage could not write to (read-only, not a folder, no permission)."""
+
+
 # Errors a user can act on: reported as one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ParamsError, CheckpointError, DataError, TrackingError, FileNotFoundError, FloatingPointError)
+USER_ERRORS = (ParamsError, CheckpointError, DataError, TrackingError, NotWritableError, FileNotFoundError,
+               FloatingPointError)
 
 
 def run(main) -> None:
@@ -43,6 +50,24 @@ def path_parser(*options: str) -> argparse.ArgumentParser:
     for name in options:
         ap.add_argument(name, type=Path, required=True)
     return ap
+
+
+def check_writable(*paths: str | Path) -> None:
+    """Before any work, that each output can be written: the folder that will hold it (its nearest existing
+    parent, which the stage creates folders in) and, if it is a folder already, the folder itself (replaced
+    or written into). Probed with an unnamed temporary file, so permissions, ACLs and read-only mounts all
+    count."""
+    for path in map(Path, paths):
+        parent = path.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        for folder in [parent] + ([path] if path.is_dir() else []):
+            if not folder.is_dir():
+                raise NotWritableError(f"cannot write {path}: {folder} is not a folder")
+            try:
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as e:
+                raise NotWritableError(f"cannot write {path}: {folder} is not writable ({e.strerror})") from None
 
 
 def seed_everything(seed: int) -> None:
