@@ -2,6 +2,7 @@
 that resumes check, and the data-parallel process group."""
 
 import argparse
+import errno
 import os
 import random
 import signal
@@ -36,6 +37,13 @@ def run(main) -> None:
         main(sys.argv[1:])
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror}{where}; free some space and rerun (outputs are written whole or not at all, "
+              "and training resumes from its last checkpoint)", file=sys.stderr)
         sys.exit(1)
 
 
