@@ -2,10 +2,12 @@
 that resumes check, and the data-parallel process group."""
 
 import argparse
+import ctypes
 import errno
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -83,6 +85,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def relaunch(nproc: int, module: str, argv: list[str]) -> int:
+    """Run `python -m module argv` as `nproc` data-parallel processes (torchrun) and wait; their exit code.
+    Torchrun is bound to this process: should this one die, even by SIGKILL, torchrun gets SIGTERM and stops
+    its processes, so a killed stage leaves none behind to write on into its outputs."""
+    parent = os.getpid()
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={nproc}", "-m", module, *argv],
+                           preexec_fn=lambda: _die_with(parent))
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent `parent` exits (Linux; elsewhere nothing)."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun, join the process group: nccl on CUDA, gloo on the CPU."""
     device = ddpm.resolve_device(device_name)
@@ -90,6 +111,7 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
         return 0, 1, device
     import torch.distributed as dist
 
+    _die_with(os.getppid())  # should torchrun be killed, its processes stop too
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
