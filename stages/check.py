@@ -8,12 +8,13 @@ content never changes, so a passing check reruns nothing downstream.
 
 from .pipeline.io import write_text
 from .pipeline.params import load_params
-from .pipeline.run import run
+from .pipeline.run import check_writable, run
 
 
 def main(argv: list[str]) -> None:
     (out,) = argv
     load_params()
+    check_writable(out)
     write_text(out, "params.yaml: every key known and in range\n")
 
 

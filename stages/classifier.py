@@ -8,13 +8,14 @@ from ddpm.classifier import fit_classifier
 
 from .pipeline.io import atomic_dir, class_names, load_info, load_prepared, write_json
 from .pipeline.params import load_params, sections
-from .pipeline.run import path_parser, run
+from .pipeline.run import check_writable, path_parser, run
 from .pipeline.tracking import stage_run
 
 
 def main(argv: list[str]) -> None:
     a = path_parser("--data", "--out", "--metrics").parse_args(argv)
     p = load_params()
+    check_writable(a.out, a.metrics)
     info = load_info(a.data)
     class_names(info, "the classifier behind FID/IS")
     with stage_run("classifier", params=sections(p, "seed", "device", "classifier"),

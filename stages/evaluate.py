@@ -26,7 +26,7 @@ from ddpm.sampling import METHODS
 
 from .pipeline.io import load_info, save_figure, write_json, write_text
 from .pipeline.params import load_params, sections
-from .pipeline.run import path_parser, run, seed_everything
+from .pipeline.run import check_writable, path_parser, run, seed_everything
 from .pipeline.tracking import stage_run
 from .reference import inception_weights
 
@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("samples", type=Path, nargs="+")
     a = ap.parse_args(argv)
     p = load_params()
+    check_writable(a.metrics, a.details, a.table, a.plot, a.figure, a.cfg_plot, a.cfg_figure)
     weights = inception_weights(p)
     params = sections(p, "seed", "device", "evaluate", "sample.num_samples")
     with stage_run("evaluate", params=params, data_hash=load_info(a.data)["content_hash"]) as tracker:

@@ -9,13 +9,14 @@ from ddpm.images import load_images
 
 from .pipeline.io import atomic_dir, write_json
 from .pipeline.params import load_params, sections
-from .pipeline.run import run, seed_everything
+from .pipeline.run import check_writable, run, seed_everything
 from .pipeline.tracking import stage_run
 
 
 def main(argv: list[str]) -> None:
     (out,) = argv
     p = load_params()
+    check_writable(out)
     with stage_run("prepare", params=sections(p, "seed", "data")) as tracker:
         prepare(p, out, tracker)
 

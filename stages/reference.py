@@ -23,7 +23,7 @@ from ddpm.metrics import (
 
 from .pipeline.io import atomic_dir, load_prepared
 from .pipeline.params import load_params, sections
-from .pipeline.run import path_parser, run, seed_everything
+from .pipeline.run import check_writable, path_parser, run, seed_everything
 from .pipeline.tracking import stage_run
 
 
@@ -41,6 +41,7 @@ def inception_weights(p) -> Path | None:
 def main(argv: list[str]) -> None:
     a = path_parser("--data", "--classifier", "--out").parse_args(argv)
     p = load_params()
+    check_writable(a.out)
     weights = inception_weights(p)
     params = sections(p, "seed", "device", "evaluate.batch_size", "evaluate.extractors", "evaluate.inception_weights",
                       "sample.num_samples")

@@ -18,7 +18,7 @@ from ddpm.sampling import METHODS
 
 from .pipeline.io import atomic_dir, save_grid, write_json
 from .pipeline.params import load_params, sections
-from .pipeline.run import path_parser, run, seed_everything
+from .pipeline.run import check_writable, path_parser, run, seed_everything
 from .pipeline.tracking import stage_run
 
 
@@ -35,6 +35,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("method", choices=METHODS)
     a = ap.parse_args(argv)
     p = load_params()
+    check_writable(a.out)
     with stage_run(f"sample-{a.method}", a.variant, sections(p, "seed", "device", "sample")) as tracker:
         sample(a, p, tracker)
 

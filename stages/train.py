@@ -6,6 +6,7 @@ and code resumes from it and continues the same MLflow run.
 """
 
 import os
+import sys
 import time
 
 import torch
@@ -16,7 +17,7 @@ from ddpm import Diffusion, Trainer, UNet, generate, guide_path
 from .pipeline.io import class_names, load_info, load_prepared, save_grid, write_json, write_text
 from .pipeline.params import load_params, sections, train_config
 from .pipeline.resume import TrainState
-from .pipeline.run import barrier, init_distributed, path_parser, relaunch, run, seed_everything
+from .pipeline.run import barrier, check_writable, init_distributed, path_parser, relaunch, run, seed_everything
 from .pipeline.tracking import Tracker, mlflow_ui_command, stage_run
 
 
@@ -25,8 +26,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("variant", choices=("uncond", "cond"))
     a = ap.parse_args(argv)
     p = load_params()
+    check_writable(a.checkpoints, a.out, a.metrics, a.plot)
     if p.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        relaunch(p.train.nproc, "stages.train", argv)
+        sys.exit(relaunch(p.train.nproc, "stages.train", argv))
     info = load_info(a.data)
     num_classes = len(class_names(info, "conditional training")) if a.variant == "cond" else None
     unet, config = p.model.unet(info["shape"][0], info["shape"][1], num_classes), train_config(p, a.variant)

@@ -18,7 +18,7 @@ from ddpm.pictures import Picture, interpolation, reverse_strip, sampler_compari
 
 from .pipeline.io import atomic_dir, save_figure
 from .pipeline.params import load_params, sections
-from .pipeline.run import path_parser, run, seed_everything
+from .pipeline.run import check_writable, path_parser, run, seed_everything
 from .pipeline.tracking import stage_run
 
 
@@ -70,6 +70,7 @@ def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> 
 def main(argv: list[str]) -> None:
     a = path_parser("--uncond", "--cond", "--out").parse_args(argv)
     p = load_params()
+    check_writable(a.out)
     with stage_run("visualize", params=sections(p, "seed", "device", "visualize")) as tracker:
         seed_everything(p.seed)
         device = resolve_device(p.device)

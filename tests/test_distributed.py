@@ -1,7 +1,13 @@
 """Data-parallel training: the train stage under torchrun with 2 CPU processes (gloo)."""
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,3 +47,43 @@ def test_two_processes_train_like_one(tmp_path_factory):
     assert len(client.get_metric_history(runs[0].info.run_id, "loss")) == 24
     weights = torch.load(two / "model/model.pt", weights_only=True)["weights"]
     assert not any(k.startswith("module.") for k in weights)  # the network, not the DDP wrapper
+
+
+def processes_in(folder: Path) -> list[int]:
+    """The live processes working in `folder` (Linux /proc): a stage and all it starts (torchrun starts its
+    processes in sessions of their own, so a session would not find them)."""
+    pids = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        with contextlib.suppress(OSError):
+            state = (cwd.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if cwd.resolve() == folder.resolve() and state != "Z":
+                pids.append(int(cwd.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_killed_two_process_run_leaves_no_process_behind_and_resumes(tmp_path):
+    repo = make_repo(tmp_path / "repo", merge(TINY, {"train": {"nproc": 2, "epochs": 10}}))  # 60 steps
+    run([sys.executable, "-m", "stages.prepare", "data/prepared"], repo)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(TRAIN, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (repo / "ck/last.pt").exists() and proc.poll() is None:
+            assert time.time() < deadline, "training never wrote a checkpoint"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "training ended before it could be killed"
+        deadline = time.time() + 30  # torchrun stops its processes, and they exit
+        while processes_in(repo) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not processes_in(repo), "processes of the killed stage are still running"
+    finally:
+        for pid in processes_in(repo):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not (repo / "metrics.json").exists(), "the killed stage's processes trained on to the end"
+    step = torch.load(repo / "ck/last.pt", weights_only=True)["step"]
+    assert 0 < step < 60
+    assert f"resuming from ck/last.pt at step {step}" in run(TRAIN, repo).stdout
+    assert json.loads((repo / "metrics.json").read_text())["steps"] == 60

@@ -3,6 +3,7 @@ a damaged dataset file. Each leaves no partial output and says what went wrong i
 
 import gzip
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -145,3 +146,78 @@ def test_damaged_idx_file_is_one_line_naming_it(tmp_path, how):
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: cannot read idx file {bad}: "), lines[0]
     assert not (repo / "data").exists()
+
+
+# The train stage with its checkpoint writes (TrainState.save -> atomic_save) patched: the second one either
+# fails half-way with a full disk, or pauses half-way so that a kill lands in the middle of it. The first
+# checkpoint (step 4 of 12 with TINY) is then the one that must survive.
+FAULTY_TRAIN = """
+import errno, io, sys, time
+import torch
+from stages import train
+from stages.pipeline import resume
+from stages.pipeline.run import run
+from ddpm.checkpoint import atomic_write
+mode, saves = sys.argv[1], []
+def faulty_save(obj, path, save=resume.atomic_save):
+    saves.append(path)
+    if len(saves) < 2:
+        return save(obj, path)
+    data = io.BytesIO()
+    torch.save(obj, data)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.getvalue()[:len(data.getvalue()) // 2])
+        f.flush()
+        if mode == "full":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        time.sleep(600)
+resume.atomic_save = faulty_save
+sys.argv = ["train", *sys.argv[2:]]
+run(train.main)
+"""
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    repo = make_repo(tmp_path_factory.mktemp("prepared") / "repo", TINY)
+    run(PREPARE, repo)
+    return repo
+
+
+def copy_of(repo: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(repo, tmp_path / "repo", symlinks=True))
+
+
+def assert_resumes_from_step_4(repo: Path) -> None:
+    """last.pt holds the first checkpoint, whole; a rerun resumes from it and trains to the end."""
+    state = safe_load(repo / "ck/last.pt", ("model", "ema", "step"))
+    assert state["step"] == 4
+    proc = run(TRAIN, repo)
+    assert "resuming from ck/last.pt at step 4" in proc.stdout, proc.stdout
+    assert [int(r.split(",")[0]) for r in (repo / "loss.csv").read_text().splitlines()[1:]] == list(range(1, 13))
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_is_one_line(prepared, tmp_path):
+    repo = copy_of(prepared, tmp_path)
+    proc = run([sys.executable, "-c", FAULTY_TRAIN, "full", *TRAIN[3:]], repo, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1] == ("error: No space left on device; free some space and rerun (outputs are written whole or "
+                         "not at all, and training resumes from its last checkpoint)"), proc.stderr
+    assert not list((repo / "ck").glob(".last.tmp*")), "the half-written checkpoint was left behind"
+    assert not any((repo / name).exists() for name in ("model", "metrics.json", "loss.csv"))
+    assert_resumes_from_step_4(repo)
+
+
+def test_a_kill_in_the_middle_of_a_checkpoint_write_keeps_the_previous_one(prepared, tmp_path):
+    repo = copy_of(prepared, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", FAULTY_TRAIN, "pause", *TRAIN[3:]], cwd=repo,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ((repo / "ck/last.pt").exists() and list((repo / "ck").glob(".last.tmp*"))) and proc.poll() is None:
+        assert time.time() < deadline, "training never started its second checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training ended before it could be killed"
+    assert list((repo / "ck").glob(".last.tmp*")), "the kill did not land mid-write"
+    assert_resumes_from_step_4(repo)

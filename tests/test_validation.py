@@ -1,15 +1,26 @@
 """Bad params: one line naming the key and what is allowed, exit code 1, nothing written."""
 
 import dataclasses
+import shutil
+import subprocess
 import sys
+import tempfile
+import types
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from helpers import ROOT
+from helpers import ROOT, TINY, merge
 
+from ddpm import Diffusion, Trainer, UNet, UNetConfig, generate
 from stages import prepare
-from stages.pipeline.params import ParamsError, validate
-from stages.pipeline.run import run
+from stages.pipeline import bounds
+from stages.pipeline.params import MAX_SEED, ParamsError, train_config, validate
+from stages.pipeline.run import NotWritableError, check_writable, run
+
+TINY_MODEL = UNetConfig(in_channels=1, image_size=28, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(), num_heads=1)
 
 BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 # without a guide model, for the autoguidance cases
@@ -35,10 +46,8 @@ CASES = [  # (section, key, bad value, expected message fragment)
                                   "auto"),
     ("train", "compile", "yes", "train.compile must be bool, got 'yes'"),
     ("sample", "guidance", [-1.0], "sample.guidance = (-1.0,) is out of range; allowed: a list of values >= 0"),
-    ("sample", "autoguidance", [1.0], "sample.autoguidance = (1.0,) is out of range; allowed: [0] while "
-                                      "train_uncond.guide_at is 0 (the unconditional model has no guide model"),
-    ("visualize", "autoguidance", 1.0, "visualize.autoguidance = 1.0 is out of range; allowed: 0 while "
-                                       "train_uncond.guide_at is 0 (the unconditional model has no guide model"),
+    ("train_uncond", "guide_at", 0, "sample.autoguidance = (1.0,) is out of range; allowed: [0] while "
+                                    "train_uncond.guide_at is 0 (the unconditional model has no guide model"),
     ("visualize", "autoguidance", -1.0, "visualize.autoguidance = -1.0 is out of range; allowed: >= 0"),
     ("train_uncond", "guide_at", 1.0, "train_uncond.guide_at = 1.0 is out of range; allowed: in [0, 1) (0: no "
                                       "guide model)"),
@@ -96,6 +105,13 @@ def test_bad_param_is_one_clear_line(tmp_path, monkeypatch, capsys, section, key
     assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_no_autoguidance_in_the_pictures_without_a_guide_model():
+    params = merge(BASE, {"train_uncond": {"guide_at": 0}, "sample": {"autoguidance": [0]}})
+    with pytest.raises(ParamsError, match=r"^params.yaml: visualize.autoguidance = 1.0 is out of range; allowed: 0 "
+                                          r"while train_uncond.guide_at is 0 \(the unconditional model has no guide"):
+        validate(params)
+
+
 def test_several_processes_cannot_share_one_named_gpu(tmp_path, monkeypatch, capsys):
     params = yaml.safe_load(yaml.safe_dump(BASE))
     params["device"], params["train"]["nproc"] = "cuda:1", 2
@@ -135,3 +151,192 @@ def test_patch_size_must_divide_the_data_image_size():
         dataclasses.replace(model, patch_size=3).unet(1, 28, None)
     unet = dataclasses.replace(model, patch_size=2).unet(1, 28, None)
     assert (unet.patch_size, unet.attention_resolutions) == (2, (4,))  # two halvings of 14 patches: 7, then 4
+
+
+# Sizes that allocate, on a machine of 16 GB without a GPU (mnist: 1 x 28 x 28 uint8 images).
+SIZE_CASES = [
+    ("sample", "num_samples", 10**9, "sample.num_samples = 1000000000 needs about 784 GB for its images; this "
+                                     "machine has 16 GB; allowed: at most 20000000"),
+    ("train", "grid_size", 10**8, "train.grid_size = 100000000 makes a grid of 100000000 images; pictures hold at "
+                                  "most 10000; allowed: at most 10000"),
+    ("sample", "grid_size", 10**5, "sample.grid_size = 100000 makes a grid of 100000 images"),
+    ("sample", "batch_size", 10**6, "sample.batch_size = 1000000 needs about 489 GB for the UNet's activations "
+                                    "(an estimate); this machine has 16 GB; allowed: at most 32000"),
+    ("train", "batch_size", 10**6, "train.batch_size = 1000000 needs about 1468 GB for the UNet's activations in "
+                                   "training (an estimate); this machine has 16 GB; allowed: at most 10000"),
+    ("evaluate", "batch_size", 10**8, "evaluate.batch_size = 100000000 needs about"),
+    ("classifier", "batch_size", 10**8, "classifier.batch_size = 100000000 needs about"),
+    ("visualize", "per_class", 5000, "visualize.per_class = 5000 makes a class grid of 10 classes of 50000 images; "
+                                     "pictures hold at most 10000; allowed: at most 1000"),
+    ("visualize", "num_images", 10**6, "visualize.num_images = 1000000 makes a reverse-process picture"),
+    ("visualize", "frames", 10**6, "visualize.frames = 1000000 makes a reverse-process picture (8 rows) of 8000000 "
+                                   "images; pictures hold at most 10000; allowed: at most 1250"),
+]
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A machine of 16 GB without CUDA or MPS."""
+    monkeypatch.setattr(bounds, "ram", lambda: 16 * 10**9)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("section,key,value,message", SIZE_CASES, ids=[f"{s}.{k}" for s, k, *_ in SIZE_CASES])
+def test_a_size_beyond_the_machine_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, machine, section, key,
+                                                               value, message):
+    params = yaml.safe_load(yaml.safe_dump(BASE))
+    params[section][key] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code, err = run_prepare(tmp_path, monkeypatch, capsys)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: params.yaml: ") and message in err[0], err[0]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_data_must_fit_in_memory(monkeypatch, machine):
+    monkeypatch.setattr(bounds, "ram", lambda: 4 * 10**9)
+    params = merge(BASE, {"data": {"image_size": 256, "channels": 3}})
+    with pytest.raises(ParamsError, match=r"^params.yaml: data.image_size = 256 needs about 14 GB for 70000 images "
+                                          r"of 3 x 256 x 256; this machine has 4.0 GB; allowed: at most 138$"):
+        validate(params)
+
+
+def test_the_repositorys_values_fit_small_machines_with_room_to_spare(monkeypatch, machine):
+    """The bounds catch absurd values only: params.yaml, the laptop profile and the tests' tiny config pass in a
+    quarter of a 4 GB laptop, the gpu and paper profiles (on MNIST and CIFAR-10) in a quarter of a 16 GB GPU."""
+    profiles = yaml.safe_load((ROOT / "profiles.yaml").read_text())
+    monkeypatch.setattr(bounds, "ram", lambda: 10**9)
+    for config in [BASE, merge(BASE, TINY), merge(BASE, profiles["laptop"])]:
+        validate(config)
+    fake_gpus(monkeypatch, 1, memory=4 * 10**9)
+    for name, data in [(name, data) for name in ("gpu", "paper") for data in ("mnist", "cifar10")]:
+        validate(merge(merge(BASE, profiles[name]), {"device": "cuda", "data": {"name": data}}))
+
+
+def test_the_size_estimates_are_lower_bounds():
+    """The activation estimates never exceed what the networks take (here a batch of 16, laptop profile)."""
+    p = validate(merge(BASE, {"device": "cpu"}))
+    net = UNet(p.model.unet(1, 28, None))
+    x, t = torch.randn(16, 1, 28, 28), torch.zeros(16, dtype=torch.long)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda a: saved.append(a.numel() * a.element_size()) or a,
+                                                  lambda a: a):
+        net(x, t)
+    assert bounds.unet_bytes(dataclasses.replace(p, train=dataclasses.replace(p.train, bf16=False)), True) * 16 < sum(
+        saved)
+
+
+SEED_CASES = [2**24, 2**63]
+
+
+@pytest.mark.parametrize("seed", SEED_CASES)
+def test_a_seed_training_cannot_use_is_one_line(tmp_path, monkeypatch, capsys, seed):
+    params = yaml.safe_load(yaml.safe_dump(BASE))
+    params["seed"] = seed
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code, err = run_prepare(tmp_path, monkeypatch, capsys)
+    assert code == 1 and err == [f"error: params.yaml: seed = {seed} is out of range; allowed: in [0, 16777215] "
+                                 "(training seeds its noise with seed << 40)"], err
+
+
+def test_the_largest_seed_trains_and_samples():
+    p = validate(merge(BASE, {"seed": MAX_SEED}))
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    config = dataclasses.replace(train_config(p, "uncond"), epochs=1, batch_size=4, bf16=False)
+    net = UNet(TINY_MODEL)
+    diffusion = Diffusion.from_config(dataclasses.replace(p.diffusion, timesteps=10))
+    trainer = Trainer(net, diffusion, images, None, config, torch.device("cpu"), p.seed)
+    trainer.fit()
+    assert trainer.step == 2
+    assert generate(net, diffusion, 2, (1, 28, 28), seed=p.seed, steps=2).shape == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize("device,gpus,message", [
+    ("cuda", 0, "device = 'cuda' is not a device of this machine (0 CUDA devices); allowed: one of auto, cpu"),
+    ("cuda:0", 0, "device = 'cuda:0' is not a device of this machine (0 CUDA devices); allowed: one of auto, cpu"),
+    ("mps", 0, "device = 'mps' is not a device of this machine (0 CUDA devices); allowed: one of auto, cpu"),
+    ("cuda:7", 2, "device = 'cuda:7' is not a device of this machine (2 CUDA devices); allowed: one of auto, cpu, "
+                  "cuda, cuda:0, cuda:1"),
+    ("cuda:x", 2, "device = 'cuda:x' is not a device of this machine (2 CUDA devices); allowed: one of auto, cpu, "
+                  "cuda, cuda:0, cuda:1"),
+])
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, machine, device,
+                                                                  gpus, message):
+    fake_gpus(monkeypatch, gpus)
+    params = yaml.safe_load(yaml.safe_dump(BASE))
+    params["device"] = device
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code, err = run_prepare(tmp_path, monkeypatch, capsys)
+    assert code == 1 and err == [f"error: params.yaml: {message}"], err
+    assert not (tmp_path / "data").exists()
+
+
+def test_every_training_process_needs_its_own_gpu(monkeypatch, machine):
+    fake_gpus(monkeypatch, 2)
+    assert validate(merge(BASE, {"device": "cuda:1"})).device == "cuda:1"
+    assert validate(merge(BASE, {"device": "cuda", "train": {"nproc": 2}})).train.nproc == 2
+    with pytest.raises(ParamsError, match=r"^params.yaml: train.nproc = 4 needs a GPU per process with device auto; "
+                                          r"this machine has 2 CUDA devices; allowed: at most 2, or device cpu$"):
+        validate(merge(BASE, {"train": {"nproc": 4}}))
+
+
+def fake_gpus(monkeypatch, n: int, memory: int = 80 * 10**9) -> None:
+    """CUDA with `n` devices of `memory` bytes (none: no CUDA)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=memory))
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Make folders read-only: by permissions, and for root (whom permissions do not stop) immutable."""
+    made = []
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o555)
+        made.append(folder)
+        if writable(folder) and shutil.which("chattr"):
+            subprocess.run(["chattr", "+i", folder], capture_output=True)
+        if writable(folder):
+            pytest.skip("cannot make a read-only folder here")
+        return folder
+
+    yield make
+    for folder in made:
+        if shutil.which("chattr"):
+            subprocess.run(["chattr", "-i", folder], capture_output=True)
+        folder.chmod(0o755)
+
+
+def writable(folder: Path) -> bool:
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_check_writable_names_the_folder_it_cannot_write(tmp_path, read_only):
+    locked = read_only(tmp_path / "locked")
+    check_writable(tmp_path / "out", tmp_path / "new/deeper/out", tmp_path / "out.json")  # parents made later
+    for path in (locked / "out", locked / "new/deeper/out"):
+        with pytest.raises(NotWritableError, match=rf"^cannot write {path}: {locked} is not writable \(.+\)$"):
+            check_writable(tmp_path / "fine", path)
+    with pytest.raises(NotWritableError, match=rf"^cannot write {locked}: {locked} is not writable"):
+        check_writable(locked)  # an existing output folder is replaced, so it is written too
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotWritableError, match=rf"^cannot write {tmp_path}/file/out: {tmp_path}/file is not a "
+                                               "folder$"):
+        check_writable(tmp_path / "file/out")
+
+
+def test_a_read_only_output_folder_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, read_only):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(BASE))
+    read_only(tmp_path / "data")
+    code, err = run_prepare(tmp_path, monkeypatch, capsys)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: cannot write data/prepared: {tmp_path}/data is not writable ("), err[0]
+    assert not (tmp_path / "mlflow.db").exists()  # stopped before its MLflow run, let alone loading the data

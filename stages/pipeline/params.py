@@ -20,6 +20,8 @@ from ddpm.diffusion import PREDICTIONS
 from ddpm.sampling import METHODS, SPACINGS
 from ddpm.training import LR_SCHEDULES, PRECISIONS
 
+from .bounds import device_checks, size_checks
+
 
 class ParamsError(ValueError):
     """A params.yaml key that is unknown, of the wrong type or out of range."""
@@ -28,6 +30,9 @@ class ParamsError(ValueError):
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "glyphs", "imagefolder")
 SCHEDULES = ("linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# Training seeds each step's noise with (seed << 40) + (step << 8) + rank (ddpm.training), which torch takes
+# only below 2**64: seeds up to 2**24 - 1 leave room for 2**32 steps.
+MAX_SEED = 2**24 - 1
 EXTRACTORS = ("classifier", "inception")  # ddpm.metrics.EXTRACTORS
 
 
@@ -229,15 +234,16 @@ def parse(cls, values: dict, prefix: str = ""):
 
 
 def _checks(p: Params):
-    """(key, ok, what is allowed) for every range and choice constraint."""
+    """(key, ok, what is allowed[, what is wrong]) for every range and choice constraint, in order; those that
+    depend on this machine (its devices and memory, stages/pipeline/bounds.py) come last."""
     s, t, v, T = p.sample, p.train, p.visualize, p.diffusion.timesteps
     guide_at = p.train_uncond.guide_at
     b0, b1 = p.diffusion.beta_start, p.diffusion.beta_end
     mults = p.model.channel_mults
     profiles = list(yaml.safe_load(Path("profiles.yaml").read_text())) if Path("profiles.yaml").is_file() else []
-    return [
+    yield from [
         ("profile", not profiles or p.profile in profiles, "one of " + ", ".join(profiles)),
-        ("seed", p.seed >= 0, ">= 0"),
+        ("seed", 0 <= p.seed <= MAX_SEED, f"in [0, {MAX_SEED}] (training seeds its noise with seed << 40)"),
         ("device", p.device in DEVICES or p.device.startswith("cuda:"), "one of " + ", ".join(DEVICES)),
         ("data.name", p.data.name in DATASETS, "one of " + ", ".join(DATASETS)),
         ("data.root", p.data.name != "imagefolder" or p.data.root is not None,
@@ -316,6 +322,8 @@ def _checks(p: Params):
         ("visualize.compare_steps", len(v.compare_steps) >= 1 and min(v.compare_steps) >= 1,
          "a non-empty list of steps >= 1 (those above diffusion.timesteps are skipped)"),
     ]
+    yield from device_checks(p)  # only once the values above are in range, which these rely on
+    yield from size_checks(p)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -333,12 +341,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def validate(raw: dict) -> Params:
     """params.yaml's content as Params; raises ParamsError with one line naming the offending key."""
     params = parse(Params, raw)
-    for key, ok, allowed in _checks(params):
+    for key, ok, allowed, *problem in _checks(params):
         if not ok:
             value = dataclasses.asdict(params)
             for part in key.split("."):
                 value = value[part]
-            raise ParamsError(f"params.yaml: {key} = {value!r} is out of range; allowed: {allowed}")
+            raise ParamsError(f"params.yaml: {key} = {value!r} {problem[0] if problem else 'is out of range'}; "
+                              f"allowed: {allowed}")
     return params
 
 

@@ -2,11 +2,14 @@
 that resumes check, and the data-parallel process group."""
 
 import argparse
+import ctypes
+import errno
 import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,8 +21,14 @@ from ddpm.data import DataError
 from .params import ParamsError
 from .tracking import TrackingError
 
+
+class NotWritableError(OSError):
+    """An output folder the stage could not write to (read-only, not a folder, no permission)."""
+
+
 # Errors a user can act on: reported as one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ParamsError, CheckpointError, DataError, TrackingError, FileNotFoundError, FloatingPointError)
+USER_ERRORS = (ParamsError, CheckpointError, DataError, TrackingError, NotWritableError, FileNotFoundError,
+               FloatingPointError)
 
 
 def run(main) -> None:
@@ -30,6 +39,13 @@ def run(main) -> None:
         main(sys.argv[1:])
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror}{where}; free some space and rerun (outputs are written whole or not at all, "
+              "and training resumes from its last checkpoint)", file=sys.stderr)
         sys.exit(1)
 
 
@@ -46,15 +62,46 @@ def path_parser(*options: str) -> argparse.ArgumentParser:
     return ap
 
 
+def check_writable(*paths: str | Path) -> None:
+    """Before any work, that each output can be written: the folder that will hold it (its nearest existing
+    parent, which the stage creates folders in) and, if it is a folder already, the folder itself (replaced
+    or written into). Probed with an unnamed temporary file, so permissions, ACLs and read-only mounts all
+    count."""
+    for path in map(Path, paths):
+        parent = path.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        for folder in [parent] + ([path] if path.is_dir() else []):
+            if not folder.is_dir():
+                raise NotWritableError(f"cannot write {path}: {folder} is not a folder")
+            try:
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as e:
+                raise NotWritableError(f"cannot write {path}: {folder} is not writable ({e.strerror})") from None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def relaunch(nproc: int, module: str, argv: list[str]) -> None:
-    """Run `python -m module argv` as `nproc` data-parallel processes (torchrun) and exit with its status."""
-    sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc_per_node={nproc}", "-m", module, *argv]))
+def relaunch(nproc: int, module: str, argv: list[str]) -> int:
+    """Run `python -m module argv` as `nproc` data-parallel processes (torchrun) and wait; their exit code.
+    Torchrun is bound to this process: should this one die, even by SIGKILL, torchrun gets SIGTERM and stops
+    its processes, so a killed stage leaves none behind to write on into its outputs."""
+    parent = os.getpid()
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={nproc}", "-m", module, *argv],
+                           preexec_fn=lambda: _die_with(parent))
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent `parent` exits (Linux; elsewhere nothing)."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -64,6 +111,7 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
         return 0, 1, device
     import torch.distributed as dist
 
+    _die_with(os.getppid())  # should torchrun be killed, its processes stop too
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
