@@ -48,8 +48,11 @@ def sample(a, p, tracker) -> None:
             print(f"{a.variant} {a.method}: not in sample.methods, nothing to sample")
             index = []
         write_json(tmp / "index.json", index)
-    for f in [*sorted(a.out.glob("*.png")), a.out / "index.json"]:
-        tracker.log_artifact(f, "samples")
+    for s in index:  # a series per sampler and guidance over the step count, e.g. ddim_eta0_w1 at steps 5, 10
+        tracker.log_image(a.out / f"{s['tag']}.png", s["tag"].replace(f"{s['method']}{s['steps']}", s["method"], 1),
+                          step=s["steps"])
+    tracker.log_artifact(a.out / "index.json", "samples")
+    tracker.log_table(index, "samples/timings.json")
 
 
 def draw(a, p, tracker, out) -> list[dict]:
@@ -75,7 +78,6 @@ def draw(a, p, tracker, out) -> list[dict]:
         index.append({**s.to_dict(), "variant": a.variant, "num_samples": n, "seed": p.seed,
                       "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
         print(f"{a.variant} {s.tag}: {n} images in {seconds:.1f} s")
-        tracker.log_metrics({f"{s.tag}.seconds": seconds, f"{s.tag}.images_per_second": n / seconds})
     return index
 
 

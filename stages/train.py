@@ -73,8 +73,9 @@ def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, wor
         if rank == 0:
             grid = state.grids / f"epoch_{epoch + 1:03d}.png"
             save_grid(epoch_grid(tr, p, unet), grid, nrow=unet.num_classes)
-            tracker.log_artifact(grid, "grids")
-            tracker.log_metrics(state.epoch_summary(tr.steps_per_epoch), step=epoch + 1)
+            if not tracker.logged("epoch_loss", epoch + 1):  # a killed run may have logged it before its checkpoint
+                tracker.log_image(grid, "epoch_grid", step=epoch + 1)
+                tracker.log_metrics(state.epoch_summary(tr.steps_per_epoch), step=epoch + 1)
             save(tr)
 
     start = time.time()
@@ -106,8 +107,8 @@ def log_outputs(a, tracker, metrics: dict) -> None:
         if (a.out / name).exists():
             tracker.log_artifact(a.out / name, "model")
     tracker.log_artifact(a.out / "loss.png")
-    if os.environ.get("DDPM_MODEL_NAME", "ddpm"):
-        tracker.register_model("model", f"{os.environ.get('DDPM_MODEL_NAME', 'ddpm')}-{a.variant}")
+    prefix = os.environ.get("DDPM_MODEL_NAME", "ddpm")
+    tracker.register_model(a.out, f"{prefix}-{a.variant}" if prefix else None)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """A full tiny pipeline run on real Fashion-MNIST, logged to an `mlflow server` on the loopback."""
 
+import contextlib
 import json
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -16,31 +20,43 @@ pytestmark = pytest.mark.slow
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` with a SQLite backend and an artifact root, on a free port of 127.0.0.1."""
+def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` with a SQLite backend and an artifact root in `folder`, on a free port of 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mlflow = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                             "--artifacts-destination", str(folder / "server-artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            return proc, uri
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                stop(proc)
+                raise AssertionError("mlflow server did not start") from None
+            time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop the server and its workers (its process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    proc, uri = start_server(tmp_path)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
         yield uri, tmp_path / "server-artifacts"
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -59,4 +75,39 @@ def test_real_fashion_mnist_pipeline_logs_to_a_tracking_server(tmp_path, mlflow_
     assert {"prepare", "classifier", "reference", "train-uncond", "train-cond", "evaluate", "visualize"} <= names
     assert len(runs) == len(ALL_STAGES - {"profile", "check"}) + 1  # and the parent (those two log nothing)
     assert not (repo / "mlflow.db").exists()  # nothing went to the default local store
-    assert list(artifacts.rglob("model.pt")) and list(artifacts.rglob("epoch_001.png"))
+    assert list(artifacts.rglob("model.pt")) and list(artifacts.rglob("images/epoch_grid+step+1+*.png"))
+
+
+@pytest.mark.parametrize("mode", ["on", "warn"])
+def test_tracking_server_dying_mid_stage(tmp_path, mode):
+    """Required tracking stops the stage with one line; DDPM_TRACKING=warn finishes it and says what was not
+    logged. Neither waits on the dead server."""
+    repo = make_repo(tmp_path / "repo", merge(TINY, {"train": {"epochs": 4}}))
+    run([sys.executable, "-m", "stages.prepare", "data/prepared"], repo, env={"DDPM_TRACKING": "off"})
+    proc, uri = start_server(tmp_path)
+    try:
+        train = subprocess.Popen([sys.executable, "-m", "stages.train", "uncond", "--data", "data/prepared",
+                                  "--checkpoints", "ck", "--out", "model", "--metrics", "metrics.json", "--plot",
+                                  "loss.csv"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "MLFLOW_TRACKING_URI": uri, "DDPM_TRACKING": mode})
+        deadline = time.time() + 300
+        while not (repo / "ck/last.pt").exists():  # the run is open and has logged its first points
+            assert train.poll() is None and time.time() < deadline, train.communicate()
+            time.sleep(0.05)
+        stop(proc, signal.SIGKILL)
+        out, err = train.communicate(timeout=300)
+    finally:
+        stop(proc, signal.SIGKILL)
+    assert "Traceback" not in err, err
+    lines = [line for line in re.split(r"[\r\n]", err) if line.startswith(("error:", "warning:"))]
+    if mode == "on":
+        assert train.returncode == 1 and not (repo / "model").exists()
+        assert lines == [f"error: MLflow tracking store {uri} stopped answering (MlflowException); rerun the stage "
+                         "when it is back (training resumes from its checkpoint), or set DDPM_TRACKING=warn to "
+                         "finish without it"]
+    else:
+        assert train.returncode == 0 and (repo / "model/model.pt").is_file()
+        assert lines[0] == (f"warning: MLflow tracking store {uri} stopped answering (MlflowException): the rest "
+                            "of this stage is not logged")
+        assert lines[1].startswith("warning: not logged to MLflow (run ") and len(lines) == 2
+        assert all(name in lines[1] for name in ("epoch_loss", "epoch_grid", "model.pt", "model ddpm-uncond"))

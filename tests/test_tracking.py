@@ -4,11 +4,15 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 from helpers import ALL_STAGES, run
 from mlflow.tracking import MlflowClient
+from test_mlflow_store import image_series, load_table, tracking_at
 
 from ddpm import generate, load_model
 from ddpm.sampling import METHODS
@@ -84,8 +88,7 @@ def test_model_artifact_loads_and_samples(tiny_repo, tmp_path):
     repo, _ = tiny_repo
     client = client_for(repo)
     train = runs_of(client, first_parent(client).info.run_id)["train-cond"]
-    artifacts = {a.path for a in client.list_artifacts(train.info.run_id, "grids")}
-    assert artifacts == {"grids/epoch_001.png", "grids/epoch_002.png"}
+    assert image_series(client, train.info.run_id) == {("epoch_grid", 1), ("epoch_grid", 2)}
     local = client.download_artifacts(train.info.run_id, "model", str(tmp_path))
     model, diffusion, meta = load_model(Path(local) / "model.pt")
     images = generate(model, diffusion, 4, (1, 28, 28), seed=0, steps=3, labels=torch.arange(4))
@@ -97,6 +100,48 @@ def test_model_artifact_loads_and_samples(tiny_repo, tmp_path):
                            ("uncond", {"model.pt", "model-guide.pt", "config.json"})):
         listed = {a.path for a in client.list_artifacts(runs[f"train-{variant}"].info.run_id, "model")}
         assert listed == {f"model/{n}" for n in names}, (variant, listed)
+
+
+def test_registered_model_loads_and_samples_through_mlflow(tiny_repo):
+    repo, _ = tiny_repo
+    client = client_for(repo)
+    with tracking_at(client.tracking_uri):
+        cond = mlflow.pyfunc.load_model("models:/ddpm-cond/latest")
+        uncond = mlflow.pyfunc.load_model("models:/ddpm-uncond/latest")
+    request = pd.DataFrame({"num": [3], "seed": [7], "class": [2], "steps": [3], "guidance": [1.0]})
+    images = cond.predict(request)
+    assert images.shape == (3, 1, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(images, cond.predict(request))
+    assert not np.array_equal(images, cond.predict(request.assign(seed=8)))
+    # the unconditional model is autoguided by the guide model logged beside it
+    assert uncond.predict({"num": [2], "steps": [3], "guidance": [1.0]}).shape == (2, 1, 28, 28)
+    assert cond.metadata.get_input_schema().required_input_names() == ["num"]
+
+
+def test_parent_run_spans_the_pipeline(tiny_repo):
+    repo, _ = tiny_repo
+    client = client_for(repo)
+    parent = first_parent(client)
+    children = runs_of(client, parent.info.run_id).values()
+    assert parent.info.status == "FINISHED"
+    assert parent.info.start_time == min(r.info.start_time for r in children)
+    assert parent.info.end_time == max(r.info.end_time for r in children)
+
+
+def test_sample_runs_log_grid_series_and_a_timings_table(tiny_repo, tmp_path):
+    repo, _ = tiny_repo
+    client = client_for(repo)
+    runs = runs_of(client, first_parent(client).info.run_id)
+    assert image_series(client, runs["sample-ddim-cond"].info.run_id) == {("ddim_eta0_w1", 5), ("ddim_eta0_w1", 10)}
+    assert image_series(client, runs["sample-dpmsolver-uncond"].info.run_id) == {("dpmsolver", 5),
+                                                                                 ("dpmsolver_ag1", 5)}
+    run_ = runs["sample-ddim-uncond"]
+    table = load_table(client, run_.info.run_id, "samples/timings.json", tmp_path)
+    assert set(table["tag"]) == {"ddim5_eta0", "ddim10_eta0", "ddim5_eta0_ag1", "ddim10_eta0_ag1"}
+    assert (table["seconds"] > 0).all() and (table["images_per_second"] > 0).all()
+    for name, r in runs.items():  # a handful of metric keys per stage run (evaluate's are its own)
+        assert name == "evaluate" or len(r.data.metrics) <= 25, (name, sorted(r.data.metrics))
+        assert not any(k.endswith((".seconds", ".images_per_second")) for k in r.data.metrics), name
 
 
 def test_experiments_get_their_own_parent_runs(tiny_repo, tiny_experiments):

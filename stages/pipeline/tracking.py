@@ -3,9 +3,13 @@ run per pipeline state (a DVC experiment, or for a plain `dvc repro` a params + 
 
 Where: MLFLOW_TRACKING_URI when set, else a SQLite store `mlflow.db` (artifacts in `mlartifacts/`)
 at the repository root, resolved so that `dvc exp run --temp/--queue` copies under .dvc/tmp/exps/
-log into the user's one store. Which experiment: MLFLOW_EXPERIMENT_NAME, else "ddpm".
-If the store cannot be reached a stage stops at once, unless DDPM_TRACKING=warn (then it warns
-and runs untracked); DDPM_TRACKING=off disables tracking.
+log into the user's one store. Which experiment: MLFLOW_EXPERIMENT_NAME, else "ddpm" (marked as one of
+model training, so that the MLflow UI opens on its runs table). The parent run starts with the pipeline's
+first stage and ends with its last, FAILED while the last run of any stage failed. With MLflow's
+MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING on, each stage run gets system metrics too.
+If the store cannot be reached (or is an empty, read-only or corrupt SQLite file) a stage stops at once
+with one line, as it does when the store stops answering during the stage, unless DDPM_TRACKING=warn
+(then it warns and runs untracked, and says what was not logged); DDPM_TRACKING=off disables tracking.
 """
 
 import contextlib
@@ -13,17 +17,28 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
 
+import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from PIL import Image
+from tqdm import tqdm
+
+from .registry import describe_model_versions, log_pyfunc_model  # noqa: F401 -- evaluate's, from here
 
 EXPERIMENT = "ddpm"
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
+# The MLflow UI opens an experiment on its runs table, not its GenAI view, when it is marked as one of
+# model training (the UI's ExperimentKind).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class TrackingError(RuntimeError):
@@ -75,87 +90,155 @@ def _pipeline_key() -> str:
 
 
 class Tracker:
-    """An open MLflow stage run; every method is a no-op when tracking is disabled."""
+    """An open MLflow stage run; every method is a no-op when tracking is disabled.
 
-    def __init__(self, client: MlflowClient | None, run_id: str | None, parent_id: str | None):
-        self.client, self.run_id, self.parent_id = client, run_id, parent_id
+    If the store stops answering during the stage, the stage stops with one line (TrackingError); under
+    DDPM_TRACKING=warn it goes on untracked and, at its end, says what was not logged."""
+
+    def __init__(self, client: MlflowClient | None, run_id: str | None, parent_id: str | None,
+                 experiment_id: str | None = None):
+        self.client, self.run_id, self.parent_id, self.experiment_id = client, run_id, parent_id, experiment_id
+        self.lost: list[str] | None = None  # once the store stopped answering: what was not logged
+
+    def call(self, what: str | list[str] | None, fn, *args, **kwargs):
+        """fn(client, *args, **kwargs) (e.g. fn = MlflowClient.log_batch) while the store answers. A store
+        that stopped answering stops the stage with one line, or under DDPM_TRACKING=warn warns once, and
+        `what` (names, None for a read) joins what was not logged."""
+        if self.client is None:
+            if self.lost is not None and what:
+                self.lost += [what] if isinstance(what, str) else what
+            return None
+        try:
+            return fn(self.client, *args, **kwargs)
+        except Exception as e:
+            if _answers(self.client):  # the store is fine: a bug, which keeps its traceback
+                raise
+            self.client = None
+            msg = f"MLflow tracking store {tracking_uri()} stopped answering ({type(e).__name__})"
+            if os.environ.get("DDPM_TRACKING", "on") != "warn":
+                raise TrackingError(f"{msg}; rerun the stage when it is back (training resumes from its "
+                                    "checkpoint), or set DDPM_TRACKING=warn to finish without it") from None
+            tqdm.write(f"warning: {msg}: the rest of this stage is not logged", file=sys.stderr)  # below any bar
+            self.lost = []
+            return self.call(what, fn, *args, **kwargs)
 
     def log_params(self, params: dict) -> None:
-        if self.client:
-            items = [Param(k, json.dumps(list(v)) if isinstance(v, tuple) else str(v))
-                     for k, v in flatten(params).items()]
-            for run in (self.run_id, self.parent_id):
-                for i in range(0, len(items), 100):
-                    self.client.log_batch(run, params=items[i:i + 100])
+        items = [Param(k, json.dumps(list(v)) if isinstance(v, tuple) else str(v)) for k, v in flatten(params).items()]
+        for run in (self.run_id, self.parent_id):
+            for i in range(0, len(items), 100):
+                self.call("params", MlflowClient.log_batch, run, params=items[i:i + 100])
 
     def set_tags(self, tags: dict) -> None:
-        if self.client:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.call("tags", MlflowClient.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict, step: int = 0, parent: bool = False) -> None:
         """Log numbers (nested dicts are flattened); also on the parent run when `parent`."""
-        if self.client:
-            now = int(time.time() * 1000)
-            items = [Metric(k, float(v), now, step) for k, v in flatten(metrics).items()
-                     if isinstance(v, (int, float))]
-            for run in (self.run_id, self.parent_id) if parent else (self.run_id,):
-                for i in range(0, len(items), BATCH):
-                    self.client.log_batch(run, metrics=items[i:i + BATCH])
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in flatten(metrics).items() if isinstance(v, (int, float))]
+        for run in (self.run_id, self.parent_id) if parent else (self.run_id,):
+            for i in range(0, len(items), BATCH):
+                batch = items[i:i + BATCH]
+                self.call([m.key for m in batch], MlflowClient.log_batch, run, metrics=batch)
 
     def log_history(self, name: str, points: list[tuple[int, float]]) -> None:
         """Log (step, value) points of one metric in batches."""
-        if self.client:
-            now = int(time.time() * 1000)
-            items = [Metric(name, float(v), now, int(s)) for s, v in points]
-            for i in range(0, len(items), BATCH):
-                self.client.log_batch(self.run_id, metrics=items[i:i + BATCH])
+        now = int(time.time() * 1000)
+        items = [Metric(name, float(v), now, int(s)) for s, v in points]
+        for i in range(0, len(items), BATCH):
+            self.call(name, MlflowClient.log_batch, self.run_id, metrics=items[i:i + BATCH])
 
     def last_step(self, name: str) -> int:
         """The last step logged for metric `name` (0 if none)."""
-        if not self.client:
-            return 0
-        history = self.client.get_metric_history(self.run_id, name)
+        history = self.call(None, MlflowClient.get_metric_history, self.run_id, name) or []
         return max((m.step for m in history), default=0)
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.client:
-            path = Path(path)
-            if path.is_dir():
-                self.client.log_artifacts(self.run_id, str(path), artifact_path)
-            else:
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
+    def logged(self, name: str, step: int) -> bool:
+        """Whether metric `name` has a point at `step` already (a resumed run logged it before it was killed)."""
+        return self.client is not None and self.last_step(name) >= step
 
-    def register_model(self, artifact_path: str, name: str) -> None:
-        """Add the artifacts at `artifact_path` as a new version of registered model `name`."""
-        if self.client:
-            with contextlib.suppress(MlflowException):
-                self.client.create_registered_model(name)
-            source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-            self.client.create_model_version(name, source, run_id=self.run_id)
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        log = MlflowClient.log_artifacts if path.is_dir() else MlflowClient.log_artifact
+        self.call(path.name, log, self.run_id, str(path), artifact_path)
+
+    def log_image(self, path: str | Path, key: str, step: int) -> None:
+        """A PNG as point `step` of image series `key`: the MLflow UI shows a step slider and compares the
+        series across runs."""
+        self.call(key, MlflowClient.log_image, self.run_id, Image.open(path), key=key, step=step)
+
+    def log_table(self, rows: list[dict] | dict, artifact_file: str) -> None:
+        """A table (rows of dicts, or a dict of columns) as one artifact (.json), not as metrics."""
+        if rows:
+            self.call(artifact_file, MlflowClient.log_table, self.run_id, pd.DataFrame(rows), artifact_file)
+
+    def log_dict(self, d: dict, artifact_file: str) -> None:
+        """A (nested) dict as one JSON or YAML artifact, not as metrics."""
+        self.call(artifact_file, MlflowClient.log_dict, self.run_id, d, artifact_file)
+
+    def register_model(self, folder: Path, name: str | None) -> None:
+        """Log the model files in `folder` as a pyfunc model, registered as a new version of `name` (not if None)."""
+        self.call(f"model {name or ''}".strip(), log_pyfunc_model, self.run_id, Path(folder), name)
+
+    def end(self, status: str) -> None:
+        """Terminate the run as `status` and settle the parent run; say what was not logged, if anything."""
+        self.call(None, MlflowClient.set_terminated, self.run_id, status)
+        self.call(None, _settle_parent, self.experiment_id, self.parent_id)
+        if self.lost is not None:
+            lost = list(dict.fromkeys(self.lost))
+            lost = ", ".join(lost[:20]) + (f" and {len(lost) - 20} more" if len(lost) > 20 else "")
+            run = f" (run {self.run_id} stays RUNNING there)" if self.run_id else ""
+            print(f"warning: not logged to MLflow{run}: {lost or 'the run'}", file=sys.stderr)
 
 
 def _experiment_id(client: MlflowClient) -> str:
+    """The experiment, marked as one of model training so that the MLflow UI opens on its runs table."""
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if KIND_TAG not in exp.tags:  # made before this tag was set, or by hand
+            client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
         return exp.experiment_id
     location = None if os.environ.get("MLFLOW_TRACKING_URI") else (repo_root() / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
     except MlflowException:  # created meanwhile by a parallel experiment
         return client.get_experiment_by_name(name).experiment_id
 
 
-def _parent_run(client: MlflowClient, experiment_id: str) -> str:
+def _tag_equals(tag: str, value: str) -> str:
+    """A filter string for tag = value. Filter strings cannot escape a quote, so a value holding one is
+    matched with LIKE and `_` in its place: check the value of what it finds."""
+    if "'" not in value:
+        return f"tags.{tag} = '{value}'"
+    return f"tags.{tag} LIKE '{value.replace(chr(39), '_').replace('%', '_')}'"
+
+
+def _parent_run(client: MlflowClient, experiment_id: str, start_time: int) -> str:
+    """The pipeline's parent run, RUNNING; a new one starts at `start_time`, as its first stage did."""
     key = _pipeline_key()
-    found = client.search_runs([experiment_id], f"tags.pipeline_key = '{key}'", max_results=1)
+    found = [r for r in client.search_runs([experiment_id], _tag_equals("pipeline_key", key), max_results=100)
+             if r.data.tags.get("pipeline_key") == key]
     if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     name = os.environ.get("DVC_EXP_NAME") or f"repro-{key[-8:]}"
-    run = client.create_run(experiment_id, run_name=name, tags={"pipeline_key": key, "role": "pipeline",
+    run = client.create_run(experiment_id, start_time, run_name=name, tags={"pipeline_key": key, "role": "pipeline",
                                                                    "git_commit": _git_commit(), **_dvc_tags()})
-    client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def _settle_parent(client: MlflowClient, experiment_id: str, parent: str) -> None:
+    """The parent run spans its stages: RUNNING while one runs; else it ends when its last stage ended,
+    FAILED if the last run of any stage failed."""
+    latest = {}  # stage run name -> its newest run
+    for r in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'",
+                                order_by=["attributes.start_time ASC"]):
+        latest[r.info.run_name] = r
+    statuses = {r.info.status for r in latest.values()}
+    if "RUNNING" in statuses:
+        return
+    end = max((r.info.end_time or 0 for r in latest.values()), default=None) or None
+    client.set_terminated(parent, "FAILED" if statuses - {"FINISHED"} else "FINISHED", end_time=end)
 
 
 def _exists(client: MlflowClient, run_id: str) -> bool:
@@ -169,6 +252,38 @@ def _dvc_tags() -> dict:
     return {k: os.environ[k] for k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if os.environ.get(k)}
 
 
+def _answers(client: MlflowClient) -> bool:
+    try:
+        client.search_experiments(max_results=1)
+        return True
+    except Exception:  # noqa: BLE001 -- whatever the failure, the store does not answer
+        return False
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def _check_sqlite(path: Path) -> None:
+    """Refuse a SQLite store file that would start empty or fail at the first write, with what to do."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise TrackingError(f"MLflow store {path} is an empty file, not a store: its runs are gone; remove it to "
+                            f"start a new store (rm {path}), or restore it from a backup")
+    if path.is_file() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+        raise TrackingError(f"MLflow store {path} is read-only (it and its folder must be writable): fix its "
+                            "permissions, or set MLFLOW_TRACKING_URI to another store")
+
+
+def _sqlite_damage(path: Path) -> str | None:
+    """What SQLite finds wrong with the database file, or None."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            result = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        return str(e)
+    return None if result == "ok" else result
+
+
 def _connect() -> MlflowClient | None:
     """A client for the store, checked to answer; None when tracking is off or optional and down."""
     mode = os.environ.get("DDPM_TRACKING", "on")
@@ -176,20 +291,49 @@ def _connect() -> MlflowClient | None:
         return None
     for name in ("mlflow", "alembic"):  # keep table creation/migration chatter out of the stage's output
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # its thread's warnings: the store is down
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    uri = tracking_uri()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the model files copied as it is logged
+    uri, path = tracking_uri(), _sqlite_path(tracking_uri())
     try:
+        if path:
+            _check_sqlite(path)
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)
         return client
+    except TrackingError as e:
+        msg = str(e)
     except Exception as e:  # noqa: BLE001 -- any failure to reach the store means the same to the user
-        msg = f"MLflow tracking store {uri} is unreachable ({type(e).__name__}); start it, fix " \
-              "MLFLOW_TRACKING_URI, or set DDPM_TRACKING=warn to run without tracking"
-        if mode == "warn":
-            warnings.warn(msg, stacklevel=2)
-            return None
-        raise TrackingError(msg) from None
+        damage = _sqlite_damage(path) if path and path.is_file() else None
+        msg = (f"MLflow store {path} is corrupt ({damage}); move it away to start a new store "
+               f"(mv {path} {path}.corrupt)" if damage else
+               f"MLflow tracking store {uri} is unreachable ({type(e).__name__}); start it, fix "
+               "MLFLOW_TRACKING_URI, or set DDPM_TRACKING=warn to run without tracking")
+    if mode == "warn":
+        warnings.warn(msg, stacklevel=2)
+        return None
+    raise TrackingError(msg)
+
+
+def _system_metrics(run_id: str, resume: bool):
+    """MLflow's system-metrics monitor on the run (CPU, memory, disk, network, GPU when present) when
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is on, every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10)."""
+    if not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=tracking_uri())
+    monitor.start()
+    return monitor
+
+
+def _stop(monitor) -> None:
+    """Stop the monitor and log what it sampled since its last point, so a short stage gets one too."""
+    monitor.finish()
+    if metrics := monitor.aggregate_metrics():
+        monitor.publish_metrics(metrics)
+        monitor.mlflow_logger.flush()
 
 
 @contextlib.contextmanager
@@ -197,29 +341,43 @@ def stage_run(stage: str, variant: str | None = None, params: dict | None = None
               data_hash: str | None = None, run_id: str | None = None):
     """Open (or, given `run_id`, reopen) the MLflow run of one stage; yields a Tracker.
 
-    The run ends FINISHED, or FAILED if the stage raises."""
+    The run ends FINISHED, or FAILED if the stage raises; the pipeline's parent run ends with it."""
     client = _connect()
     if client is None:
         yield Tracker(None, None, None)
         return
-    experiment_id = _experiment_id(client)
-    parent = _parent_run(client, experiment_id)
+    tracker = Tracker(client, None, None)
+    resume = tracker.call("the stage run", _open, tracker, stage, variant, run_id)
     tags = {"stage": stage, "variant": variant or "", "git_commit": _git_commit(), **_dvc_tags(),
             "params_hash": hashlib.sha256(repr(sorted(flatten(params or {}).items())).encode()).hexdigest()[:16],
-            "data_hash": data_hash or "", "mlflow.parentRunId": parent}
+            "data_hash": data_hash or "", "mlflow.parentRunId": tracker.parent_id}
+    tracker.set_tags(tags)  # a resumed stage takes this invocation's: it joins the pipeline run resuming it
+    tracker.log_params(params or {})
+    monitor = _system_metrics(tracker.run_id, resume) if tracker.client else None
+    try:
+        yield tracker
+    except BaseException:
+        with contextlib.suppress(Exception):  # the stage's own error is the one to report
+            if monitor and tracker.client:
+                _stop(monitor)
+            tracker.end("FAILED")
+        raise
+    if monitor and tracker.client:
+        _stop(monitor)
+    tracker.end("FINISHED")
+
+
+def _open(client: MlflowClient, tracker: Tracker, stage: str, variant: str | None, run_id: str | None) -> bool:
+    """Find or start the parent run and start (or reopen) the stage's run in `tracker`; whether it reopened."""
+    tracker.experiment_id = _experiment_id(client)
     if run_id is not None and not _exists(client, run_id):  # e.g. mlflow.db was removed; checkpoints kept
         print(f"MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
         run_id = None
     if run_id is None:
-        run_id = client.create_run(experiment_id, run_name=f"{stage}-{variant}" if variant else stage).info.run_id
+        run = client.create_run(tracker.experiment_id, run_name=f"{stage}-{variant}" if variant else stage)
+        tracker.run_id, start = run.info.run_id, run.info.start_time
     else:
         client.update_run(run_id, status="RUNNING")
-    tracker = Tracker(client, run_id, parent)
-    tracker.set_tags(tags)  # a resumed stage takes this invocation's: it joins the pipeline run resuming it
-    tracker.log_params(params or {})
-    try:
-        yield tracker
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
+        tracker.run_id, start = run_id, int(time.time() * 1000)
+    tracker.parent_id = _parent_run(client, tracker.experiment_id, start)
+    return run_id is not None
