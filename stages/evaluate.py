@@ -26,6 +26,7 @@ from ddpm.sampling import METHODS
 
 from .pipeline.io import load_info, save_figure, write_json, write_text
 from .pipeline.params import load_params, sections
+from .pipeline.registry import describe_model_versions
 from .pipeline.run import check_writable, path_parser, run, seed_everything
 from .pipeline.tracking import stage_run
 from .reference import inception_weights
@@ -50,7 +51,12 @@ def main(argv: list[str]) -> None:
         with staged(outputs) as tmp:
             write_outputs(tmp, a, results, rows)
             tracker.set_tags(tags(results["protocol"]))
-            tracker.log_metrics({k: v for k, v in results.items() if k != "protocol"}, parent=True)
+            summary = headline(rows, results["floor"]["classifier"])
+            tracker.log_metrics(summary, parent=True)  # the headline; every number as one table artifact
+            tracker.log_dict(results, "eval.json")
+            describe_model_versions(tracker, {v: {"sampler": h["best"], "fid": h["fid"],
+                                                  "fid_over_floor": h["fid_over_floor"]}
+                                              for v, h in summary.items() if v != "floor"})
             for f in outputs:
                 tracker.log_artifact(tmp[f])
 

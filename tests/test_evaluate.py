@@ -256,9 +256,14 @@ def test_mlflow_run_carries_the_protocol_and_the_floor(workspace):
     assert tags["sampler.cond.ddim5_eta0_w3"] == ("method=ddim steps=5 eta=0.0 spacing=uniform cfg=3.0 "
                                                   "autoguidance=0.0 tag=ddim5_eta0_w3 seed=0 num_samples=200")
     assert run_.data.params["evaluate.extractors"] == '["classifier"]'
-    assert {"floor.classifier.fid", "cond.ddpm_w1.fid_over_floor", "cond.ddpm_w1.precision"} <= set(metrics)
+    # the headline as metrics, at most a screen of them; every number as one JSON artifact
+    assert {"floor.fid", "cond.fid_over_floor", "cond.ddpm.fid", "uncond.ddim.fid"} <= set(metrics)
+    assert len(metrics) <= 25, sorted(metrics)
     parent = client.get_run(tags["mlflow.parentRunId"]).data.metrics
-    assert parent["floor.classifier.fid"] == metrics["floor.classifier.fid"]
+    assert parent["floor.fid"] == metrics["floor.fid"]
+    full = json.loads((workspace / "metrics/eval.json").read_text())
+    assert "eval.json" in {a.path for a in client.list_artifacts(run_.info.run_id)}
+    assert metrics["cond.fid"] == pytest.approx(min(e["fid"] for e in full["cond"].values()), rel=1e-5)
 
 
 def test_inception_without_weights_stops_the_stages_with_one_line(mnist, classifier, tmp_path, monkeypatch, capsys):

@@ -23,8 +23,6 @@ TINY_MODEL = UNetConfig(in_channels=1, image_size=28, base_channels=8, channel_m
                         attention_resolutions=(), num_heads=1)
 
 BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
-# without a guide model, for the autoguidance cases
-BASE["train_uncond"]["guide_at"], BASE["sample"]["autoguidance"], BASE["visualize"]["autoguidance"] = 0, [0.0], 0.0
 
 CASES = [  # (section, key, bad value, expected message fragment)
     ("train", "lrr", 0.1, "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
@@ -224,7 +222,8 @@ def test_the_size_estimates_are_lower_bounds():
     with torch.autograd.graph.saved_tensors_hooks(lambda a: saved.append(a.numel() * a.element_size()) or a,
                                                   lambda a: a):
         net(x, t)
-    assert bounds.unet_bytes(dataclasses.replace(p, train=dataclasses.replace(p.train, bf16=False)), True) * 16 < sum(
+    fp32 = dataclasses.replace(p, train=dataclasses.replace(p.train, precision="fp32"))
+    assert bounds.unet_bytes(fp32, True) * 16 < sum(
         saved)
 
 
@@ -244,7 +243,7 @@ def test_a_seed_training_cannot_use_is_one_line(tmp_path, monkeypatch, capsys, s
 def test_the_largest_seed_trains_and_samples():
     p = validate(merge(BASE, {"seed": MAX_SEED}))
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
-    config = dataclasses.replace(train_config(p, "uncond"), epochs=1, batch_size=4, bf16=False)
+    config = dataclasses.replace(train_config(p, "uncond"), epochs=1, batch_size=4, precision="fp32")
     net = UNet(TINY_MODEL)
     diffusion = Diffusion.from_config(dataclasses.replace(p.diffusion, timesteps=10))
     trainer = Trainer(net, diffusion, images, None, config, torch.device("cpu"), p.seed)

@@ -49,13 +49,14 @@ def image_shape(p) -> tuple[int, int]:
 
 def unet_bytes(p, training: bool) -> int:
     """Activations per image of the UNet (rough lower bound): a c x s x s feature map per res block and level,
-    down and up, in float32; training keeps about six per block for the backward pass (bfloat16 with train.bf16)."""
+    down and up, in float32; training keeps about six per block for the backward pass (16-bit ones when
+    train.precision may be 16-bit)."""
     _, size = image_shape(p)
     side, maps = math.ceil(size / p.model.patch_size), 0
     for m in p.model.channel_mults or ((1, 2, 2) if size <= 32 else (1, 2, 2, 2)):
         maps += p.model.base_channels * m * side * side
         side = (side + 1) // 2
-    per_map = ((2 if p.train.bf16 else 4) * 6) if training else 4
+    per_map = ((2 if p.train.precision in ("bf16", "fp16", "auto") else 4) * 6) if training else 4
     return maps * (2 * p.model.num_res_blocks + 1) * per_map
 
 
