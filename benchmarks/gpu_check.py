@@ -45,7 +45,7 @@ try:
     from benchmarks.mnist_split import main as split_mnist
     from benchmarks.project import copy_project, merge
     from benchmarks.throughput import matmul_gflops, timed
-    from ddpm import Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, generate
+    from ddpm import ClassifierFree, Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, generate
     from stages.pipeline.profiles import read_profiles
 except ImportError as e:  # outside the project's venv: what is missing, not a traceback
     missing = [m for m in NEEDS if importlib.util.find_spec(m) is None] or [e.name]
@@ -220,12 +220,13 @@ def step_flops(unet: UNetConfig, diffusion: DiffusionConfig, batch: int) -> floa
 def sampling_speed(model, diffusion, n: int, method: str, steps: int, guided: bool, dtype=None) -> dict:
     """Images/s of `generate` for n images in one batch, class-conditional, guided at w = 1 or not."""
     labels = torch.arange(n) % model.config.num_classes
-    options = {"seed": 0, "method": method, "labels": labels, "guidance": 1.0 if guided else 0.0, "batch_size": n}
+    options = {"seed": 0, "method": method, "labels": labels, "batch_size": n}
+    net = ClassifierFree(model, 1.0) if guided else model
     device = diffusion.betas.device.type
     with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        generate(model, diffusion, n, (1, 28, 28), steps=2, **options)  # warm-up
+        generate(net, diffusion, n, (1, 28, 28), steps=2, **options)  # warm-up
         start = time.perf_counter()
-        generate(model, diffusion, n, (1, 28, 28), steps=steps, **options)
+        generate(net, diffusion, n, (1, 28, 28), steps=steps, **options)
     seconds = time.perf_counter() - start
     return {"images_per_s": n / seconds, "seconds": seconds}
 
