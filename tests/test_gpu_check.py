@@ -49,7 +49,8 @@ def test_tiny_run_reports_every_measurement(tmp_path):
     assert set(stages) == ALL_STAGES | {"total"} and all(row.get("note") is None for row in stages.values())
     assert all(positive(row["seconds"]) for row in stages.values())
     assert {(row["model"], row["sampler"]) for row in report["fid"]} == {
-        ("uncond", "ddim3_eta0"), ("uncond", "dpmsolver3"), ("cond", "ddim3_eta0_w1"), ("cond", "dpmsolver3_w1")}
+        ("uncond", "ddim3_eta0_ag1"), ("uncond", "dpmsolver3_ag1"), ("cond", "ddim3_eta0_w1"),
+        ("cond", "dpmsolver3_w1")}
     assert all(positive(row["fid_over_floor"]) and row["train_steps"] == 4 for row in report["fid"])
     assert report["complete"] and "## Pipeline: FID over the floor" in md
 
