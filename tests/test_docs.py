@@ -39,6 +39,8 @@ def test_every_override_is_a_valid_param(doc, command):
             node = node[part]
         assert last in node, f"{doc}: {command}: {key} is not a key of params.yaml"
         node[last] = yaml.safe_load(value)  # as `dvc exp run -S` parses it
+    if str(params["device"]).startswith("cuda"):  # a GPU machine's command; validation checks devices that exist
+        params["device"] = "cpu"
     validate(params)
 
 
