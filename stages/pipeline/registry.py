@@ -26,6 +26,24 @@ from . import mlflow_model
 MODEL_FILES = {"model": "model.pt", "guide": ddpm.guide_path("model.pt").name}
 
 
+@contextlib.contextmanager
+def global_tracking_uri(uri: str):
+    """MLflow's global tracking URI set to `uri` (it defaults to the working directory's store, which a
+    `dvc exp run --temp` copy does not share), restored afterwards."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved_env, saved = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
 def signature(model_file: Path) -> ModelSignature:
     """Input: the columns of `DiffusionSampler` (only `num` required); output: uint8 (N, C, H, W) images."""
     config = ddpm.load_model(model_file)[0].config
@@ -55,7 +73,8 @@ def log_pyfunc_model(client: MlflowClient, run_id: str, folder: Path, name: str 
     if name:
         with contextlib.suppress(MlflowException):  # it exists already
             client.create_registered_model(name)
-        client.create_model_version(name, f"models:/{logged.model_id}", run_id=run_id, model_id=logged.model_id)
+        with global_tracking_uri(client.tracking_uri):  # MLflow's registry looks the model up in the global store
+            client.create_model_version(name, f"models:/{logged.model_id}", run_id=run_id, model_id=logged.model_id)
     return logged.model_id
 
 
