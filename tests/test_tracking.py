@@ -80,8 +80,9 @@ def test_loss_history_has_one_point_per_step(tiny_repo):
 def test_parent_carries_headline_metrics(tiny_repo):
     repo, _ = tiny_repo
     metrics = first_parent(client_for(repo)).data.metrics
-    assert {"uncond.ddpm.fid", "uncond.ddim10_eta0.fid", "cond.ddpm_w1.is_mean", "cond.ddpm_w1.cond_accuracy",
-            "classifier_test_accuracy"} <= set(metrics)
+    assert {"uncond.fid", "uncond.fid_over_floor", "uncond.ddpm.fid", "uncond.ddim.fid", "cond.is_mean",
+            "cond.cond_accuracy", "cond.dpmsolver.fid", "floor.fid", "classifier_test_accuracy"} <= set(metrics)
+    assert metrics["uncond.fid"] == min(metrics[f"uncond.{m}.fid"] for m in ("ddpm", "ddim", "dpmsolver"))
 
 
 def test_model_artifact_loads_and_samples(tiny_repo, tmp_path):
@@ -213,7 +214,8 @@ def test_queued_experiments_in_parallel_both_land_in_mlflow(tiny_repo):
         children = runs_of(client, parent.info.run_id)
         assert set(children) == {"sample-ddim-uncond", "sample-ddim-cond", "evaluate"}  # eta: DDIM only
         assert all(r.info.status == "FINISHED" for r in children.values())
-        assert f"uncond.ddim5_eta{names[name][1:-1]}.fid" in parent.data.metrics
+        assert "uncond.ddim.fid" in parent.data.metrics  # the headline; the setting's own scores in evaluate's
+        assert f"sampler.uncond.ddim5_eta{names[name][1:-1]}" in children["evaluate"].data.tags
 
 
 def test_a_sampler_left_out_of_sample_methods_is_neither_run_nor_scored(tiny_repo):
