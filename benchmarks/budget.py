@@ -44,10 +44,9 @@ from ddpm import (
 )
 from ddpm.classifier import Classifier, fit_classifier
 from ddpm.data import floor_subset, stratified_subset
-from ddpm.images import load_images
 from ddpm.metrics import Scorer, make_extractor, reference_features
 from ddpm.sampling import METHODS, SPACINGS
-from stages.pipeline.io import save_grid
+from stages.pipeline.io import load_data, save_grid
 from stages.pipeline.params import ParamsError, sections, train_config, validate
 from stages.pipeline.run import run
 from stages.pipeline.tracking import flatten, repo_root, tracking_uri
@@ -152,9 +151,7 @@ def main(argv: list[str]) -> None:
         raise ParamsError("--autoguidance: the model needs a guide model; set -S train_uncond.guide_at=F (0 < F < 1)")
     device = resolve_device(p.device)
     guide = load_guide(args.model, device) if guided and args.model else None  # before any work
-    d = p.data
-    data = load_images(d.name, root=d.root, classes=d.classes, image_size=d.image_size, channels=d.channels,
-                       seed=p.seed)
+    data = load_data(p)
     train = stratified_subset(data.train_images, data.train_labels, p.data.limit, p.seed)
     data = dataclasses.replace(data, train_images=train[0], train_labels=train[1])
     source = p.data.name + (f"-{Path(p.data.root).name}" if p.data.root else "")

@@ -36,7 +36,12 @@ IDX_MAGIC = {0x00000801: 1, 0x00000803: 3}  # uint8 labels (N,), uint8 images (N
 
 
 class DataError(ValueError):
-    """A dataset is missing, corrupt or inconsistent; the message names the file or folder."""
+    """A dataset is missing, corrupt or inconsistent; the message names the file or folder, and `argument`
+    the argument of `load_images` at fault, if one is (a caller that took it from a config names its key)."""
+
+    def __init__(self, message: str, argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,7 @@ def _fix_hint(name: str, raw_dir: Path) -> str:
         what = (f"put the four idx files ({', '.join(s + '.gz' for p in IDX_FILES.values() for s in p)})"
                 f" in {raw_dir / name}/")
     apt = ", install it with `apt-get install dataset-fashion-mnist`" if name == "fashion_mnist" else ""
-    return (f"fix: {what}, point root (data.root) at a folder holding them{apt}, "
+    return (f"fix: {what}, point `root` at a folder holding them{apt}, "
             "or run where torchvision can download it")
 
 
@@ -208,7 +213,7 @@ def _load_real(name: str, root: str | Path | None, raw_dir: Path) -> ImageData:
         if data is not None:
             return data
         tried.append(f"download into {raw_dir / name}/ (finished but {why})")
-    raise DataError(f"dataset {name} not found; tried {'; '.join(tried)}. {_fix_hint(name, raw_dir)}")
+    raise DataError(f"dataset {name} not found; tried {'; '.join(tried)}. {_fix_hint(name, raw_dir)}", "root")
 
 
 def load_dataset(name: str, root: str | Path | None = None, raw_dir: str | Path = "data/raw",
@@ -217,7 +222,7 @@ def load_dataset(name: str, root: str | Path | None = None, raw_dir: str | Path 
     if name == "glyphs":
         return make_glyphs(6000, 1000, seed)
     if name not in CLASS_NAMES:
-        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(CLASS_NAMES)}")
+        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(CLASS_NAMES)}", "name")
     return _load_real(name, root, Path(raw_dir))
 
 

@@ -95,7 +95,7 @@ def load_image_folder(root: str | Path, image_size: int, channels: int = 3, seed
     """Images of `root` as uint8 (N, channels, image_size, image_size); see the module docstring."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+        raise DataError(f"image folder {root} does not exist", "root")
     if (root / "train").is_dir() and (root / "test").is_dir():
         train_x, train_y, names = _load_split(root / "train", image_size, channels)
         test_x, test_y, test_names = _load_split(root / "test", image_size, channels)
@@ -122,10 +122,10 @@ def select_classes(data: ImageData, classes: list[str | int]) -> ImageData:
             picked.append(c)
         else:
             names = ", ".join(data.class_names) or "none (unlabelled)"
-            raise DataError(f"data.classes: {c!r} is not a class of this dataset; classes: {names} "
-                            f"or indices 0..{len(data.class_names) - 1}")
+            raise DataError(f"{c!r} is not a class of this dataset; classes: {names} "
+                            f"or indices 0..{len(data.class_names) - 1}", "classes")
     if len(set(picked)) != len(picked):
-        raise DataError(f"data.classes: {list(classes)} names a class twice")
+        raise DataError(f"{list(classes)} names a class twice", "classes")
     relabel = torch.full((len(data.class_names),), -1, dtype=torch.int64)
     relabel[picked] = torch.arange(len(picked))
 

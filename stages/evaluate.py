@@ -12,28 +12,21 @@ Every output is written to a temporary first and moved into place only when all 
 the metrics last: a stage that fails or is killed leaves the previous outputs as they were.
 """
 
-import contextlib
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 
 from ddpm import SamplerSetting, load_classifier, resolve_device, safe_load
 from ddpm.metrics import Scorer, make_extractor
-from ddpm.plots import cfg_series, cfg_tradeoff, csv_text, fid_vs_steps, steps_series
-from ddpm.sampling import METHODS
 
-from .pipeline.io import load_info, save_figure, write_json, write_text
+from .pipeline.io import load_info, staged_files
 from .pipeline.params import load_params, sections
 from .pipeline.registry import describe_model_versions
+from .pipeline.results import headline, inception_weights, sampler_tags, write_results
 from .pipeline.run import check_writable, path_parser, run, seed_everything
 from .pipeline.tracking import stage_run
-from .reference import inception_weights
 
-SETTING = ("variant", "tag", "method", "steps", "eta", "spacing", "cfg", "autoguidance")
-SCORES = ("fid", "fid_over_floor", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "f_score",
-          "cond_accuracy")
+OUTPUTS = ("plot", "figure", "cfg_plot", "cfg_figure", "table", "details", "metrics")  # moved into place in this order
 
 
 def main(argv: list[str]) -> None:
@@ -47,10 +40,10 @@ def main(argv: list[str]) -> None:
     params = sections(p, "seed", "device", "evaluate", "sample.num_samples")
     with stage_run("evaluate", params=params, data_hash=load_info(a.data)["content_hash"]) as tracker:
         results, rows = evaluate(a, p, weights)
-        outputs = (a.plot, a.figure, a.cfg_plot, a.cfg_figure, a.table, a.details, a.metrics)  # metrics last
-        with staged(outputs) as tmp:
-            write_outputs(tmp, a, results, rows)
-            tracker.set_tags(tags(results["protocol"]))
+        outputs = [getattr(a, name) for name in OUTPUTS]  # the metrics last
+        with staged_files(outputs, ".evaluate") as tmp:
+            write_results({name: tmp[getattr(a, name)] for name in OUTPUTS}, results, rows)
+            tracker.set_tags(sampler_tags(results["protocol"]))
             summary = headline(rows, results["floor"]["classifier"])
             tracker.log_metrics(summary, parent=True)  # the headline; every number as one table artifact
             tracker.log_dict(results, "eval.json")
@@ -92,71 +85,6 @@ def evaluate(a, p, weights) -> tuple[dict, list[dict]]:
                            **scorer.settings(), "dataset": info["dataset"], "data_hash": info["content_hash"],
                            "samplers": samplers}
     return results, rows
-
-
-def tags(protocol: dict) -> dict:
-    """protocol.<key> for each setting and sampler.<variant>.<tag> = "method=ddim steps=10 ..." for each sample set."""
-    out = {f"protocol.{k}": ",".join(v) if isinstance(v, list) else v for k, v in protocol.items() if k != "samplers"}
-    for variant, sets in protocol["samplers"].items():
-        out |= {f"sampler.{variant}.{tag}": " ".join(f"{k}={v}" for k, v in s.items()) for tag, s in sets.items()}
-    return out
-
-
-def headline(rows: list[dict], floor: dict) -> dict:
-    """The numbers to compare at a glance, per model: the setting with the lowest FID (its tag, FID, FID/floor,
-    IS and, for the conditional model, conditional accuracy) and each sampler's lowest FID; and the floor's FID."""
-    out = {}
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        mine = [r for r in rows if r["variant"] == variant]
-        best = min(mine, key=lambda r: r["fid"])
-        out[variant] = {"best": best["tag"]} | {k: round6(best[k]) for k in ("fid", "fid_over_floor", "is_mean",
-                                                                              "cond_accuracy") if k in best}
-        for method in METHODS:
-            fids = [r["fid"] for r in mine if r["method"] == method]
-            if fids:
-                out[variant][method] = {"fid": round6(min(fids))}
-    return out | {"floor": {"fid": round6(floor["fid"])}}
-
-
-def round6(x: float) -> float:
-    return float(f"{x:.6g}")
-
-
-def write_outputs(tmp: dict, a, results: dict, rows: list[dict]) -> None:
-    """Every output, each to its temporary tmp[path]."""
-    floor = results["floor"]["classifier"]
-    write_json(tmp[a.metrics], headline(rows, floor))
-    write_json(tmp[a.details], results)
-    others = sorted({k for r in rows for k in r if "." in k})  # the other extractors' numbers
-    write_text(tmp[a.table], csv_text(rows, (*SETTING, *SCORES, *others)))
-    curves = sorted(({"series": steps_series(r)} | r for r in rows), key=lambda r: (r["series"], r["steps"]))
-    write_text(tmp[a.plot], csv_text(curves, ("series", "variant", "method", "steps", "eta", "cfg", "autoguidance",
-                                              "fid", "fid_over_floor")))
-    save_figure(fid_vs_steps(rows, floor=floor["fid"]), tmp[a.figure])
-    cond = sorted(({"series": cfg_series(r)} | r for r in rows if r["variant"] == "cond"),
-                  key=lambda r: (r["series"], r["cfg"]))
-    write_text(tmp[a.cfg_plot], csv_text(cond, ("series", "method", "steps", "eta", "cfg", "fid", "is_mean",
-                                                "cond_accuracy")))
-    save_figure(cfg_tradeoff(cond, floor), tmp[a.cfg_figure])
-
-
-@contextlib.contextmanager
-def staged(paths):
-    """Yield {path: a temporary path with the same name, in a hidden folder beside it}; when the block
-    succeeds, move each into place in the order of `paths`; whatever happens, remove the temporaries."""
-    folders = {Path(p).parent / f".evaluate.tmp{os.getpid()}" for p in paths}
-    for folder in folders:
-        for stale in folder.parent.glob(".evaluate.tmp*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        folder.mkdir(parents=True)
-    tmp = {p: Path(p).parent / f".evaluate.tmp{os.getpid()}" / Path(p).name for p in paths}
-    try:
-        yield tmp
-        for p in paths:
-            os.replace(tmp[p], p)
-    finally:
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@ usage: python -m stages.prepare OUT_DIR
 
 from ddpm import atomic_save
 from ddpm.data import class_histogram, stratified_subset
-from ddpm.images import load_images
 
-from .pipeline.io import atomic_dir, write_json
+from .pipeline.io import atomic_dir, load_data, write_json
 from .pipeline.params import load_params, sections
 from .pipeline.run import check_writable, run, seed_everything
 from .pipeline.tracking import stage_run
@@ -23,9 +22,7 @@ def main(argv: list[str]) -> None:
 
 def prepare(p, out, tracker) -> None:
     seed_everything(p.seed)
-    d = p.data
-    data = load_images(d.name, root=d.root, classes=d.classes, image_size=d.image_size, channels=d.channels,
-                       seed=p.seed)
+    data = load_data(p)
     train = stratified_subset(data.train_images, data.train_labels, p.data.limit, p.seed)
     test = stratified_subset(data.test_images, data.test_labels, p.data.test_limit, p.seed + 1)
     num_classes = len(data.class_names)  # 0: an unlabelled image folder

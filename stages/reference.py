@@ -9,33 +9,16 @@ labels.
 """
 
 import warnings
-from pathlib import Path
 
-from ddpm import CheckpointError, atomic_save, load_classifier, resolve_device
+from ddpm import atomic_save, load_classifier, resolve_device
 from ddpm.data import floor_subset
-from ddpm.metrics import (
-    MissingWeightsError,
-    find_inception_weights,
-    load_inception_weights,
-    make_extractor,
-    reference_features,
-)
+from ddpm.metrics import make_extractor, reference_features
 
 from .pipeline.io import atomic_dir, load_prepared
 from .pipeline.params import load_params, sections
+from .pipeline.results import inception_weights
 from .pipeline.run import check_writable, path_parser, run, seed_everything
 from .pipeline.tracking import stage_run
-
-
-def inception_weights(p) -> Path | None:
-    """The local Inception-v3 weights when evaluate.extractors asks for them, checked before any work."""
-    if "inception" not in p.evaluate.extractors:
-        return None
-    try:
-        load_inception_weights(p.evaluate.inception_weights)  # read as plain tensors: a file never runs code
-        return find_inception_weights(p.evaluate.inception_weights)
-    except (MissingWeightsError, CheckpointError) as e:
-        raise type(e)(f"{e} (params.yaml: evaluate.inception_weights)") from None
 
 
 def main(argv: list[str]) -> None:

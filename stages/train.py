@@ -12,7 +12,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm import Diffusion, Trainer, UNet, generate, guide_path
+from ddpm import Diffusion, Trainer, UNet, generate
 
 from .pipeline.io import class_names, load_info, load_prepared, save_grid, write_json, write_text
 from .pipeline.params import load_params, sections, train_config
@@ -83,8 +83,11 @@ def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, wor
     save(trainer)
     if rank == 0:
         metrics = {**state.summary(config.batch_size), "wall_seconds": round(time.time() - start, 2)}
-        write_outputs(a, p, unet, trainer, state, info, metrics)
-        log_outputs(a, tracker, metrics)
+        state.write_model(a.out, trainer, unet, p.diffusion, {"variant": a.variant, "class_names": info["class_names"]})
+        write_text(a.plot, state.loss_csv())
+        write_json(a.metrics, metrics)
+        prefix = os.environ.get("DDPM_MODEL_NAME", "ddpm")
+        state.publish(a.out, metrics, tracker, f"{prefix}-{a.variant}" if prefix else None)
 
 
 def epoch_grid(trainer: Trainer, p, unet) -> torch.Tensor:
@@ -93,22 +96,6 @@ def epoch_grid(trainer: Trainer, p, unet) -> torch.Tensor:
     return generate(trainer.ema.module, trainer.diffusion, n, (unet.in_channels, unet.image_size, unet.image_size),
                     seed=p.seed, steps=p.train.grid_ddim_steps, labels=torch.arange(n) % k if k else None,
                     batch_size=min(n, p.train.batch_size))  # the images do not depend on it
-
-
-def write_outputs(a, p, unet, trainer: Trainer, state: TrainState, info: dict, metrics: dict) -> None:
-    state.write_model(a.out, trainer, unet, p.diffusion, {"variant": a.variant, "class_names": info["class_names"]})
-    write_text(a.plot, state.loss_csv())
-    write_json(a.metrics, metrics)
-
-
-def log_outputs(a, tracker, metrics: dict) -> None:
-    tracker.log_metrics(metrics)
-    for name in ("model.pt", guide_path("model.pt").name, "config.json"):
-        if (a.out / name).exists():
-            tracker.log_artifact(a.out / name, "model")
-    tracker.log_artifact(a.out / "loss.png")
-    prefix = os.environ.get("DDPM_MODEL_NAME", "ddpm")
-    tracker.register_model(a.out, f"{prefix}-{a.variant}" if prefix else None)
 
 
 if __name__ == "__main__":

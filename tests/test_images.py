@@ -183,3 +183,13 @@ def test_prepare_stage_names_a_corrupt_image_and_writes_nothing(tmp_path):
     assert proc.stderr.strip() == f"error: cannot read image {root}/circle/circle_002.png: " \
                                   f"cannot identify image file '{root}/circle/circle_002.png'"
     assert not (tmp_path / "data/prepared").exists()
+
+
+@pytest.mark.parametrize("data, line", [
+    ({"name": "glyphs", "classes": ["7", "77"]}, "error: data.classes: '77' is not a class of this dataset"),
+    ({"name": "imagefolder", "root": "nowhere"}, "error: data.root: image folder nowhere does not exist")])
+def test_prepare_stage_names_the_params_key_of_a_bad_data_argument(tmp_path, data, line):
+    """The library speaks of its own arguments (`classes`, `root`); the stage names the key in params.yaml."""
+    proc = _prepare(tmp_path, data)
+    assert proc.returncode == 1 and proc.stderr.startswith(line) and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "data/prepared").exists()

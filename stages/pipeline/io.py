@@ -11,7 +11,8 @@ import torch
 
 from ddpm import safe_load
 from ddpm.checkpoint import atomic_write
-from ddpm.data import DataError
+from ddpm.data import DataError, ImageData
+from ddpm.images import load_images
 from ddpm.pictures import grid_image
 
 
@@ -32,6 +33,26 @@ def atomic_dir(path: str | Path):
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_files(paths, prefix: str):
+    """Yield {path: a temporary path with the same name, in a hidden folder `prefix`.tmp<pid> beside it}; when
+    the block succeeds, move each into place in the order of `paths` (a stage's outputs appear together, the
+    metrics last); whatever happens, remove the temporaries."""
+    folders = {Path(p).parent / f"{prefix}.tmp{os.getpid()}" for p in paths}
+    for folder in folders:
+        for stale in folder.parent.glob(f"{prefix}.tmp*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        folder.mkdir(parents=True)
+    tmp = {p: Path(p).parent / f"{prefix}.tmp{os.getpid()}" / Path(p).name for p in paths}
+    try:
+        yield tmp
+        for p in paths:
+            os.replace(tmp[p], p)
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -79,3 +100,14 @@ def load_prepared(folder: str | Path, split: str) -> tuple[torch.Tensor, torch.T
     info = load_info(folder)
     data = safe_load(Path(folder) / f"{split}.pt", ("images", "labels"))
     return data["images"], data["labels"], info
+
+
+def load_data(p) -> ImageData:
+    """The dataset that params `p` name (the data section, seeded by `seed`); an error about one of
+    load_images' arguments names its key (data.classes, data.root, ...)."""
+    d = p.data
+    try:
+        return load_images(d.name, root=d.root, classes=d.classes, image_size=d.image_size, channels=d.channels,
+                           seed=p.seed)
+    except DataError as e:
+        raise DataError(f"data.{e.argument}: {e}" if e.argument else str(e)) from None

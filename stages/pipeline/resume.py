@@ -125,3 +125,13 @@ class TrainState:
 
     def loss_csv(self) -> str:
         return "step,loss,lr\n" + "".join(f"{int(s)},{v:.6f},{lr:.6g}\n" for s, v, lr, _ in self.history)
+
+    def publish(self, out: Path, metrics: dict, tracker: Tracker, model_name: str | None) -> None:
+        """Log the train stage's metrics and the finished model folder (`write_model`) to the run, and register
+        the folder as a version of `model_name` (None: not registered)."""
+        tracker.log_metrics(metrics)
+        for name in ("model.pt", guide_path("model.pt").name, "config.json"):
+            if (out / name).exists():
+                tracker.log_artifact(out / name, "model")
+        tracker.log_artifact(out / "loss.png")
+        tracker.register_model(out, model_name)

@@ -1,0 +1,73 @@
+"""What the evaluate stage makes of its scores: the headline that DVC and the MLflow parent run show, the
+tags that name each sample set, and the details, table, plots and figures written beside them."""
+
+from pathlib import Path
+
+from ddpm import CheckpointError
+from ddpm.metrics import MissingWeightsError, find_inception_weights, load_inception_weights
+from ddpm.plots import cfg_series, cfg_tradeoff, csv_text, fid_vs_steps, steps_series
+from ddpm.sampling import METHODS
+
+from .io import save_figure, write_json, write_text
+
+SETTING = ("variant", "tag", "method", "steps", "eta", "spacing", "cfg", "autoguidance")
+SCORES = ("fid", "fid_over_floor", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "f_score",
+          "cond_accuracy")
+
+
+def inception_weights(p) -> Path | None:
+    """The local Inception-v3 weights when evaluate.extractors asks for them, checked before any work."""
+    if "inception" not in p.evaluate.extractors:
+        return None
+    try:
+        load_inception_weights(p.evaluate.inception_weights)  # read as plain tensors: a file never runs code
+        return find_inception_weights(p.evaluate.inception_weights)
+    except (MissingWeightsError, CheckpointError) as e:
+        raise type(e)(f"{e} (params.yaml: evaluate.inception_weights)") from None
+
+
+def sampler_tags(protocol: dict) -> dict:
+    """protocol.<key> for each setting and sampler.<variant>.<tag> = "method=ddim steps=10 ..." for each sample set."""
+    out = {f"protocol.{k}": ",".join(v) if isinstance(v, list) else v for k, v in protocol.items() if k != "samplers"}
+    for variant, sets in protocol["samplers"].items():
+        out |= {f"sampler.{variant}.{tag}": " ".join(f"{k}={v}" for k, v in s.items()) for tag, s in sets.items()}
+    return out
+
+
+def headline(rows: list[dict], floor: dict) -> dict:
+    """The numbers to compare at a glance, per model: the setting with the lowest FID (its tag, FID, FID/floor,
+    IS and, for the conditional model, conditional accuracy) and each sampler's lowest FID; and the floor's FID."""
+    out = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        best = min(mine, key=lambda r: r["fid"])
+        out[variant] = {"best": best["tag"]} | {k: round6(best[k]) for k in ("fid", "fid_over_floor", "is_mean",
+                                                                              "cond_accuracy") if k in best}
+        for method in METHODS:
+            fids = [r["fid"] for r in mine if r["method"] == method]
+            if fids:
+                out[variant][method] = {"fid": round6(min(fids))}
+    return out | {"floor": {"fid": round6(floor["fid"])}}
+
+
+def round6(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def write_results(paths: dict, results: dict, rows: list[dict]) -> None:
+    """Every output of evaluate, each to paths[name]: metrics (the headline), details, table, plot, figure,
+    cfg_plot and cfg_figure."""
+    floor = results["floor"]["classifier"]
+    write_json(paths["metrics"], headline(rows, floor))
+    write_json(paths["details"], results)
+    others = sorted({k for r in rows for k in r if "." in k})  # the other extractors' numbers
+    write_text(paths["table"], csv_text(rows, (*SETTING, *SCORES, *others)))
+    curves = sorted(({"series": steps_series(r)} | r for r in rows), key=lambda r: (r["series"], r["steps"]))
+    write_text(paths["plot"], csv_text(curves, ("series", "variant", "method", "steps", "eta", "cfg", "autoguidance",
+                                              "fid", "fid_over_floor")))
+    save_figure(fid_vs_steps(rows, floor=floor["fid"]), paths["figure"])
+    cond = sorted(({"series": cfg_series(r)} | r for r in rows if r["variant"] == "cond"),
+                  key=lambda r: (r["series"], r["cfg"]))
+    write_text(paths["cfg_plot"], csv_text(cond, ("series", "method", "steps", "eta", "cfg", "fid", "is_mean",
+                                                "cond_accuracy")))
+    save_figure(cfg_tradeoff(cond, floor), paths["cfg_figure"])
