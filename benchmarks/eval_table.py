@@ -41,7 +41,8 @@ def settings(args, timesteps: int, conditional: bool) -> list:
     """DDPM (unless --no-ddpm), DDIM at each steps x eta and DPM-Solver++(2M) at each of its steps, each at
     every guidance weight when conditional, every autoguidance weight when not."""
     return [s for method in METHODS if not (method == "ddpm" and args.no_ddpm)
-            for s in sampler_settings(method, timesteps, steps=args.steps if method == "ddim" else args.dpmsolver_steps,
+            for s in sampler_settings(method, timesteps, steps={"ddpm": [timesteps], "ddim": args.steps}.get(
+                                          method, args.dpmsolver_steps),
                                       etas=args.eta, spacing=args.spacing, cfg=args.guidance if conditional else None,
                                       autoguidance=(0.0,) if conditional else args.autoguidance)]
 

@@ -278,20 +278,19 @@ def cmd_sample(args, m: Loaded) -> None:
 def sample_picture(args, m: Loaded) -> tuple[pictures.Picture, torch.Tensor | None]:
     """The grid of `ddpm sample` (one row per class for a conditional model without --class), and its labels."""
     steps, eta = sampler_steps(args, m)
-    method = "ddim" if args.method == "ddpm" and steps < m.diffusion.timesteps else args.method
     if m.class_names is not None and m.klass is None:  # one row per class
         per_class = math.ceil(args.num / len(m.class_names))
         labels, nrow = torch.arange(len(m.class_names)).repeat_interleave(per_class), per_class
     else:
         labels, nrow = m.labels(args.num), math.ceil(math.sqrt(args.num))
-    setting = SamplerSetting(method, steps, eta, args.spacing, m.cfg, m.autoguidance)
+    setting = SamplerSetting(args.method, steps, eta, args.spacing, m.cfg, m.autoguidance)
     images = generate(setting.model(m.model, m.guide), m.diffusion, len(labels) if labels is not None else args.num,
                       m.shape, seed=args.seed, method=setting.method, steps=setting.steps, eta=setting.eta,
                       labels=labels, batch_size=args.batch_size, clip_x0=args.clip_x0, spacing=setting.spacing,
                       progress=True)
     name = METHOD_NAMES[args.method]
     title = m.describe(f"{name} {steps} steps" + (f", eta = {eta:g}" if args.method == "ddim" else "") + (
-        f", {args.spacing} spacing" if args.method != "ddpm" else ""))
+        f", {args.spacing} spacing" if steps < m.diffusion.timesteps or args.method != "ddpm" else ""))
     rows = m.row_names(None if labels is None else labels[::nrow])
     return pictures.Picture(images, nrow, title, rows), labels
 

@@ -147,10 +147,8 @@ def sampler_comparison(model: nn.Module, diffusion: Diffusion, num: int, shape: 
     columns, labels = [], []
     for method in ("ddpm", "ddim"):
         for s in steps:
-            exact_ddpm = method == "ddpm" and s == diffusion.timesteps
-            columns.append(generate(model, diffusion, num, shape, seed=seed, method="ddpm" if exact_ddpm else "ddim",
-                                    steps=s, eta=1.0 if method == "ddpm" else 0.0, labels=y, batch_size=num,
-                                    progress=progress))
+            columns.append(generate(model, diffusion, num, shape, seed=seed, method=method, steps=s, labels=y,
+                                    batch_size=num, progress=progress))
             labels.append(f"{method.upper()} {s}")
     return Picture(torch.stack(columns, 1).flatten(0, 1), len(columns), col_labels=labels)
 

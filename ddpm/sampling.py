@@ -239,14 +239,23 @@ def dpm_solver_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor,
 
 
 def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int, int, int], *, seed: int,
-             method: str = "ddim", steps: int = 50, eta: float = 0.0, labels: torch.Tensor | None = None,
+             method: str = "ddim", steps: int | None = None, eta: float = 0.0, labels: torch.Tensor | None = None,
              batch_size: int = 250, clip_x0: bool = False, spacing: str = "uniform",
              progress: bool = False) -> torch.Tensor:
     """`num` images as uint8 (num, C, H, W) on the CPU, sampled in batches; image i's noise depends
     only on (seed, i), so the result does not depend on `batch_size`. For guided images pass a guided
-    model (`SamplerSetting.model`, `ClassifierFree`, `Autoguided`)."""
+    model (`SamplerSetting.model`, `ClassifierFree`, `Autoguided`).
+
+    `steps`: DDIM's and DPM-Solver's (default 50); DDPM's default is all T steps (Algorithm 2), and fewer
+    run it on a strided chain of `steps` timesteps chosen by `spacing` (the respacing of Nichol & Dhariwal
+    2021, section 4), whose ancestral step is DDIM's with eta = 1 (Song et al. 2020, eq. 16)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if method == "ddpm":
+        steps = diffusion.timesteps if steps is None else steps
+        if steps < diffusion.timesteps:
+            method, eta = "ddim", 1.0
+    steps = 50 if steps is None else steps
     device = diffusion.betas.device
     out = []
     for start in tqdm(range(0, num, batch_size), desc=f"sample {method}", disable=not progress, leave=False):
@@ -273,7 +282,7 @@ METHOD_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver": "DPM-Solver++(2M)"}
 class SamplerSetting:
     """One sampler setting of a sweep. `cfg` is the classifier-free guidance weight w of a class-conditional
     model (None for an unconditional one, whose tags carry no weight), `autoguidance` the autoguidance
-    weight w (0: none). DDPM runs all T steps (`steps` records T); `eta` is DDIM's."""
+    weight w (0: none). DDPM's `steps` is T (all of them) or a strided chain (see `generate`), its `eta` 1."""
     method: str
     steps: int
     eta: float = 0.0
@@ -292,10 +301,9 @@ class SamplerSetting:
 
     @property
     def tag(self) -> str:
-        """The file name of its samples: "ddpm", "ddim10_eta0", "dpmsolver20", then "_w{cfg}" for a
+        """The file name of its samples: "ddpm1000", "ddim10_eta0", "dpmsolver20", then "_w{cfg}" for a
         conditional model (even at w = 0) and "_ag{autoguidance}" when autoguided: "ddim10_eta0_w0.5"."""
-        name = {"ddpm": "ddpm", "ddim": f"ddim{self.steps}_eta{self.eta:g}"}.get(self.method,
-                                                                                 f"{self.method}{self.steps}")
+        name = f"ddim{self.steps}_eta{self.eta:g}" if self.method == "ddim" else f"{self.method}{self.steps}"
         name += f"_w{self.cfg:g}" if self.cfg is not None else ""
         return name + (f"_ag{self.autoguidance:g}" if self.autoguidance else "")
 
@@ -335,15 +343,12 @@ class SamplerSetting:
 
 def sampler_settings(method: str, timesteps: int, *, steps=(), etas=(0.0,), spacing: str = "uniform",
                      cfg=None, autoguidance=(0.0,)) -> list[SamplerSetting]:
-    """Every setting of one sampler in a sweep: DDPM once over all `timesteps`, DDIM at each of `steps` x `etas`,
-    DPM-Solver++(2M) at each of `steps` (deterministic, eta 0); each at every classifier-free weight of `cfg`
-    (None: an unconditional model) and every `autoguidance` weight. Step counts above `timesteps` are left out."""
-    if method == "ddpm":
-        bases = [(timesteps, 1.0)]
-    elif method == "ddim":
-        bases = [(s, e) for s in steps for e in etas if s <= timesteps]
-    else:
-        bases = [(s, 0.0) for s in steps if s <= timesteps]
-    spacing = "uniform" if method == "ddpm" else spacing  # DDPM visits every step
-    return [SamplerSetting(method, s, e, spacing, w, ag) for s, e in bases for w in (cfg or [None])
-            for ag in autoguidance]
+    """Every setting of one sampler in a sweep: DDPM at each of `steps` (T: all of them, Algorithm 2; fewer: a
+    strided chain, see `generate`), DDIM at each of `steps` x `etas`, DPM-Solver++(2M) at each of `steps`
+    (deterministic, eta 0); each at every classifier-free weight of `cfg` (None: an unconditional model) and
+    every `autoguidance` weight. Step counts above `timesteps` are left out."""
+    etas = etas if method == "ddim" else (1.0 if method == "ddpm" else 0.0,)
+    bases = [(s, e) for s in steps for e in etas if s <= timesteps]
+    exact = method == "ddpm"  # DDPM over all T steps visits every one: no spacing to speak of
+    return [SamplerSetting(method, s, e, "uniform" if exact and s == timesteps else spacing, w, ag)
+            for s, e in bases for w in (cfg or [None]) for ag in autoguidance]

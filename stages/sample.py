@@ -1,5 +1,6 @@
-"""sample: draw images from a trained model with DDPM, with DDIM at each of sample.ddim_steps x sample.eta
-or with DPM-Solver++(2M) at each of sample.dpmsolver_steps.
+"""sample: draw images from a trained model with DDPM at each of sample.ddpm_steps (T: all of them; fewer: a
+strided chain), with DDIM at each of sample.ddim_steps x sample.eta or with DPM-Solver++(2M) at each of
+sample.dpmsolver_steps.
 
 usage: python -m stages.sample VARIANT METHOD --model FILE --out DIR
 Writes, per sampler setting (ddpm.SamplerSetting), <tag>.pt (uint8 images + requested labels), <tag>.png (a
@@ -24,7 +25,8 @@ from .pipeline.tracking import stage_run
 
 def settings(method: str, p, timesteps: int, conditional: bool):
     s = p.sample
-    return sampler_settings(method, timesteps, steps=s.ddim_steps if method == "ddim" else s.dpmsolver_steps,
+    steps = {"ddpm": s.ddpm_steps, "ddim": s.ddim_steps, "dpmsolver": s.dpmsolver_steps}[method]
+    return sampler_settings(method, timesteps, steps=steps,
                             etas=s.eta, spacing=s.spacing, cfg=s.guidance if conditional else None,
                             autoguidance=(0.0,) if conditional else s.autoguidance)
 

@@ -28,7 +28,8 @@ TINY = {
               "grid_ddim_steps": 5, "precision": "fp32"},
     "train_uncond": {"guide_at": 0.5},
     "visualize": {"per_class": 2, "num_images": 2, "frames": 4, "steps": 5, "compare_steps": [5, 10]},
-    "sample": {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 40, "batch_size": 40, "ddim_steps": [5, 10],
+    "sample": {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 40, "batch_size": 40, "ddpm_steps": [40],
+               "ddim_steps": [5, 10],
                "dpmsolver_steps": [5], "spacing": "uniform", "clip_x0": False, "guidance": [1.0],
                "autoguidance": [0.0, 1.0], "grid_size": 20},
 }

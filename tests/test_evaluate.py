@@ -146,9 +146,9 @@ def test_metrics_from_stored_features_equal_torch_fidelity_on_the_images(mnist, 
 # The reference and evaluate stages on a small workspace: 3000 training digits, a 1000-digit test split,
 # and "samples" that are held-out digits with noise (less noise for more steps), 200 per set.
 N = 200
-SETS = {("uncond", "ddpm"): [("ddpm", 1000, 1.0, 0.0, 8)],
+SETS = {("uncond", "ddpm"): [("ddpm1000", 1000, 1.0, 0.0, 8)],
         ("uncond", "ddim"): [("ddim5_eta0", 5, 0.0, 0.0, 48), ("ddim10_eta0", 10, 0.0, 0.0, 24)],
-        ("cond", "ddpm"): [("ddpm_w1", 1000, 1.0, 1.0, 8), ("ddpm_w3", 1000, 1.0, 3.0, 16)],
+        ("cond", "ddpm"): [("ddpm1000_w1", 1000, 1.0, 1.0, 8), ("ddpm1000_w3", 1000, 1.0, 3.0, 16)],
         ("cond", "ddim"): [("ddim5_eta0_w1", 5, 0.0, 1.0, 48), ("ddim5_eta0_w3", 5, 0.0, 3.0, 40)]}
 
 
@@ -221,9 +221,9 @@ def test_eval_json_puts_every_number_next_to_its_floor_and_protocol(workspace):
             assert entry["fid_over_floor"] == pytest.approx(entry["fid"] / floor["fid"])
             assert {"is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall"} <= set(entry)
     assert ev["uncond"]["ddim10_eta0"]["fid"] < ev["uncond"]["ddim5_eta0"]["fid"]  # less noise, better FID
-    assert ev["cond"]["ddpm_w1"]["cond_accuracy"] > 0.8 and set(ev["cond"]["ddpm_w1"]["cond_accuracy_per_class"]) == {
-        str(c) for c in range(10)}
-    assert "cond_accuracy" not in ev["uncond"]["ddpm"]
+    ddpm = ev["cond"]["ddpm1000_w1"]
+    assert ddpm["cond_accuracy"] > 0.8 and set(ddpm["cond_accuracy_per_class"]) == {str(c) for c in range(10)}
+    assert "cond_accuracy" not in ev["uncond"]["ddpm1000"]
     protocol = ev["protocol"]
     assert protocol["num_real"] == 1000 and protocol["num_generated"] == N and protocol["num_floor"] == N
     assert protocol["extractors"] == ["classifier"] and protocol["reference_split"] == "test"

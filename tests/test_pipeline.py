@@ -81,12 +81,12 @@ def test_trained_model_loads_and_is_conditional(tiny_repo):
 def test_eval_metrics_cover_every_sampler(tiny_repo):
     repo, _ = tiny_repo
     ev = json.loads((repo / "metrics/eval.json").read_text())
-    assert set(ev["uncond"]) == {"ddpm", "ddim5_eta0", "ddim10_eta0", "dpmsolver5", "ddpm_ag1", "ddim5_eta0_ag1",
+    assert set(ev["uncond"]) == {"ddpm40", "ddim5_eta0", "ddim10_eta0", "dpmsolver5", "ddpm40_ag1", "ddim5_eta0_ag1",
                                  "ddim10_eta0_ag1", "dpmsolver5_ag1"}
-    assert set(ev["cond"]) == {"ddpm_w1", "ddim5_eta0_w1", "ddim10_eta0_w1", "dpmsolver5_w1"}
+    assert set(ev["cond"]) == {"ddpm40_w1", "ddim5_eta0_w1", "ddim10_eta0_w1", "dpmsolver5_w1"}
     for scores in [*ev["uncond"].values(), *ev["cond"].values()]:
         assert scores["fid"] >= 0 and scores["is_mean"] >= 1 - 1e-6
-    assert 0 <= ev["cond"]["ddpm_w1"]["cond_accuracy"] <= 1
+    assert 0 <= ev["cond"]["ddpm40_w1"]["cond_accuracy"] <= 1
     assert ev["protocol"]["num_real"] == 100 and ev["protocol"]["num_generated"] == 40
 
 
@@ -219,14 +219,16 @@ def test_dvc_plots_draw_one_line_per_model_sampler_and_guidance_weight(tiny_repo
             out.setdefault(point["series"], []).append(float(point[plot["content"]["encoding"]["x"]["field"]]))
         return out
 
+    eta = yaml.safe_load((repo / "params.yaml").read_text())["sample"]["eta"][0]  # an experiment may have set it
     steps = series("plots/fid_vs_steps.csv")  # TINY: ddim steps 5 and 10, dpmsolver 5; autoguidance 0, 1; w 1
     assert steps == {"uncond DDPM": [40.0], "uncond DDPM, autoguidance w=1": [40.0],
-                     "uncond DDIM η=0": [5.0, 10.0], "uncond DDIM η=0, autoguidance w=1": [5.0, 10.0],
+                     f"uncond DDIM η={eta:g}": [5.0, 10.0], f"uncond DDIM η={eta:g}, autoguidance w=1": [5.0, 10.0],
                      "uncond DPM-Solver++(2M)": [5.0], "uncond DPM-Solver++(2M), autoguidance w=1": [5.0],
-                     "cond DDPM, w=1": [40.0], "cond DDIM η=0, w=1": [5.0, 10.0],
+                     "cond DDPM, w=1": [40.0], f"cond DDIM η={eta:g}, w=1": [5.0, 10.0],
                      "cond DPM-Solver++(2M), w=1": [5.0]}
     accuracy = series("Conditional model, conditional accuracy vs guidance weight w")
-    assert accuracy == {"DDPM-40": [1.0], "DDIM-5 η=0": [1.0], "DDIM-10 η=0": [1.0], "DPM-Solver++(2M)-5": [1.0]}
+    assert accuracy == {"DDPM-40": [1.0], f"DDIM-5 η={eta:g}": [1.0], f"DDIM-10 η={eta:g}": [1.0],
+                        "DPM-Solver++(2M)-5": [1.0]}
     assert {"plots/fid_vs_steps.png", "plots/cfg_tradeoff.png"} <= set(shown)
 
 

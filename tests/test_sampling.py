@@ -24,7 +24,7 @@ from ddpm import (
     generate,
     make_betas,
 )
-from ddpm.sampling import SPACINGS
+from ddpm.sampling import SPACINGS, sampler_settings
 
 
 class PointDenoiser(nn.Module):
@@ -237,6 +237,29 @@ def test_ddim_with_all_steps_and_eta_1_is_ddpm():
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_ddpm_on_fewer_steps_is_the_strided_ancestral_chain(diffusion):
+    """DDPM by default runs all T steps; on S < T it is ancestral sampling on the respaced chain, whose step
+    is DDIM's with eta = 1, and it still reproduces the data's moments with an exact denoiser."""
+    model = GaussianDenoiser(diffusion, MU, S)
+    full = generate(model, diffusion, 8, (1, 2, 2), seed=0, method="ddpm")
+    assert torch.equal(full, generate(model, diffusion, 8, (1, 2, 2), seed=0, method="ddpm", steps=1000))
+    strided = generate(model, diffusion, 8, (1, 2, 2), seed=0, method="ddpm", steps=25, spacing="trailing")
+    assert torch.equal(strided, generate(model, diffusion, 8, (1, 2, 2), seed=0, method="ddim", steps=25, eta=1.0,
+                                         spacing="trailing"))
+    assert not torch.equal(strided, full)
+    n = 4000
+    x_T = torch.randn(n, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    x0 = ddim_sample(model, diffusion, x_T, steps=50, eta=1.0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(x0.mean(0, keepdim=True), MU, atol=4 * S.max().item() / n**0.5, rtol=0)
+    torch.testing.assert_close(x0.var(0, keepdim=True), S**2, rtol=0.1, atol=0)
+
+
+def test_sampler_settings_of_ddpm_are_all_steps_or_a_strided_chain():
+    settings = sampler_settings("ddpm", 1000, steps=(1000, 25, 2000), etas=(0.0, 0.5), spacing="trailing", cfg=[0.5])
+    assert [(s.steps, s.eta, s.spacing, s.tag) for s in settings] == [
+        (1000, 1.0, "uniform", "ddpm1000_w0.5"), (25, 1.0, "trailing", "ddpm25_w0.5")]  # 2000 > T: left out
+
+
 class LabelShift(nn.Module):
     """D(x_t, y) = x_t + y, and x_t + 10 for the null label; counts its calls and the labels it saw."""
 
@@ -418,9 +441,10 @@ def test_v_prediction_samples_like_the_same_model_predicting_eps(diffusion, samp
     assert out["eps"].std() > 0.1  # a real spread of samples, not a collapse both agree on
 
 
-TAGS = [  # (setting, tag, label): the tags name the pipeline's sample files and must not change
-    (SamplerSetting("ddpm", 1000, 1.0), "ddpm", "DDPM-1000"),
-    (SamplerSetting("ddpm", 1000, 1.0, cfg=2.0), "ddpm_w2", "DDPM-1000, w=2"),
+TAGS = [  # (setting, tag, label): the tags name the pipeline's sample files (eval.json keys), so change them rarely
+    (SamplerSetting("ddpm", 1000, 1.0), "ddpm1000", "DDPM-1000"),
+    (SamplerSetting("ddpm", 1000, 1.0, cfg=2.0), "ddpm1000_w2", "DDPM-1000, w=2"),
+    (SamplerSetting("ddpm", 25, 1.0, "trailing", autoguidance=1.0), "ddpm25_ag1", "DDPM-25, autoguidance w=1"),
     (SamplerSetting("ddim", 10), "ddim10_eta0", "DDIM-10 η=0"),
     (SamplerSetting("ddim", 10, 0.5, "trailing", cfg=0.5), "ddim10_eta0.5_w0.5", "DDIM-10 η=0.5, w=0.5"),
     (SamplerSetting("ddim", 5, cfg=0.0), "ddim5_eta0_w0", "DDIM-5 η=0, w=0"),  # conditional, even at w 0

@@ -67,7 +67,7 @@ def test_real_fashion_mnist_pipeline_logs_to_a_tracking_server(tmp_path, mlflow_
     assert stages_run(proc.stdout) == ALL_STAGES
     info = json.loads((repo / "data/prepared/info.json").read_text())
     assert info["class_names"][0] == "T-shirt/top" and info["train_count"] == 300
-    assert "fid" in json.loads((repo / "metrics/eval.json").read_text())["cond"]["ddpm_w1"]
+    assert "fid" in json.loads((repo / "metrics/eval.json").read_text())["cond"]["ddpm40_w1"]
 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])

@@ -116,6 +116,7 @@ class SampleParams:
     methods: tuple[str, ...]             # the samplers the pipeline runs; the others' stages write no samples
     num_samples: int
     batch_size: int
+    ddpm_steps: tuple[int, ...]          # DDPM: diffusion.timesteps (all, Ho et al. 2020) or fewer (a strided chain)
     ddim_steps: tuple[int, ...]
     eta: tuple[float, ...]
     dpmsolver_steps: tuple[int, ...]     # DPM-Solver++(2M) steps (ddpm.dpm_solver_sample)
@@ -295,6 +296,8 @@ def _checks(p: Params):
          and len(set(s.methods)) == len(s.methods), "a non-empty list of distinct names from " + ", ".join(METHODS)),
         ("sample.num_samples", s.num_samples >= 1, ">= 1"),
         ("sample.batch_size", s.batch_size >= 1, ">= 1"),
+        ("sample.ddpm_steps", len(s.ddpm_steps) >= 1 and all(1 <= k <= T for k in s.ddpm_steps),
+         f"a list of steps in [1, diffusion.timesteps = {T}]"),
         ("sample.ddim_steps", len(s.ddim_steps) >= 1 and all(1 <= k <= T for k in s.ddim_steps),
          f"a list of steps in [1, diffusion.timesteps = {T}]"),
         ("sample.eta", len(s.eta) >= 1 and all(e >= 0 for e in s.eta), "a list of values >= 0"),
