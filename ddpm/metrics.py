@@ -42,6 +42,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from ddpm.checkpoint import CheckpointError, safe_load
 from ddpm.classifier import Classifier, predict, to_unit_range
+from ddpm.sampling import fold_seed
 
 EXTRACTOR_NAME = "ddpm-classifier"
 EXTRACTORS = {  # our name -> (torch-fidelity's registered name, (layer for FID/KID/PRC, layer for IS))
@@ -237,7 +238,7 @@ def metrics_from_features(generated: dict, reference: dict | None = None, *, met
     split shuffling and the KID subset draws; the KID subset size defaults to min(1000, N, M).
     """
     gen, ref = generated["features"], reference["features"] if reference is not None else None
-    out = {}
+    seed, out = fold_seed(seed, 32), {}  # torch-fidelity draws with numpy's RandomState, which takes 32 bits
     if "fid" in metrics:
         out.update(fid_statistics_to_metric(fid_features_to_statistics(gen), fid_features_to_statistics(ref), False))
     if "isc" in metrics:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .diffusion import Diffusion, to_model_range
 from .ema import EMA
+from .sampling import fold_seed
 
 LR_SCHEDULES = ("constant", "cosine")
 # fp32; tf32: fp32 weights, TensorFloat-32 matmuls and convolutions (CUDA); bf16/fp16: autocast (fp16 with a
@@ -163,6 +164,11 @@ class Trainer:
         batch = perm[i * self.config.batch_size:(i + 1) * self.config.batch_size]
         return batch[self.rank::self.world_size].to(self.device)
 
+    def step_seed(self) -> int:
+        """The seed of this step's t and noise on this rank: (seed << 40) + (step << 8) + rank, folded into the
+        64 bits torch takes. Below seed 2**24 nothing is folded, so those runs stay bit-identical."""
+        return fold_seed((self.seed << 40) + (self.step << 8) + self.rank)
+
     def train_step(self, idx: torch.Tensor) -> torch.Tensor:
         """One optimizer step on the images at `idx`; returns the mean loss (a 0-d tensor)."""
         x0 = to_model_range(self.images[idx])
@@ -170,7 +176,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         # t and the noise of step k on rank r depend only on (seed, k, r): exact resumes, distinct ranks
-        self.generator.manual_seed((self.seed << 40) + (self.step << 8) + self.rank)
+        self.generator.manual_seed(self.step_seed())
         with tf32(self.precision == "tf32") if self.device.type == "cuda" else contextlib.nullcontext():
             dtype = AUTOCAST.get(self.precision)
             with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -254,7 +260,7 @@ class Trainer:
             self.guide = copy.deepcopy(self.ema.module)
             self.guide.load_state_dict(state["guide"])
         if self.world_size > 1:  # the saved RNG is rank 0's: give each rank its own dropout stream
-            torch.manual_seed((self.seed << 40) + (self.step << 8) + self.rank)
+            torch.manual_seed(self.step_seed())
             return
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():

@@ -2,6 +2,7 @@
 a damaged dataset file. Each leaves no partial output and says what went wrong in one line."""
 
 import gzip
+import json
 import re
 import shutil
 import signal
@@ -18,8 +19,10 @@ import yaml
 from helpers import TINY, make_repo, merge, run
 from mlflow.tracking import MlflowClient
 
-from ddpm import UNet, safe_load
+from ddpm import UNet, atomic_save, safe_load
+from stages.pipeline.io import save_grid
 from stages.pipeline.params import load_params
+from stages.pipeline.resume import TrainState
 
 pytestmark = pytest.mark.slow
 PREPARE = [sys.executable, "-m", "stages.prepare", "data/prepared"]
@@ -221,3 +224,19 @@ def test_a_kill_in_the_middle_of_a_checkpoint_write_keeps_the_previous_one(prepa
     assert proc.wait() == -signal.SIGKILL, "training ended before it could be killed"
     assert list((repo / "ck").glob(".last.tmp*")), "the kill did not land mid-write"
     assert_resumes_from_step_4(repo)
+    assert not list((repo / "ck").glob(".last.tmp*")), "the half-written checkpoint was left behind"
+
+
+def test_a_run_starting_removes_the_temporaries_a_killed_run_left(tmp_path):
+    state = TrainState(tmp_path / "ck", "hash")
+    atomic_save({"step": 4}, state.folder / "last.pt")
+    state.grids.mkdir()
+    save_grid(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), state.grids / "epoch_001.png")
+    kept = {path: path.read_bytes() for path in (state.folder / "last.pt", state.grids / "epoch_001.png")}
+    stale = [state.folder / ".last.tmp4242.pt", state.grids / ".epoch_002.tmp4242.png"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    state.begin("run-id")
+    assert not any(path.exists() for path in stale)
+    assert all(path.read_bytes() == data for path, data in kept.items())
+    assert json.loads((state.folder / "run.json").read_text()) == {"run_hash": "hash", "run_id": "run-id"}

@@ -24,7 +24,7 @@ from ddpm import (
     generate,
     make_betas,
 )
-from ddpm.sampling import SPACINGS, sampler_settings
+from ddpm.sampling import SPACINGS, fold_seed, sampler_settings
 
 
 class PointDenoiser(nn.Module):
@@ -388,6 +388,20 @@ def test_image_generator_noise_depends_only_on_seed_and_index():
     assert not torch.equal(ImageGenerator(2, [4, 5]).randn((2, 2, 3, 3)), b)
     with pytest.raises(AssertionError):
         ImageGenerator(1, range(3)).randn((4, 1, 2, 2))
+
+
+def test_fold_seed_keeps_the_seeds_that_fit_and_does_not_alias_larger_ones():
+    for bits in (32, 64):
+        top = 2**bits - 1
+        assert [fold_seed(v, bits) for v in (0, 12345, top)] == [0, 12345, top]
+        for low in (0, 7, top):  # values that differ only above the low bits
+            folded = [fold_seed(low + (high << bits), bits) for high in (0, 1, 2, top)]
+            assert len(set(folded)) == 4 and all(0 <= v <= top for v in folded)
+    # image i's noise for the seeds that always fitted is what it was: torch seeded with seed * 1_000_003 + i
+    seed = 2**24 - 1
+    before = torch.randn((2, 3), generator=torch.Generator().manual_seed(seed * 1_000_003 + 5))
+    assert torch.equal(ImageGenerator(seed, [5]).randn((1, 2, 3))[0], before)
+    assert ImageGenerator(2**63 - 1, range(2)).randn((2, 3)).shape == (2, 3)
 
 
 def test_return_trajectory():

@@ -262,6 +262,17 @@ def micro_unet(size: int = 8) -> UNet:
                            attention_resolutions=(), num_heads=1, dropout=0.0))
 
 
+def test_step_seeds_are_unchanged_below_seed_2_24_and_distinct_above():
+    images, _ = shapes(8, size=8)
+    trainer = lambda seed: Trainer(micro_unet(), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
+                                   TrainConfig(epochs=1, batch_size=4), CPU, seed, rank=255)
+    old = trainer(2**24 - 1)
+    old.step = 2**32 - 1
+    assert old.step_seed() == ((2**24 - 1) << 40) + ((2**32 - 1) << 8) + 255  # earlier runs stay bit-identical
+    assert trainer(5).step_seed() != trainer(5 + 2**24).step_seed()  # the seed's bits above 24 are not dropped
+    assert 0 <= trainer(2**63 - 1).step_seed() < 2**64
+
+
 def fixed_loss(model: nn.Module, diffusion: Diffusion, images: torch.Tensor) -> float:
     """The fp32 loss on the same t and noise every time."""
     with torch.no_grad():

@@ -12,12 +12,17 @@ import pytest
 import torch
 import yaml
 from helpers import ROOT, TINY, merge
+from mlflow.tracking import MlflowClient
 
 from ddpm import Diffusion, Trainer, UNet, UNetConfig, generate
+from ddpm.classifier import fit_classifier
+from ddpm.data import floor_subset
+from ddpm.metrics import metrics_from_features
 from stages import prepare
 from stages.pipeline import bounds
 from stages.pipeline.params import MAX_SEED, ParamsError, train_config, validate
-from stages.pipeline.run import NotWritableError, check_writable, run
+from stages.pipeline.run import NotWritableError, check_writable, run, seed_everything
+from stages.pipeline.tracking import Tracker, TrackingError
 
 TINY_MODEL = UNetConfig(in_channels=1, image_size=28, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                         attention_resolutions=(), num_heads=1)
@@ -227,20 +232,22 @@ def test_the_size_estimates_are_lower_bounds():
         saved)
 
 
-SEED_CASES = [2**24, 2**63]
+SEED_CASES = [-1, MAX_SEED + 1, 2**64]
 
 
 @pytest.mark.parametrize("seed", SEED_CASES)
-def test_a_seed_training_cannot_use_is_one_line(tmp_path, monkeypatch, capsys, seed):
+def test_a_seed_beyond_64_bits_is_one_line(tmp_path, monkeypatch, capsys, seed):
     params = yaml.safe_load(yaml.safe_dump(BASE))
     params["seed"] = seed
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     code, err = run_prepare(tmp_path, monkeypatch, capsys)
-    assert code == 1 and err == [f"error: params.yaml: seed = {seed} is out of range; allowed: in [0, 16777215] "
-                                 "(training seeds its noise with seed << 40)"], err
+    assert code == 1 and err == [f"error: params.yaml: seed = {seed} is out of range; allowed: in "
+                                 "[0, 9223372036854775807] (2**63 - 1, the largest signed 64-bit integer)"], err
+    assert not (tmp_path / "data").exists()
 
 
 def test_the_largest_seed_trains_and_samples():
+    assert MAX_SEED == 2**63 - 1
     p = validate(merge(BASE, {"seed": MAX_SEED}))
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     config = dataclasses.replace(train_config(p, "uncond"), epochs=1, batch_size=4, precision="fp32")
@@ -250,6 +257,16 @@ def test_the_largest_seed_trains_and_samples():
     trainer.fit()
     assert trainer.step == 2
     assert generate(net, diffusion, 2, (1, 28, 28), seed=p.seed, steps=2).shape == (2, 1, 28, 28)
+
+
+def test_every_other_use_of_the_largest_seed_takes_it():
+    seed_everything(MAX_SEED + 1)  # a training process of rank 1
+    images, labels = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8), torch.arange(16) % 2
+    assert len(floor_subset(images, labels, 4, MAX_SEED)[0]) == 4  # the reference stage's draw, with seed + 2
+    fit_classifier((images, labels), (images, labels), 2, width=4, epochs=1, lr=1e-3, batch_size=8, seed=MAX_SEED)
+    features = {"features": torch.randn(20, 4, dtype=torch.float64), "logits": torch.randn(20, 3)}
+    metrics = metrics_from_features(features, features, metrics=("isc", "kid"), kid_subset_size=20, seed=MAX_SEED)
+    assert set(metrics) == {"is_mean", "is_std", "kid_mean", "kid_std"}
 
 
 @pytest.mark.parametrize("device,gpus,message", [
@@ -339,3 +356,43 @@ def test_a_read_only_output_folder_is_one_line_before_any_work(tmp_path, monkeyp
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith(f"error: cannot write data/prepared: {tmp_path}/data is not writable ("), err[0]
     assert not (tmp_path / "mlflow.db").exists()  # stopped before its MLflow run, let alone loading the data
+
+
+@pytest.mark.parametrize("first_run", [False, True], ids=["fresh", "after-a-run"])
+def test_a_read_only_artifact_store_is_one_line_and_leaves_the_output_as_it_was(tmp_path, monkeypatch, capsys,
+                                                                                read_only, first_run):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(merge(BASE, TINY)))
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "mlartifacts"
+    if first_run:
+        prepare.main(["data/prepared"])
+        before = {p.name: p.read_bytes() for p in (tmp_path / "data/prepared").iterdir()}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(merge(BASE, merge(TINY, {"data": {"limit": 200}}))))
+    for folder in [store, *(store.iterdir() if store.is_dir() else [])]:  # chmod -R a-w mlartifacts
+        read_only(folder)
+    code, err = run_prepare(tmp_path, monkeypatch, capsys)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: MLflow cannot store this run's artifacts in {store}/"), err[0]
+    assert " is not writable (" in err[0], err[0]
+    if first_run:  # the earlier output stays whole; no new one, not even in part
+        assert {p.name: p.read_bytes() for p in (tmp_path / "data/prepared").iterdir()} == before
+        assert not list((tmp_path / "data").glob(".prepared.tmp*"))
+    else:
+        assert not (tmp_path / "data").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'prepare'",
+                              order_by=["start_time DESC"])
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"][:1 + first_run]
+
+
+@pytest.mark.parametrize("call", ["log_artifact", "end"])
+def test_a_tracking_store_that_stops_answering_at_the_end_leaves_no_output(tmp_path, monkeypatch, capsys, call):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(merge(BASE, TINY)))
+
+    def stopped(self, *args):
+        raise TrackingError("MLflow tracking store stopped answering")
+
+    monkeypatch.setattr(Tracker, call, stopped)  # the stage's last artifact, or the end of its run
+    code, err = run_prepare(tmp_path, monkeypatch, capsys)
+    assert code == 1 and err == ["error: MLflow tracking store stopped answering"], err
+    assert not (tmp_path / "data").exists()

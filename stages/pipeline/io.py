@@ -19,8 +19,10 @@ from ddpm.pictures import grid_image
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename,
-    on failure it is removed, so a failed stage never leaves a partial output."""
+    on failure it is removed (with the folders made to hold it), so a failed stage never leaves a partial
+    output."""
     path = Path(path)
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -31,8 +33,12 @@ def atomic_dir(path: str | Path):
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        made = []
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: something else was written there meanwhile
+                folder.rmdir()
 
 
 @contextlib.contextmanager

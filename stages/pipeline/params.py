@@ -30,9 +30,11 @@ class ParamsError(ValueError):
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "glyphs", "imagefolder")
 SCHEDULES = ("linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-# Training seeds each step's noise with (seed << 40) + (step << 8) + rank (ddpm.training), which torch takes
-# only below 2**64: seeds up to 2**24 - 1 leave room for 2**32 steps.
-MAX_SEED = 2**24 - 1
+# The largest int64 (the served model's seed column is one, stages/pipeline/mlflow_model.py). Every use takes it:
+# torch's generators take seeds below 2**64 (seed + 2, + rank, + epoch included), python's random any int, and
+# the seeds derived from it that do not fit are folded (ddpm.sampling.fold_seed: training's per-step seeds, the
+# per-image noise, the metrics' numpy draws), which leaves them unchanged for every seed below 2**24.
+MAX_SEED = 2**63 - 1
 EXTRACTORS = ("classifier", "inception")  # ddpm.metrics.EXTRACTORS
 
 
@@ -244,7 +246,7 @@ def _checks(p: Params):
     profiles = list(yaml.safe_load(Path("profiles.yaml").read_text())) if Path("profiles.yaml").is_file() else []
     yield from [
         ("profile", not profiles or p.profile in profiles, "one of " + ", ".join(profiles)),
-        ("seed", 0 <= p.seed <= MAX_SEED, f"in [0, {MAX_SEED}] (training seeds its noise with seed << 40)"),
+        ("seed", 0 <= p.seed <= MAX_SEED, f"in [0, {MAX_SEED}] (2**63 - 1, the largest signed 64-bit integer)"),
         ("device", p.device in DEVICES or p.device.startswith("cuda:"), "one of " + ", ".join(DEVICES)),
         ("data.name", p.data.name in DATASETS, "one of " + ", ".join(DATASETS)),
         ("data.root", p.data.name != "imagefolder" or p.data.root is not None,

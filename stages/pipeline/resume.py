@@ -56,6 +56,10 @@ class TrainState:
         return state.get("run_id")
 
     def begin(self, run_id: str | None) -> None:
+        """Start or resume the run in MLflow run `run_id`; first remove what a run killed in the middle of a
+        write left behind (`atomic_write`'s temporaries: a half-written last.pt or grid)."""
+        for stale in [*self.folder.glob(".*.tmp[0-9]*"), *self.grids.glob(".*.tmp[0-9]*")]:
+            stale.unlink(missing_ok=True)
         write_json(self.folder / "run.json", {"run_hash": self.run_hash, "run_id": run_id})
 
     def restore(self, trainer: Trainer, tracker: Tracker) -> None:
