@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ddpm import DiffusionConfig, UNet, UNetConfig, save_model
-from stages.pipeline.tracking import Tracker, describe_model_versions, stage_run
+from stages.pipeline.tracking import Tracker, describe_model_versions, mlflow_ui_url, stage_run
 
 # A stage as small as can be: one run with one metric, then its output file.
 STAGE = """
@@ -54,7 +54,7 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return line
 
 
-def test_experiment_opens_on_its_runs_table(store):
+def test_experiment_is_marked_as_model_training(store):
     with stage_run("prepare"):
         pass
     assert store.get_experiment_by_name("ddpm").tags["mlflow.experimentKind"] == "custom_model_development"
@@ -63,6 +63,22 @@ def test_experiment_opens_on_its_runs_table(store):
     with stage_run("prepare"):
         pass
     assert store.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_ui_address_opens_the_runs_table(store):
+    """The MLflow UI opens an experiment in its runs table or its GenAI view by the page address's workflowType
+    (else by the browser's last choice, GenAI at first), whatever the store holds."""
+    with stage_run("prepare") as tracker:
+        pass
+    url = f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+    assert mlflow_ui_url(tracker.experiment_id) == url
+    os.environ["MLFLOW_TRACKING_URI"] = "http://tracking.example:8080/"
+    assert mlflow_ui_url("7") == "http://tracking.example:8080/#/experiments/7/runs?workflowType=machine_learning"
+    ui = list((Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js").glob("main.*.js"))
+    if not ui:
+        pytest.skip("this MLflow has no UI (mlflow-skinny)")
+    code = ui[0].read_text(errors="replace")
+    assert '.get("workflowType")' in code and 'MACHINE_LEARNING="machine_learning"' in code
 
 
 def test_parent_run_spans_its_stages(store):

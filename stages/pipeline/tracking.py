@@ -3,10 +3,10 @@ run per pipeline state (a DVC experiment, or for a plain `dvc repro` a params + 
 
 Where: MLFLOW_TRACKING_URI when set, else a SQLite store `mlflow.db` (artifacts in `mlartifacts/`)
 at the repository root, resolved so that `dvc exp run --temp/--queue` copies under .dvc/tmp/exps/
-log into the user's one store. Which experiment: MLFLOW_EXPERIMENT_NAME, else "ddpm" (marked as one of
-model training, so that the MLflow UI opens on its runs table). The parent run starts with the pipeline's
-first stage and ends with its last, FAILED while the last run of any stage failed. With MLflow's
-MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING on, each stage run gets system metrics too.
+log into the user's one store. Which experiment: MLFLOW_EXPERIMENT_NAME, else "ddpm", marked as one of
+model training; `mlflow_ui_url` is the address of its runs table in the MLflow UI. The parent run starts
+with the pipeline's first stage and ends with its last, FAILED while the last run of any stage failed.
+With MLflow's MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING on, each stage run gets system metrics too.
 If the store cannot be reached (or is an empty, read-only or corrupt SQLite file) a stage stops at once
 with one line, as it does when the store stops answering during the stage, unless DDPM_TRACKING=warn
 (then it warns and runs untracked, and says what was not logged); DDPM_TRACKING=off disables tracking.
@@ -36,9 +36,12 @@ from .registry import describe_model_versions, log_pyfunc_model  # noqa: F401 --
 
 EXPERIMENT = "ddpm"
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
-# The MLflow UI opens an experiment on its runs table, not its GenAI view, when it is marked as one of
-# model training (the UI's ExperimentKind).
+# Which view the MLflow UI opens an experiment in (runs table, or GenAI traces): the first MLflow 3 UIs read
+# the experiment's kind tag; later ones (3.17) read only the UI's "GenAI / Model training" switch, from the
+# page address (workflowType=) or else the choice last made in that browser, GenAI at first. So the
+# experiment carries the tag, and the address that mlflow_ui_url gives carries the switch.
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 
 class TrackingError(RuntimeError):
@@ -62,6 +65,14 @@ def mlflow_ui_command() -> str:
     if uri and uri.startswith("http"):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri or 'sqlite:///mlflow.db'}"
+
+
+def mlflow_ui_url(experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI that `mlflow_ui_command` opens, in its "Model training"
+    view (a page reached without workflowType= opens in the view last chosen with the UI's switch)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING_VIEW}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -191,7 +202,7 @@ class Tracker:
 
 
 def _experiment_id(client: MlflowClient) -> str:
-    """The experiment, marked as one of model training so that the MLflow UI opens on its runs table."""
+    """The experiment, marked as one of model training (KIND_TAG)."""
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
