@@ -8,7 +8,7 @@ from ddpm.data import class_histogram, stratified_subset
 
 from .pipeline.io import atomic_dir, load_data, write_json
 from .pipeline.params import load_params, sections
-from .pipeline.run import check_artifact_store, check_writable, run, seed_everything
+from .pipeline.run import check_writable, run, seed_everything
 from .pipeline.tracking import stage_run
 
 
@@ -18,7 +18,6 @@ def main(argv: list[str]) -> None:
     check_writable(out)
     # the output goes in place only once its MLflow run has ended FINISHED: a tracking failure leaves none
     with atomic_dir(out) as tmp, stage_run("prepare", params=sections(p, "seed", "data")) as tracker:
-        check_artifact_store(tracker)
         prepare(p, tmp, tracker)
 
 

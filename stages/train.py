@@ -18,7 +18,7 @@ from .pipeline.io import class_names, load_info, load_prepared, save_grid, write
 from .pipeline.params import load_params, sections, train_config
 from .pipeline.resume import TrainState
 from .pipeline.run import barrier, check_writable, init_distributed, path_parser, relaunch, run, seed_everything
-from .pipeline.tracking import Tracker, mlflow_ui_command, stage_run
+from .pipeline.tracking import Tracker, mlflow_ui_command, mlflow_ui_url, stage_run
 
 
 def main(argv: list[str]) -> None:
@@ -59,8 +59,9 @@ def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, wor
     save = (lambda tr: state.save(tr, tracker)) if rank == 0 else (lambda tr: None)
     first = trainer.step
     if rank == 0:
+        where = f", then {mlflow_ui_url(tracker.experiment_id)}" if tracker.experiment_id else ""
         print(f"train@{a.variant}: {trainer.precision} on {device}; watch it in the MLflow UI "
-              f"(`{mlflow_ui_command()}`) and its per-epoch grids in {state.grids}/")
+              f"(`{mlflow_ui_command()}`{where}) and its per-epoch grids in {state.grids}/")
 
     def on_step(tr, loss, seconds):
         state.record(tr, loss, seconds)

@@ -246,3 +246,13 @@ def test_reopening_a_run_the_store_lacks_starts_a_new_one(tmp_path, monkeypatch,
     new = MlflowClient(uri).get_run(tracker.run_id)
     assert tracker.run_id != gone and new.info.run_name == "train-uncond" and new.info.status == "FINISHED"
     assert [m.step for m in MlflowClient(uri).get_metric_history(tracker.run_id, "loss")] == [1, 2]
+
+
+def test_train_says_where_to_watch_it(tiny_repo):
+    """Its first line gives the MLflow UI command, the address of the runs table in it, and the grids folder."""
+    repo, output = tiny_repo
+    experiment = client_for(repo).get_experiment_by_name("ddpm").experiment_id
+    for variant in ("uncond", "cond"):
+        assert (f"train@{variant}: fp32 on cpu; watch it in the MLflow UI (`mlflow ui --backend-store-uri "
+                f"sqlite:///mlflow.db`, then http://127.0.0.1:5000/#/experiments/{experiment}/runs?"
+                f"workflowType=machine_learning) and its per-epoch grids in checkpoints/{variant}/grids/") in output

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -117,3 +118,18 @@ def load_data(p) -> ImageData:
                            seed=p.seed)
     except DataError as e:
         raise DataError(f"data.{e.argument}: {e}" if e.argument else str(e)) from None
+
+
+def why_unwritable(path: Path) -> str | None:
+    """Why `path` cannot be written (stages.pipeline.run.check_writable), or None if it can."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    for folder in [parent] + ([path] if path.is_dir() else []):
+        if not folder.is_dir():
+            return f"{folder} is not a folder"
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            return f"{folder} is not writable ({e.strerror})"
+    return None

@@ -9,10 +9,7 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import torch
 
@@ -20,6 +17,7 @@ import ddpm
 from ddpm import CheckpointError
 from ddpm.data import DataError
 
+from .io import why_unwritable
 from .params import ParamsError
 from .tracking import TrackingError
 
@@ -70,35 +68,8 @@ def check_writable(*paths: str | Path) -> None:
     or written into). Probed with an unnamed temporary file, so permissions, ACLs and read-only mounts all
     count."""
     for path in map(Path, paths):
-        if why := _why_unwritable(path):
+        if why := why_unwritable(path):
             raise NotWritableError(f"cannot write {path}: {why}")
-
-
-def _why_unwritable(path: Path) -> str | None:
-    """Why `path` cannot be written (see check_writable), or None if it can."""
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    for folder in [parent] + ([path] if path.is_dir() else []):
-        if not folder.is_dir():
-            return f"{folder} is not a folder"
-        try:
-            tempfile.TemporaryFile(dir=folder).close()
-        except OSError as e:
-            return f"{folder} is not writable ({e.strerror})"
-    return None
-
-
-def check_artifact_store(tracker) -> None:
-    """Before any work, that the stage's MLflow run can store its artifacts where they go on this machine (the
-    store's mlartifacts/ by default): else the stage would fail at its first artifact, after its work."""
-    uri = tracker.call(None, lambda client: client.get_run(tracker.run_id).info.artifact_uri)
-    if uri is None or urlparse(uri).scheme not in ("", "file"):  # none, or kept by a tracking server
-        return
-    folder = Path(url2pathname(urlparse(uri).path))
-    if why := _why_unwritable(folder):
-        raise TrackingError(f"MLflow cannot store this run's artifacts in {folder}: {why}; fix its permissions, "
-                            "or set MLFLOW_TRACKING_URI to another store")
 
 
 def seed_everything(seed: int) -> None:

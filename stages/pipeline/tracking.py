@@ -23,6 +23,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
@@ -32,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from tqdm import tqdm
 
+from .io import why_unwritable
 from .registry import describe_model_versions, log_pyfunc_model  # noqa: F401 -- evaluate's, from here
 
 EXPERIMENT = "ddpm"
@@ -366,6 +369,7 @@ def stage_run(stage: str, variant: str | None = None, params: dict | None = None
     tracker.log_params(params or {})
     monitor = _system_metrics(tracker.run_id, resume) if tracker.client else None
     try:
+        _check_artifact_store(tracker)  # before any work, which would be lost at the first artifact
         yield tracker
     except BaseException:
         with contextlib.suppress(Exception):  # the stage's own error is the one to report
@@ -376,6 +380,18 @@ def stage_run(stage: str, variant: str | None = None, params: dict | None = None
     if monitor and tracker.client:
         _stop(monitor)
     tracker.end("FINISHED")
+
+
+def _check_artifact_store(tracker: Tracker) -> None:
+    """Before any work, that the stage's MLflow run can store its artifacts where they go on this machine (the
+    store's mlartifacts/ by default): else the stage would fail at its first artifact, after its work."""
+    uri = tracker.call(None, lambda client: client.get_run(tracker.run_id).info.artifact_uri)
+    if uri is None or urlparse(uri).scheme not in ("", "file"):  # none, or kept by a tracking server
+        return
+    folder = Path(url2pathname(urlparse(uri).path))
+    if why := why_unwritable(folder):
+        raise TrackingError(f"MLflow cannot store this run's artifacts in {folder}: {why}; fix its permissions, "
+                            "or set MLFLOW_TRACKING_URI to another store")
 
 
 def _open(client: MlflowClient, tracker: Tracker, stage: str, variant: str | None, run_id: str | None) -> bool:
