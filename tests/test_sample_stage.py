@@ -15,11 +15,12 @@ from stages import sample
 from stages.pipeline.params import validate
 from stages.pipeline.tracking import Tracker
 
-BASE = {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 6, "batch_size": 6, "ddim_steps": [2],
-        "eta": [0.0], "dpmsolver_steps": [2], "spacing": "uniform", "guidance": [1.0], "autoguidance": [0.0],
-        "clip_x0": False, "grid_size": 4}
-CHANGED = {"num_samples": 4, "batch_size": 2, "ddim_steps": (3,), "eta": (0.5,), "dpmsolver_steps": (3,),
-           "spacing": "trailing", "guidance": (3.0,), "autoguidance": (2.0,), "clip_x0": True, "grid_size": 2}
+BASE = {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 6, "batch_size": 6, "ddpm_steps": [5],
+        "ddim_steps": [2], "eta": [0.0], "dpmsolver_steps": [2], "spacing": "uniform", "guidance": [1.0],
+        "autoguidance": [0.0], "clip_x0": False, "grid_size": 4}
+CHANGED = {"num_samples": 4, "batch_size": 2, "ddpm_steps": (3,), "ddim_steps": (3,), "eta": (0.5,),
+           "dpmsolver_steps": (3,), "spacing": "trailing", "guidance": (3.0,), "autoguidance": (2.0,), "clip_x0": True,
+           "grid_size": 2}
 
 
 def params(sample: dict):

@@ -30,7 +30,7 @@ PICTURES = ["cond_classes.png", "schedule.png"] + [f"{v}_{kind}.png" for v in ("
                                                     for kind in ("reverse", "interpolation", "compare")]
 TINY_PARAMS = {
     "seed": 0, "device": "cpu", "diffusion": {"timesteps": 20},
-    "train": {"grid_ddim_steps": 5}, "sample": {"ddim_steps": [5]},
+    "train": {"grid_ddim_steps": 5}, "sample": {"ddpm_steps": [20], "ddim_steps": [5]},
     "visualize": {"per_class": 2, "num_images": 2, "frames": 4, "steps": 5, "guidance": 1.0,
                   "compare_steps": [2, 5, 50]},
 }

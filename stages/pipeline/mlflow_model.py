@@ -25,7 +25,7 @@ class DiffusionSampler(PythonModel):
       class     the class of every image, for a class-conditional model (default: the classes in turn,
                 0, 1, ..., k-1, 0, ...); an unconditional model takes none
       method    ddpm | ddim | dpmsolver (default ddim)
-      steps     sampling steps of ddim and dpmsolver (default 50; ddpm always runs all T)
+      steps     sampling steps (default 50; ddpm: all T steps, or fewer on a strided chain)
       eta       DDIM's eta (default 0)
       spacing   uniform | trailing | quadratic | logsnr (default uniform)
       guidance  the guidance weight w (default 0): classifier-free guidance for a class-conditional model,
@@ -53,7 +53,9 @@ class DiffusionSampler(PythonModel):
             raise ValueError("an unconditional model takes no class")
         labels = None if not k else (torch.full((num,), int(get("class", 0))) if get("class", None) is not None
                                      else torch.arange(num) % k)
-        setting = SamplerSetting(get("method", "ddim"), int(get("steps", 50)), float(get("eta", 0.0)),
+        method = get("method", "ddim")
+        steps = int(get("steps", self.diffusion.timesteps if method == "ddpm" else 50))
+        setting = SamplerSetting(method, steps, float(get("eta", 0.0)),
                                  get("spacing", "uniform"), cfg=w if k else None, autoguidance=0.0 if k else w)
         images = generate(setting.model(self.net, self.guide), self.diffusion, num,
                           (config.in_channels, config.image_size, config.image_size), seed=int(get("seed", 0)),
