@@ -53,3 +53,10 @@ def test_every_module_and_script_exists(doc, command):
             assert importlib.util.find_spec(module) is not None, f"{doc}: {command}"
     for script in (w for w in words if w.endswith(".py")):
         assert (ROOT / script).is_file(), f"{doc}: {command}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_picture_a_doc_shows_exists_beside_it(doc):
+    """Image links are relative to the Markdown file, as a repository browser resolves them."""
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", doc.read_text())
+    assert links and not [link for link in links if not (doc.parent / link).is_file()]
