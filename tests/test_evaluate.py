@@ -355,6 +355,7 @@ def test_a_failure_before_the_end_leaves_the_previous_outputs_as_they_were(mnist
                                                                             monkeypatch, failing):
     """A figure that cannot be drawn, or an MLflow store that fails while the artifacts are logged: no new
     output appears (neither beside old ones nor where there were none), and no temporary is left."""
+    from stages.pipeline import results
     from stages.pipeline.tracking import Tracker
 
     root = tmp_path / "ws"
@@ -368,7 +369,7 @@ def test_a_failure_before_the_end_leaves_the_previous_outputs_as_they_were(mnist
         raise OSError(f"{failing} failed")
     if failing == "figure":
         monkeypatch.setenv("DDPM_TRACKING", "off")
-        monkeypatch.setattr(evaluate, "save_figure", fail)
+        monkeypatch.setattr(results, "save_figure", fail)  # evaluate's figures are drawn there
     else:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         monkeypatch.setattr(Tracker, "log_artifact", fail)
