@@ -34,6 +34,7 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 20
+    steps: int | None = None    # optimizer steps to train (the same training on any dataset size); None: epochs
     batch_size: int = 128       # global batch, split across data-parallel processes
     lr: float = 2e-4
     warmup_steps: int = 500
@@ -136,7 +137,7 @@ class Trainer:
 
     @property
     def total_steps(self) -> int:
-        return self.config.epochs * self.steps_per_epoch
+        return self.config.steps or self.config.epochs * self.steps_per_epoch
 
     @property
     def guide_step(self) -> int | None:
@@ -215,7 +216,8 @@ class Trainer:
         step `max_steps`, or at the end of the first step that ends `seconds` of wall clock after the call.
 
         on_step(trainer, loss: float, seconds: float) after every step;
-        on_epoch_end(trainer, epoch: int) after every epoch (epochs count from 0)."""
+        on_epoch_end(trainer, epoch: int) after every epoch (epochs count from 0), and after the last step of
+        a `config.steps` budget that ends inside an epoch."""
         self.model.train()
         stop = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         deadline = math.inf if seconds is None else time.perf_counter() + seconds
@@ -235,7 +237,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
                 if on_step:
                     on_step(self, loss, seconds)
-                if self.step % self.steps_per_epoch == 0 and on_epoch_end:
+                if on_epoch_end and (self.step % self.steps_per_epoch == 0 or self.step == self.total_steps):
                     on_epoch_end(self, epoch)
 
     def state_dict(self) -> dict:

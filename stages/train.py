@@ -5,6 +5,7 @@ Work in progress lives in --checkpoints (stages/pipeline/resume.py): a rerun wit
 and code resumes from it and continues the same MLflow run.
 """
 
+import math
 import os
 import sys
 import time
@@ -67,16 +68,19 @@ def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, wor
         state.record(tr, loss, seconds)
         if tr.step % p.train.checkpoint_every == 0:
             save(tr)
-        if tr.step == first + 10 and rank == 0 and (warning := state.long_run_warning(tr, p.profile)):
+        if tr.step == first + 10 and rank == 0 and (warning := state.long_run_warning(tr, p.profile, a.variant)):
             print(f"train@{a.variant}: {warning}")
 
     def on_epoch_end(tr, epoch):
         if rank == 0:
-            grid = state.grids / f"epoch_{epoch + 1:03d}.png"
-            save_grid(epoch_grid(tr, p, unet), grid, nrow=unet.num_classes)
-            if not tracker.logged("epoch_loss", epoch + 1):  # a killed run may have logged it before its checkpoint
-                tracker.log_image(grid, "epoch_grid", step=epoch + 1)
-                tracker.log_metrics(state.epoch_summary(tr.steps_per_epoch), step=epoch + 1)
+            logged = tracker.logged("epoch_loss", epoch + 1)  # a killed run may have logged it before its checkpoint
+            if grid_due(tr, epoch, p.train.grids):
+                grid = state.grids / f"epoch_{epoch + 1:03d}.png"
+                save_grid(epoch_grid(tr, p, unet), grid, nrow=unet.num_classes)
+                if not logged:
+                    tracker.log_image(grid, "epoch_grid", step=epoch + 1)
+            if not logged:
+                tracker.log_metrics(state.epoch_summary(tr.step - epoch * tr.steps_per_epoch), step=epoch + 1)
             save(tr)
 
     start = time.time()
@@ -89,6 +93,13 @@ def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, wor
         write_json(a.metrics, metrics)
         prefix = os.environ.get("DDPM_MODEL_NAME", "ddpm")
         state.publish(a.out, metrics, tracker, f"{prefix}-{a.variant}" if prefix else None)
+
+
+def grid_due(trainer: Trainer, epoch: int, grids: int) -> bool:
+    """Whether epoch `epoch` (from 0) ends with a sample grid: at most `grids` of them, evenly spread, every
+    epoch when training has no more epochs than that, and always the last."""
+    epochs = math.ceil(trainer.total_steps / trainer.steps_per_epoch)
+    return (epoch + 1) % math.ceil(epochs / grids) == 0 or epoch + 1 == epochs
 
 
 def epoch_grid(trainer: Trainer, p, unet) -> torch.Tensor:

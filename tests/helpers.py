@@ -26,7 +26,8 @@ TINY = {
     "classifier": {"epochs": 4, "batch_size": 32, "width": 8},
     "train": {"epochs": 2, "batch_size": 50, "warmup_steps": 2, "checkpoint_every": 4, "grid_size": 20,
               "grid_ddim_steps": 5, "precision": "fp32"},
-    "train_uncond": {"guide_at": 0.5},
+    "train_uncond": {"steps": None, "guide_at": 0.5},  # train.epochs, not the laptop profile's steps
+    "train_cond": {"steps": None},
     "visualize": {"per_class": 2, "num_images": 2, "frames": 4, "steps": 5, "compare_steps": [5, 10]},
     "sample": {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 40, "batch_size": 40, "ddpm_steps": [40],
                "ddim_steps": [5, 10],

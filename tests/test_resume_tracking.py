@@ -1,5 +1,6 @@
 """A training stage killed between logging an epoch and checkpointing it logs that epoch once."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -55,3 +56,16 @@ def test_resumed_training_logs_each_epoch_once(tmp_path):
     assert sorted(m.step for m in client.get_metric_history(train.info.run_id, "loss")) == list(range(1, 13))
     pngs = [a.path for a in client.list_artifacts(train.info.run_id, "images") if a.path.endswith(".png")]
     assert image_series(client, train.info.run_id) == {("epoch_grid", 1), ("epoch_grid", 2)} and len(pngs) == 2
+
+
+def test_a_step_budget_ends_inside_an_epoch_with_its_grid_and_at_most_train_grids(tmp_path):
+    # 15 steps of 6 per epoch: epochs 1 and 2, and 3 steps of epoch 3; 2 grids over 3 epochs: epochs 2 and 3
+    repo = make_repo(tmp_path / "repo", merge(TINY, {"train": {"grids": 2}, "train_uncond": {"steps": 15}}))
+    run([sys.executable, "-m", "stages.prepare", "data/prepared"], repo)
+    run([sys.executable, "-m", "stages.train", *ARGS], repo)
+    assert json.loads((repo / "metrics.json").read_text())["steps"] == 15
+    assert sorted(p.name for p in (repo / "model" / "grids").iterdir()) == ["epoch_002.png", "epoch_003.png"]
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    (train,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'train'")
+    assert sorted(m.step for m in client.get_metric_history(train.info.run_id, "epoch_loss")) == [1, 2, 3]
+    assert image_series(client, train.info.run_id) == {("epoch_grid", 2), ("epoch_grid", 3)}

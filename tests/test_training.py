@@ -163,6 +163,16 @@ def test_epochs_and_callbacks():
     assert ends == [(0, 3), (1, 6)]
 
 
+def test_a_step_budget_sizes_training_whatever_the_epochs():
+    images, _ = shapes(9, size=8)
+    trainer = Trainer(tiny_unet(8), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,
+                      TrainConfig(epochs=50, steps=7, batch_size=4, guide_at=0.5), CPU)
+    assert trainer.total_steps == 7 and trainer.guide_step == 4  # round(0.5 * 7): the guide follows the budget
+    ends = []
+    trainer.fit(on_epoch_end=lambda tr, epoch: ends.append((epoch, tr.step)), progress=False)
+    assert trainer.step == 7 and ends == [(0, 3), (1, 6), (2, 7)]  # the budget ends inside epoch 2, and says so
+
+
 def test_guide_is_the_ema_weights_at_guide_at_and_survives_a_resume():
     images, _ = shapes(8, size=8)
     config = TrainConfig(epochs=4, batch_size=4, lr=1e-3, warmup_steps=1, ema_decay=0.5, guide_at=0.25)

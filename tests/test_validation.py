@@ -36,6 +36,9 @@ CASES = [  # (section, key, bad value, expected message fragment)
     ("train", "lr", "fast", "train.lr must be float, got 'fast'"),
     ("train", "batch_size", 0, "train.batch_size = 0 is out of range; allowed: >= 1"),
     ("train", "epochs", 2.5, "train.epochs must be int, got 2.5"),
+    ("train_cond", "steps", 0, "train_cond.steps = 0 is out of range; allowed: >= 1, or null (train.epochs)"),
+    ("train_uncond", "steps", 100.5, "train_uncond.steps must be int, got 100.5"),
+    ("train", "grids", 0, "train.grids = 0 is out of range; allowed: >= 1"),
     ("train_cond", "p_uncond", 1.5, "train_cond.p_uncond = 1.5 is out of range; allowed: in [0, 1]"),
     ("train", "p_uncond", 0.1, "train.p_uncond is now train_cond.p_uncond"),
     ("train", "lr", float("inf"), "train.lr must be a finite number, got inf"),
@@ -250,7 +253,7 @@ def test_the_largest_seed_trains_and_samples():
     assert MAX_SEED == 2**63 - 1
     p = validate(merge(BASE, {"seed": MAX_SEED}))
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
-    config = dataclasses.replace(train_config(p, "uncond"), epochs=1, batch_size=4, precision="fp32")
+    config = dataclasses.replace(train_config(p, "uncond"), epochs=1, steps=None, batch_size=4, precision="fp32")
     net = UNet(TINY_MODEL)
     diffusion = Diffusion.from_config(dataclasses.replace(p.diffusion, timesteps=10))
     trainer = Trainer(net, diffusion, images, None, config, torch.device("cpu"), p.seed)

@@ -99,17 +99,20 @@ class TrainParams:
     channels_last: bool                  # channels-last memory format (CUDA convolutions)
     checkpoint_every: int                # steps between resumable checkpoints (and at every epoch end)
     nproc: int                           # data-parallel processes on this machine (torchrun)
+    grids: int                           # sample grids over training, at evenly spread epoch ends and the last
     grid_size: int                       # images in the per-epoch sample grid
     grid_ddim_steps: int                 # DDIM steps for the per-epoch grid
 
 
 @dataclass(frozen=True)
 class UncondTrainParams:
+    steps: int | None                    # optimizer steps to train; null: train.epochs
     guide_at: float                      # keep the EMA weights at this fraction of training as the guide; 0: none
 
 
 @dataclass(frozen=True)
 class CondTrainParams:
+    steps: int | None                    # optimizer steps to train; null: train.epochs
     p_uncond: float                      # label drop rate, for classifier-free guidance
 
 
@@ -173,8 +176,8 @@ def train_config(p: Params, variant: str) -> TrainConfig:
     """The library's TrainConfig for one model: the shared train keys and the model's own section; the
     other model's own key off (the unconditional model drops no labels, the conditional one keeps no guide)."""
     shared = {f.name: getattr(p.train, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(p.train, f.name)}
-    own = {"uncond": {"guide_at": p.train_uncond.guide_at, "p_uncond": 0.0},
-           "cond": {"p_uncond": p.train_cond.p_uncond, "guide_at": 0.0}}[variant]
+    own = {"uncond": {"steps": p.train_uncond.steps, "guide_at": p.train_uncond.guide_at, "p_uncond": 0.0},
+           "cond": {"steps": p.train_cond.steps, "p_uncond": p.train_cond.p_uncond, "guide_at": 0.0}}[variant]
     return TrainConfig(**shared, **own)
 
 
@@ -275,6 +278,8 @@ def _checks(p: Params):
         ("classifier.lr", p.classifier.lr > 0, "> 0"),
         ("classifier.batch_size", p.classifier.batch_size >= 1, ">= 1"),
         ("train.epochs", t.epochs >= 1, ">= 1"),
+        *((f"train_{model}.steps", steps is None or steps >= 1, ">= 1, or null (train.epochs)")
+          for model, steps in (("uncond", p.train_uncond.steps), ("cond", p.train_cond.steps))),
         ("train.batch_size", t.batch_size >= 1, ">= 1"),
         ("train.lr", t.lr > 0, "> 0"),
         ("train.warmup_steps", t.warmup_steps >= 0, ">= 0"),
@@ -292,6 +297,7 @@ def _checks(p: Params):
         ("train.nproc", t.nproc >= 1 and t.batch_size % t.nproc == 0, ">= 1 and a divisor of train.batch_size"),
         ("train.nproc", t.nproc == 1 or not p.device.startswith("cuda:"),
          f"1 when device is {p.device} (one GPU); with device cuda or auto the processes use cuda:0 to cuda:<nproc-1>"),
+        ("train.grids", t.grids >= 1, ">= 1"),
         ("train.grid_size", t.grid_size >= 1, ">= 1"),
         ("train.grid_ddim_steps", 1 <= t.grid_ddim_steps <= T, f"in [1, diffusion.timesteps = {T}]"),
         ("sample.methods", len(s.methods) >= 1 and set(s.methods) <= set(METHODS)

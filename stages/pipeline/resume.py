@@ -91,7 +91,7 @@ class TrainState:
         tracker.log_history("lr", [(s, lr) for s, _, lr, _ in self.pending])
         self.pending.clear()
 
-    def long_run_warning(self, trainer: Trainer, profile: str, hours: float = LONG_HOURS) -> str | None:
+    def long_run_warning(self, trainer: Trainer, profile: str, variant: str, hours: float = LONG_HOURS) -> str | None:
         """A line saying so when the rest of training, at the rate of the last 10 steps, takes over `hours`."""
         rows = self.history[-10:]
         rate = sum(h[3] for h in rows) / max(1, len(rows))
@@ -99,7 +99,7 @@ class TrainState:
         if left <= hours:
             return None
         fix = ("for a run of about 1.5 h in all: dvc exp run -S profile=laptop" if profile != "laptop" else
-               "fewer steps: dvc exp run -S train.epochs=N")
+               f"fewer steps: dvc exp run -S train_{variant}.steps=N")
         return f"about {left:.1f} h of training left at {rate:.2f} s/step on this machine; {fix}"
 
     def epoch_summary(self, steps: int) -> dict:
