@@ -28,6 +28,7 @@ from .sampling import (
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
+    default_steps,
     dpm_solver_sample,
     generate,
     guided,
@@ -43,6 +44,7 @@ __all__ = [
     "save_classifier", "save_model",
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
     "Autoguided", "ClassifierFree", "ImageGenerator", "SamplerSetting", "ddim_sample", "ddim_timesteps", "ddpm_sample",
+    "default_steps",
     "dpm_solver_sample", "generate", "guided", "make_betas", "sampler_settings",
     "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig",
 ]

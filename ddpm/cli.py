@@ -31,10 +31,19 @@ from . import pictures
 from .checkpoint import CheckpointError, guide_path, load_model
 from .diffusion import NULL_LABEL, Diffusion
 from .export import ExportError, check_folder, read_inputs, write_export
-from .sampling import METHOD_NAMES, METHODS, SPACINGS, ImageGenerator, SamplerSetting, generate, guided
+from .sampling import (
+    DEFAULT_STEPS,
+    METHOD_NAMES,
+    METHODS,
+    SPACINGS,
+    ImageGenerator,
+    SamplerSetting,
+    default_steps,
+    generate,
+    guided,
+)
 from .training import resolve_device
 
-DEFAULT_DDIM_STEPS = 50
 DEFAULT_COMPARE_STEPS = (5, 10, 20, 50)
 
 
@@ -98,7 +107,7 @@ def build_parser() -> Parser:
 
     p = command("sample", "Sample a grid of images.", "samples.png", num=100, num_help="images; a conditional "
                 "model without --class draws ceil(num / classes) per class, one row per class")
-    sampler(p, f"sampling steps in [1, T] (DDIM, DPM-Solver: {DEFAULT_DDIM_STEPS}; DDPM: T, fewer skips steps)",
+    sampler(p, f"sampling steps in [1, T] (DDIM, DPM-Solver: {DEFAULT_STEPS}; DDPM: T, fewer skips steps)",
             METHODS, "ddim (eta 0 unless --eta), ddpm (ancestral, eta 1) or dpmsolver (DPM-Solver++(2M), "
             "deterministic)")
     p.add_argument("--eta", type=at_least(0.0, float), help="DDIM stochasticity eta >= 0 (default 0)")
@@ -114,14 +123,14 @@ def build_parser() -> Parser:
 
     p = command("reverse", "The reverse process: x_t and the predicted x0 at evenly spaced steps.",
                 "reverse.png", num=4, num_help="images, two rows each")
-    sampler(p, f"sampling steps in [1, T] (DDIM: {DEFAULT_DDIM_STEPS}; DDPM: T)")
+    sampler(p, f"sampling steps in [1, T] (DDIM: {DEFAULT_STEPS}; DDPM: T)")
     p.add_argument("--frames", type=at_least(2), default=10, help="columns per image (10)")
     p.set_defaults(run=cmd_reverse)
 
     p = command("interpolate", "Decode spherical interpolations between two noises with DDIM (eta 0); "
                 "row r goes from image 2r's noise to image 2r+1's.", "interpolation.png", num=4, num_help="rows")
     p.add_argument("--frames", type=at_least(2), default=8, help="images per row (8)")
-    p.add_argument("--steps", type=at_least(1), help=f"DDIM steps in [1, T] ({DEFAULT_DDIM_STEPS})")
+    p.add_argument("--steps", type=at_least(1), help=f"DDIM steps in [1, T] ({DEFAULT_STEPS})")
     p.set_defaults(run=cmd_interpolate)
 
     p = command("compare", "The same noise decoded by DDPM (eta 1) and DDIM (eta 0) at several step counts.",
@@ -139,7 +148,7 @@ def build_parser() -> Parser:
                 "(if it has a guide), config.json, a model card README.md and samples.png.", "", num=100,
                 num_help="images in samples.png; a conditional model draws ceil(num / classes) per class")
     p.add_argument("--out", type=Path, required=True, help="the folder to write (new, or an earlier export)")
-    p.add_argument("--steps", type=at_least(1), help=f"DDIM steps of samples.png ({DEFAULT_DDIM_STEPS}, at most T)")
+    p.add_argument("--steps", type=at_least(1), help=f"DDIM steps of samples.png ({DEFAULT_STEPS}, at most T)")
     p.add_argument("--params", type=Path, help="the pipeline's params.yaml, for the card's training section")
     p.add_argument("--metrics", type=Path, help="the evaluate stage's metrics/eval.json, for the card's FID table")
     p.set_defaults(run=cmd_export)
@@ -262,9 +271,8 @@ def sampler_steps(args, m: Loaded) -> tuple[int, float]:
     T = m.diffusion.timesteps
     if args.method != "ddim" and getattr(args, "eta", None) is not None:
         raise UsageError(f"--eta is for --method ddim; {args.method} takes no eta")
-    if args.method == "ddpm":
-        return args.steps or T, 1.0
-    return args.steps or min(DEFAULT_DDIM_STEPS, T), getattr(args, "eta", None) or 0.0
+    steps = args.steps or default_steps(args.method, T)
+    return (steps, 1.0) if args.method == "ddpm" else (steps, getattr(args, "eta", None) or 0.0)
 
 
 def cmd_sample(args, m: Loaded) -> None:
@@ -309,7 +317,7 @@ def cmd_reverse(args, m: Loaded) -> None:
 
 
 def cmd_interpolate(args, m: Loaded) -> None:
-    steps = args.steps or min(DEFAULT_DDIM_STEPS, m.diffusion.timesteps)
+    steps = args.steps or default_steps("ddim", m.diffusion.timesteps)
     gen = ImageGenerator(args.seed, range(2 * args.num), m.diffusion.betas.device)
     noise, y = gen.randn((2 * args.num, *m.shape)), m.labels(args.num)
     picture = pictures.interpolation(m.guided, m.diffusion, noise[0::2], noise[1::2], args.frames, y=y,

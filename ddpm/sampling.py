@@ -189,8 +189,8 @@ def ddim_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, steps
     taus = ddim_timesteps(diffusion.timesteps, steps, spacing, diffusion.log_snr)
     x, xs, x0s = x_T, [x_T], []
     ab = diffusion.alpha_bar
-    for j in tqdm(reversed(range(len(taus))), total=len(taus), desc=f"DDIM-{steps}",
-                  disable=not progress, leave=False):
+    desc = f"DDIM-{steps}" + (f" η={eta:g}" if eta else "")  # η = 1: DDPM's ancestral step on this chain
+    for j in tqdm(reversed(range(len(taus))), total=len(taus), desc=desc, disable=not progress, leave=False):
         t = torch.full((x.shape[0],), taus[j], device=x.device, dtype=torch.long)
         a, a_prev = ab[taus[j]], (ab[taus[j - 1]] if j > 0 else ab.new_tensor(1.0))
         # 1. predict eps and x0 ("predicted x0" term of eq. 12)
@@ -247,6 +247,14 @@ def dpm_solver_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor,
     return (x, {"x_t": xs, "x0": x0s}) if return_trajectory else x
 
 
+DEFAULT_STEPS = 50  # DDIM's and DPM-Solver's steps unless told
+
+
+def default_steps(method: str, timesteps: int) -> int:
+    """A sampler's steps unless told: DDPM all T (Ho et al. 2020, Algorithm 2), the others 50 (at most T)."""
+    return timesteps if method == "ddpm" else min(DEFAULT_STEPS, timesteps)
+
+
 def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int, int, int], *, seed: int,
              method: str = "ddim", steps: int | None = None, eta: float = 0.0, labels: torch.Tensor | None = None,
              batch_size: int = 250, clip_x0: bool = False, spacing: str = "uniform",
@@ -255,19 +263,17 @@ def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int,
     only on (seed, i), so the result does not depend on `batch_size`. For guided images pass a guided
     model (`SamplerSetting.model`, `ClassifierFree`, `Autoguided`).
 
-    `steps`: DDIM's and DPM-Solver's (default 50); DDPM's default is all T steps (Algorithm 2), and fewer
+    `steps`: default `default_steps`: DDIM's and DPM-Solver's 50; DDPM's all T steps (Algorithm 2), and fewer
     run it on a strided chain of `steps` timesteps chosen by `spacing` (the respacing of Nichol & Dhariwal
     2021, section 4), whose ancestral step is DDIM's with eta = 1 (Song et al. 2020, eq. 16)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if method == "ddpm":
-        steps = diffusion.timesteps if steps is None else steps
-        if steps < diffusion.timesteps:
-            method, eta = "ddim", 1.0
-    steps = 50 if steps is None else steps
+    desc, steps = f"sample {method}", default_steps(method, diffusion.timesteps) if steps is None else steps
+    if method == "ddpm" and steps < diffusion.timesteps:
+        method, eta = "ddim", 1.0
     device = diffusion.betas.device
     out = []
-    for start in tqdm(range(0, num, batch_size), desc=f"sample {method}", disable=not progress, leave=False):
+    for start in tqdm(range(0, num, batch_size), desc=desc, disable=not progress, leave=False):
         idx = range(start, min(num, start + batch_size))
         gen = ImageGenerator(seed, idx, device)
         x_T = gen.randn((len(idx), *shape))

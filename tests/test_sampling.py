@@ -24,7 +24,7 @@ from ddpm import (
     generate,
     make_betas,
 )
-from ddpm.sampling import SPACINGS, fold_seed, sampler_settings
+from ddpm.sampling import SPACINGS, default_steps, fold_seed, sampler_settings
 
 
 class PointDenoiser(nn.Module):
@@ -255,6 +255,14 @@ def test_ddpm_on_fewer_steps_is_the_strided_ancestral_chain(diffusion):
     point = ddim_sample(PointDenoiser(diffusion, X_STAR), diffusion, x_T[:16], steps=25, eta=1.0, spacing="trailing",
                         generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(point, X_STAR.expand_as(point), atol=1e-3, rtol=0)
+
+
+def test_default_steps_are_all_t_for_ddpm_and_50_at_most_t_for_the_others(diffusion):
+    assert [default_steps(m, 1000) for m in ("ddpm", "ddim", "dpmsolver")] == [1000, 50, 50]
+    assert default_steps("ddim", 20) == 20
+    model = GaussianDenoiser(diffusion, MU, S)
+    assert torch.equal(generate(model, diffusion, 2, (1, 2, 2), seed=0),
+                       generate(model, diffusion, 2, (1, 2, 2), seed=0, steps=50))
 
 
 def test_sampler_settings_of_ddpm_are_all_steps_or_a_strided_chain():

@@ -9,7 +9,7 @@ import torch
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from ddpm import SamplerSetting, generate, load_model
+from ddpm import SamplerSetting, default_steps, generate, load_model
 
 COLUMNS = {"num": "long", "seed": "long", "class": "long", "method": "string", "steps": "long",
            "eta": "double", "spacing": "string", "guidance": "double"}
@@ -54,7 +54,7 @@ class DiffusionSampler(PythonModel):
         labels = None if not k else (torch.full((num,), int(get("class", 0))) if get("class", None) is not None
                                      else torch.arange(num) % k)
         method = get("method", "ddim")
-        steps = int(get("steps", self.diffusion.timesteps if method == "ddpm" else 50))
+        steps = int(get("steps", default_steps(method, self.diffusion.timesteps)))
         setting = SamplerSetting(method, steps, float(get("eta", 0.0)),
                                  get("spacing", "uniform"), cfg=w if k else None, autoguidance=0.0 if k else w)
         images = generate(setting.model(self.net, self.guide), self.diffusion, num,
