@@ -22,7 +22,7 @@ from stages import prepare
 from stages.pipeline import bounds
 from stages.pipeline.params import MAX_SEED, ParamsError, train_config, validate
 from stages.pipeline.run import NotWritableError, check_writable, run, seed_everything
-from stages.pipeline.tracking import Tracker, TrackingError
+from stages.pipeline.tracking import Tracker, TrackingError, stage_run
 
 TINY_MODEL = UNetConfig(in_channels=1, image_size=28, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                         attention_resolutions=(), num_heads=1)
@@ -386,6 +386,21 @@ def test_a_read_only_artifact_store_is_one_line_and_leaves_the_output_as_it_was(
     runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'prepare'",
                               order_by=["start_time DESC"])
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"][:1 + first_run]
+
+
+def test_an_artifact_folder_that_refuses_a_file_is_one_line(tmp_path, monkeypatch, read_only):
+    """The artifact store answers (its root was writable when the run opened) but one of the run's folders
+    is not: one line naming the file, and the run ends FAILED."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grid.png").write_bytes(b"not read")
+    with pytest.raises(TrackingError) as error, stage_run("sample-ddim", "cond") as tracker:
+        uri = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracker.run_id).info.artifact_uri
+        artifacts = Path(uri.removeprefix("file://"))
+        read_only(artifacts / "plots")
+        tracker.log_artifact(tmp_path / "grid.png", "plots")
+    assert str(error.value).startswith(f"MLflow cannot store artifacts in {artifacts / 'plots'}: ")
+    run_status = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracker.run_id).info.status
+    assert run_status == "FAILED"
 
 
 @pytest.mark.parametrize("call", ["log_artifact", "end"])

@@ -48,7 +48,7 @@ MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 
 class TrackingError(RuntimeError):
-    """The tracking store cannot be reached."""
+    """The tracking store cannot be reached, or its artifact store cannot be written."""
 
 
 def repo_root() -> Path:
@@ -125,8 +125,11 @@ class Tracker:
         try:
             return fn(self.client, *args, **kwargs)
         except Exception as e:
-            if _answers(self.client):  # the store is fine: a bug, which keeps its traceback
-                raise
+            if _answers(self.client):
+                if isinstance(e, OSError) and e.filename:  # the artifact store's folders refused a file
+                    raise TrackingError(f"MLflow cannot store artifacts in {Path(e.filename).parent}: "
+                                        f"{e.strerror or e}; make it writable and rerun the stage") from None
+                raise  # a bug, which keeps its traceback
             self.client = None
             msg = f"MLflow tracking store {tracking_uri()} stopped answering ({type(e).__name__})"
             if os.environ.get("DDPM_TRACKING", "on") != "warn":
