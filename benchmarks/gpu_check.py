@@ -83,6 +83,7 @@ TINY_PARAMS = {
     "classifier": {"epochs": 1, "batch_size": 50, "width": 8},
     "train": {"epochs": 1, "batch_size": 50, "warmup_steps": 2, "lr_schedule": "cosine", "min_snr_gamma": 5,
               "precision": "auto", "grid_size": 10, "grid_ddim_steps": 3},
+    "train_uncond": {"steps": None}, "train_cond": {"steps": None},  # train.epochs, not the laptop profile's steps
     "sample": {"methods": ["ddim", "dpmsolver"], "num_samples": 20, "batch_size": 20, "ddpm_steps": [3],
                "ddim_steps": [3],
                "dpmsolver_steps": [3], "guidance": [1.0], "grid_size": 10, "spacing": "trailing", "clip_x0": True},
