@@ -337,8 +337,8 @@ def repro(r: Report, repo: Path, log: Path) -> bool:
     if stage:
         note = "cut: budget" if cut else None if proc.returncode == 0 else error_line(tail)
         r.add("stages", {"stage": stage, "seconds": time.monotonic() - start, "note": note})
-    elif proc.returncode:
-        r.add("stages", {"stage": "(dvc)", "note": error_line(tail)})
+    elif proc.returncode:  # stopped before its first stage: by the budget, or DVC itself failed
+        r.add("stages", {"stage": "(dvc)", "note": "cut: budget" if cut else error_line(tail)})
     return proc.returncode == 0
 
 

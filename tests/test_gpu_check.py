@@ -65,7 +65,9 @@ def test_a_run_out_of_budget_stops_itself_and_keeps_what_it_measured(tmp_path):
     rows = [row for name in ("matmul", "train", "sample", "stages") for row in report[name]]
     assert positive(report["matmul"][0]["tflops"])  # what fitted was measured...
     assert any(str(row.get("note")).startswith(("not run: budget", "cut: budget")) for row in rows)  # ...the rest not
-    assert report["stages"] == [{"stage": "(all)", "note": "not run: budget"}]
+    # the pipeline was not started, or (on a fast machine, with seconds left) cut by the budget
+    notes = [row["note"] for row in report["stages"] if row["stage"] != "total"]
+    assert notes[-1] in ("not run: budget", "cut: budget") and set(notes[:-1]) <= {None}, report["stages"]
     assert "not run: budget" in (tmp_path / "gpu_check.md").read_text()
 
 
