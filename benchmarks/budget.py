@@ -9,7 +9,10 @@ logged to MLflow (experiment "budget") and appended to --results. --model scores
 earlier run kept with --save-model (other samplers, no training). --guidance trains the class-conditional
 model instead (labels dropped at train.p_uncond) and samples it with balanced labels at each
 classifier-free guidance weight. --autoguidance samples the unconditional model guided by the early EMA
-snapshot that `-S train_uncond.guide_at=F` keeps (Karras et al. 2024) at each weight.
+snapshot that `-S train_uncond.guide_at=F` keeps (Karras et al. 2024) at each weight; --guidance-interval
+limits either guidance to a range of noise levels (Kynkäänniemi et al. 2024). Each row has the recall (and
+precision) of the samples in the classifier's features beside the FID, so that a better FID bought by less
+variety shows.
 
     python -m benchmarks.budget --minutes 25 -S data.name=fashion_mnist -S model.base_channels=32 \\
         -S train.lr=1e-3 -S train.ema_decay=0.999
@@ -22,6 +25,7 @@ import itertools
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import mlflow
@@ -33,8 +37,11 @@ from ddpm import (
     SamplerSetting,
     Trainer,
     UNet,
+    atomic_write,
     generate,
+    guidance_interval,
     guide_path,
+    guided,
     load_classifier,
     load_guide,
     load_model,
@@ -52,7 +59,8 @@ from stages.pipeline.run import run
 from stages.pipeline.tracking import flatten, repo_root, tracking_uri
 
 FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "method", "ddim_steps", "spacing",
-          "guidance", "fid", "floor", "ratio", "sample_s"]  # guidance: the unconditional model's autoguidance or blank
+          "guidance", "fid", "floor", "ratio", "sample_s", "interval", "recall", "precision"]
+# guidance: the conditional model's weight, the unconditional model's autoguidance weight, or blank
 
 
 def profile(overrides: list[str]):
@@ -123,6 +131,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--autoguidance", type=float, nargs="+", metavar="W",
                     help="sample the unconditional model guided by its guide model (-S train_uncond.guide_at=F) at "
                     "these weights (0: the model alone)")
+    ap.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                    help="guide only where the noise level sigma_t = sqrt((1 - alpha_bar) / alpha_bar) is in "
+                    "(LOW, HIGH] (ddpm.guidance_interval); default: at every step")
     ap.add_argument("--name", default="", help="a label for the results table")
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("budget_results.csv"))
     ap.add_argument("--save-model", type=Path, help="also write the EMA model here (for `ddpm sample --model`), "
@@ -145,12 +156,14 @@ def main(argv: list[str]) -> None:
             raise ParamsError(f"{flag}: weights must be >= 0, got {ws}")
     if args.guidance is not None and args.autoguidance is not None:
         raise ParamsError("--autoguidance: the unconditional model's; the class-conditional one takes --guidance")
+    if args.guidance_interval and not 0 <= args.guidance_interval[0] < args.guidance_interval[1]:
+        raise ParamsError(f"--guidance-interval: needs 0 <= LOW < HIGH, got {args.guidance_interval}")
     p = profile(args.overrides)
-    guided = any(args.autoguidance or ())
-    if guided and not args.model and not p.train_uncond.guide_at:
+    autoguided = any(args.autoguidance or ())
+    if autoguided and not args.model and not p.train_uncond.guide_at:
         raise ParamsError("--autoguidance: the model needs a guide model; set -S train_uncond.guide_at=F (0 < F < 1)")
     device = resolve_device(p.device)
-    guide = load_guide(args.model, device) if guided and args.model else None  # before any work
+    guide = load_guide(args.model, device) if autoguided and args.model else None  # before any work
     data = load_data(p)
     train = stratified_subset(data.train_images, data.train_labels, p.data.limit, p.seed)
     data = dataclasses.replace(data, train_images=train[0], train_labels=train[1])
@@ -184,21 +197,25 @@ def main(argv: list[str]) -> None:
     params_m = round(sum(x.numel() for x in model.parameters()) / 1e6, 2)
     k = model.config.num_classes
     labels = torch.arange(args.num_samples) % k if k else None  # balanced, as the sample stage draws them
+    active = guidance_interval(diffusion, *args.guidance_interval) if args.guidance_interval else None
+    interval = " ".join(f"{v:g}" for v in args.guidance_interval or ())
     for method, ddim_steps, spacing, w in itertools.product(args.method, args.ddim_steps, args.spacing,
                                                             args.guidance or args.autoguidance or [None]):
         start = time.perf_counter()
         setting = SamplerSetting(method, min(ddim_steps, p.diffusion.timesteps), spacing=spacing,
                                  cfg=(w or 0.0) if k else None, autoguidance=(w or 0.0) if not k else 0.0)
-        net = setting.model(model, guide)
+        net = guided(model, setting.cfg, setting.autoguidance, guide, active)
         images = generate(net, diffusion, args.num_samples, tuple(data.train_images.shape[1:]), seed=p.seed,
                           method=method, steps=min(ddim_steps, p.diffusion.timesteps), clip_x0=p.sample.clip_x0,
                           spacing=spacing, labels=labels, progress=True)
         sample_s = time.perf_counter() - start
-        fid, floor_fid = scorer(images)["classifier"]["fid"], scorer.floor["classifier"]["fid"]
+        scores = scorer(images)["classifier"]
+        fid, floor_fid = scores["fid"], scorer.floor["classifier"]["fid"]
         row = {"name": args.name, "overrides": " ".join(args.overrides), "minutes": minutes, "steps": steps,
                "images_per_s": rate, "params_m": params_m, "method": method, "ddim_steps": ddim_steps,
                "spacing": spacing, "guidance": "" if w is None else w, "fid": float(f"{fid:.5g}"),
-               "floor": float(f"{floor_fid:.5g}"), "ratio": round(fid / floor_fid, 2), "sample_s": round(sample_s, 1)}
+               "floor": float(f"{floor_fid:.5g}"), "ratio": round(fid / floor_fid, 2), "sample_s": round(sample_s, 1),
+               "interval": interval, "recall": round(scores["recall"], 4), "precision": round(scores["precision"], 4)}
         print("  ".join(f"{k}={v}" for k, v in row.items()))
         record(args.name, p, row, images, args.results)
 
@@ -220,16 +237,17 @@ def record(name: str, p, row: dict, images: torch.Tensor, results: Path) -> None
         mlflow.log_params({**flatten(sections(p, "data", "diffusion", "model", "train")), "minutes": row["minutes"],
                            "method": row["method"], "ddim_steps": row["ddim_steps"], "spacing": row["spacing"],
                            **({"guidance": row["guidance"]} if row["guidance"] != "" else {}),
+                           **({"guidance_interval": row["interval"]} if row["interval"] else {}),
                            "overrides": row["overrides"][:500]})
-        mlflow.log_metrics({k: float(row[k]) for k in ("steps", "images_per_s", "fid", "floor", "ratio", "sample_s")
-                            if row[k] is not None})
+        metrics = ("steps", "images_per_s", "fid", "floor", "ratio", "sample_s", "recall", "precision")
+        mlflow.log_metrics({k: float(row[k]) for k in metrics if row[k] is not None})
         mlflow.log_artifact(str(grid))
-    new = not results.exists()
-    with results.open("a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    with results.open(newline="") if results.exists() else nullcontext([]) as f:
+        rows = list(csv.DictReader(f))  # rewritten whole, so that a column added since reads blank in old rows
+    with atomic_write(results) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS, restval="")
+        writer.writeheader()
+        writer.writerows([*rows, row])
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from .sampling import (
     default_steps,
     dpm_solver_sample,
     generate,
+    guidance_interval,
     guided,
     sampler_settings,
 )
@@ -45,6 +46,6 @@ __all__ = [
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
     "Autoguided", "ClassifierFree", "ImageGenerator", "SamplerSetting", "ddim_sample", "ddim_timesteps", "ddpm_sample",
     "default_steps",
-    "dpm_solver_sample", "generate", "guided", "make_betas", "sampler_settings",
+    "dpm_solver_sample", "generate", "guidance_interval", "guided", "make_betas", "sampler_settings",
     "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig",
 ]

@@ -33,6 +33,7 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
                     *[arg for item in overrides for arg in ("-S", item)]],
                    cwd=ROOT, env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}, check=check)
 
+    results.write_text("name,fid,ratio\nolder,1.5,3.0\n")  # a table from before the recall columns
     proc = budget("--minutes", "0.05", "--ddim-steps", "2", "5", "--name", "smoke")
     assert "classifier test accuracy" in proc.stdout  # trained once, then kept
     assert (tmp_path / "classifier.pt").is_file()
@@ -40,11 +41,12 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
     assert "classifier test accuracy" not in proc.stdout
     model, diffusion, meta = load_model(tmp_path / "m.pt")
     assert diffusion.prediction == "v" and meta["steps"] == 3 and model.config.base_channels == 8
-    *rows, fixed = list(csv.DictReader(results.open()))
+    older, *rows, fixed = list(csv.DictReader(results.open()))
+    assert (older["name"], older["fid"], older["recall"], older["interval"]) == ("older", "1.5", "", "")
     proc = budget("--model", str(tmp_path / "m.pt"), "--ddim-steps", "2", "--spacing", "uniform", "trailing",
                   "--name", "rescored")
     assert "train 25 min" not in proc.stderr  # no training (the default budget), only sampling
-    rescored = list(csv.DictReader(results.open()))[len(rows) + 1:]
+    rescored = list(csv.DictReader(results.open()))[len(rows) + 2:]
     assert [(r["name"], r["spacing"]) for r in rescored] == [("rescored", "uniform"), ("rescored", "trailing")]
     for r in rescored:  # the saved model's own training numbers
         assert [r[k] for k in ("steps", "minutes", "images_per_s")] == [fixed[k] for k in ("steps", "minutes",
@@ -61,12 +63,18 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
     cond = list(csv.DictReader(results.open()))[-2:]
     assert [(r["name"], r["guidance"], r["steps"]) for r in cond] == [("cond", "0.0", "30"), ("cond", "5.0", "30")]
     assert load_model(tmp_path / "cond.pt")[0].config.num_classes >= 2
+    for interval in (("0", "1e-6"), ("0", "1e9")):  # no step's noise level in it; every step's
+        budget("--model", str(tmp_path / "cond.pt"), "--ddim-steps", "2", "--guidance", "5", "--guidance-interval",
+               *interval, "--name", "interval")
+    nowhere, everywhere = list(csv.DictReader(results.open()))[-2:]
+    assert (nowhere["interval"], everywhere["interval"]) == ("0 1e-06", "0 1e+09")
+    assert (nowhere["fid"], everywhere["fid"]) == (cond[0]["fid"], cond[1]["fid"])  # unguided; guided throughout
     for model_file, extra in (("cond.pt", ()), ("m.pt", ("--guidance", "1"))):
         bad = budget("--model", str(tmp_path / model_file), *extra, "--ddim-steps", "2", check=False)
         assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
             f"error: {tmp_path / model_file}: a class-conditional model needs --guidance, an unconditional one "
             "takes none")
-    assert len(list(csv.DictReader(results.open()))) == len(rows) + 6  # the refused runs wrote no row
+    assert len(list(csv.DictReader(results.open()))) == len(rows) + 9  # the refused runs wrote no row
     budget("--steps", "4", "--ddim-steps", "2", "--autoguidance", "0", "3", "--name", "auto",
            "--save-model", str(tmp_path / "auto.pt"), "-S", "train_uncond.guide_at=0.5", "-S", "train.lr=0.01")
     auto = list(csv.DictReader(results.open()))[-2:]
@@ -84,6 +92,7 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
         fid, floor = float(r["fid"]), float(r["floor"])
         assert math.isfinite(fid) and fid > 0 and floor > 0  # kept to 5 significant digits, however small
         assert float(r["ratio"]) == pytest.approx(fid / floor, rel=1e-2)
+        assert 0 <= float(r["recall"]) <= 1 and 0 <= float(r["precision"]) <= 1 and r["interval"] == ""
         assert "diffusion.prediction=v" in r["overrides"]
     assert rows[0]["steps"] == rows[1]["steps"]  # one training, sampled twice
 
@@ -105,6 +114,7 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
         assert mlrun.data.params["diffusion.prediction"] == "v" and mlrun.data.params["train.min_snr_gamma"] == "5.0"
         assert mlrun.data.params["method"] == "ddim"
         assert mlrun.data.metrics["fid"] == pytest.approx(fid_by_steps[mlrun.data.params["ddim_steps"]], abs=1e-3)
+        assert 0 <= mlrun.data.metrics["recall"] <= 1
         assert [a.path for a in client.list_artifacts(mlrun.info.run_id)] == ["samples.png"]
 
 
@@ -116,6 +126,8 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
      "error: --autoguidance: the model needs a guide model; set -S train_uncond.guide_at=F"),
     (["--autoguidance", "1", "--guidance", "1"], "error: --autoguidance: the unconditional model's; the "
                                                  "class-conditional one takes --guidance"),
+    (["--guidance", "1", "--guidance-interval", "3", "0.3"],
+     "error: --guidance-interval: needs 0 <= LOW < HIGH, got [3.0, 0.3]"),
 ])
 def test_budget_benchmark_refuses_bad_input_before_training(tmp_path, args, message):
     proc = run([sys.executable, "-m", "benchmarks.budget", "--results", str(tmp_path / "r.csv"), *args],

@@ -22,6 +22,8 @@ from ddpm import (
     ddpm_sample,
     dpm_solver_sample,
     generate,
+    guidance_interval,
+    guided,
     make_betas,
 )
 from ddpm.sampling import SPACINGS, default_steps, fold_seed, sampler_settings
@@ -296,6 +298,32 @@ def test_classifier_free_guidance_by_hand():
     assert ClassifierFree(net, 0.0)(x_t, t, y).flatten().tolist() == [0.0, 1.0, 2.0]  # w = 0: the plain model
     assert ClassifierFree(net, 3.0)(x_t, t).flatten().tolist() == [10.0] * 3         # no labels: the same
     assert net.calls == [[0, 1, 2], None]
+
+
+def test_guidance_interval_guides_only_its_noise_levels():
+    """Kynkäänniemi et al. 2024: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) in (low, high] guided, the
+    plain conditional prediction elsewhere, from one call without the label-free half."""
+    diffusion = Diffusion(make_betas("cosine", 100))
+    sigma = ((1 - diffusion.alpha_bar.double()) / diffusion.alpha_bar.double()).sqrt()
+    active = guidance_interval(diffusion, 0.5, 3.0)
+    assert active.tolist() == ((sigma > 0.5) & (sigma <= 3.0)).tolist()
+    assert 0 < int(active.sum()) < 100 and not active[0] and not active[-1]
+    inside, outside = int(active.nonzero()[0]), 0
+    net = LabelShift()
+    x_t, y = torch.zeros(2, 1, 1, 1), torch.tensor([1, 2])
+    model = ClassifierFree(net, 0.5, active)
+    assert model(x_t, torch.full((2,), inside), y).flatten().tolist() == [-3.5, -2.0]  # guided, as by hand
+    assert model(x_t, torch.full((2,), outside), y).flatten().tolist() == [1.0, 2.0]   # the conditional model
+    assert net.calls == [[1, 2, NULL_LABEL, NULL_LABEL], [1, 2]]
+    mixed = model(x_t, torch.tensor([inside, outside]), y).flatten().tolist()
+    assert mixed == [-3.5, 2.0]  # a batch of mixed timesteps: each image as its own timestep says
+    auto = Autoguided(net, lambda x, t, y=None: x + 4, 1.0, active)
+    assert auto(x_t, torch.full((2,), inside), y).flatten().tolist() == [-2.0, 0.0]   # 2 D - D_guide
+    assert auto(x_t, torch.full((2,), outside), y).flatten().tolist() == [1.0, 2.0]
+    assert guided(net, 0.5, active=active).active is active
+    for low, high in ((1.0, 1.0), (-1.0, 2.0)):
+        with pytest.raises(ValueError, match="0 <= low < high"):
+            guidance_interval(diffusion, low, high)
 
 
 def test_classifier_free_guidance_combines_conditional_and_unconditional_predictions():
