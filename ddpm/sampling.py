@@ -75,16 +75,16 @@ def guidance_interval(diffusion: Diffusion, low: float, high: float) -> torch.Te
     return (sigma > low) & (sigma <= high)
 
 
-def _limited(guided_d: torch.Tensor, plain_d: torch.Tensor, t: torch.Tensor, active: torch.Tensor | None):
-    """`guided_d` where timestep t is in the guidance interval `active` (all of them when None), else `plain_d`."""
-    if active is None:
+def _within(t: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor | None:
+    """Per image of the batch, whether its timestep t is in the guidance interval `active` (None: no interval)."""
+    return None if active is None else active.to(t.device)[t]
+
+
+def _limited(guided_d: torch.Tensor, plain_d: torch.Tensor, within: torch.Tensor | None) -> torch.Tensor:
+    """`guided_d` for the images `within` the guidance interval (all when None), `plain_d` for the rest."""
+    if within is None:
         return guided_d
-    return torch.where(active.to(t.device)[t].reshape(-1, *[1] * (guided_d.ndim - 1)), guided_d, plain_d)
-
-
-def _acts(t: torch.Tensor, active: torch.Tensor | None) -> bool:
-    """Whether guidance acts on any of the batch's timesteps t."""
-    return active is None or bool(active.to(t.device)[t].any())
+    return torch.where(within.reshape(-1, *[1] * (guided_d.ndim - 1)), guided_d, plain_d)
 
 
 class ClassifierFree(nn.Module):
@@ -99,12 +99,13 @@ class ClassifierFree(nn.Module):
         self.model, self.w, self.active = model, w, active
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if y is None or self.w == 0 or not _acts(t, self.active):
+        within = _within(t, self.active)
+        if y is None or self.w == 0 or (within is not None and not within.any()):
             return self.model(x_t, t, y).float()
         both = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]),
                           torch.cat([y, torch.full_like(y, NULL_LABEL)]))
         d_cond, d_uncond = both.float().chunk(2)
-        return _limited(extrapolate(d_cond, d_uncond, self.w), d_cond, t, self.active)
+        return _limited(extrapolate(d_cond, d_uncond, self.w), d_cond, within)
 
 
 class Autoguided(nn.Module):
@@ -120,10 +121,10 @@ class Autoguided(nn.Module):
         self.model, self.guide, self.w, self.active = model, guide, w, active
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        d = self.model(x_t, t, y).float()
-        if self.w == 0 or not _acts(t, self.active):
+        d, within = self.model(x_t, t, y).float(), _within(t, self.active)
+        if self.w == 0 or (within is not None and not within.any()):
             return d
-        return _limited(extrapolate(d, self.guide(x_t, t, y).float(), self.w), d, t, self.active)
+        return _limited(extrapolate(d, self.guide(x_t, t, y).float(), self.w), d, within)
 
 
 def guided(model: nn.Module, cfg: float | None = None, autoguidance: float = 0.0,
