@@ -3,8 +3,8 @@
 For a model file, the prepared data (train.pt, test.pt, info.json) and the domain classifier, it samples
 DDPM, DDIM at each --steps x --eta and DPM-Solver++(2M) at each --dpmsolver-steps, x each --guidance for a
 conditional model or x each --autoguidance for an unconditional one (guided by its <name>-guide.pt), with
-the pipeline's sampler options (--spacing, --clip-x0), and prints one row per setting: FID, KID, IS,
-precision/recall, conditional accuracy, FID over the floor, wall time and images/s.
+the pipeline's sampler options (--spacing, --clip-x0, --guidance-interval), and prints one row per setting:
+FID, KID, IS, precision/recall, conditional accuracy, FID over the floor, wall time and images/s.
 The first row is the floor: a class-stratified real train subset of --num-samples images scored against the
 test split exactly as the samples are, the best this protocol lets a model score.
 
@@ -44,7 +44,8 @@ def settings(args, timesteps: int, conditional: bool) -> list:
             for s in sampler_settings(method, timesteps, steps={"ddpm": [timesteps], "ddim": args.steps}.get(
                                           method, args.dpmsolver_steps),
                                       etas=args.eta, spacing=args.spacing, cfg=args.guidance if conditional else None,
-                                      autoguidance=(0.0,) if conditional else args.autoguidance)]
+                                      autoguidance=(0.0,) if conditional else args.autoguidance,
+                                      interval=args.guidance_interval)]
 
 
 def scorer_for(args, device: torch.device, n: int) -> Scorer:
@@ -64,7 +65,7 @@ def row(name: str, scores: dict[str, dict], seconds: float | None = None, n: int
     cells = [fmt.format(main[key]) if key in main else " " * len(fmt.format(0.0)) for _, key, fmt in COLUMNS]
     cells += [f"{s['fid']:9.3f}" for e, s in scores.items() if e != "classifier"]
     cells += [f"{seconds:8.1f} {n / seconds:8.1f}" if seconds else f"{'':8} {'':8}"]
-    return f"{name:<20} " + " ".join(cells)
+    return f"{name:<26} " + " ".join(cells)
 
 
 def main() -> None:
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--autoguidance", type=float, nargs="+", default=[0.0],
                     help="for an unconditional model, guided by its guide model <name>-guide.pt "
                     "(train_uncond.guide_at)")
+    ap.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                    help="guide only at noise levels sigma in (LOW, HIGH] (ddpm.guidance_interval); default: all")
     ap.add_argument("--no-ddpm", action="store_true", help="skip ancestral sampling over all T steps")
     ap.add_argument("--extractors", nargs="+", default=["classifier"], choices=["classifier", "inception"])
     ap.add_argument("--inception-weights", help="torch-fidelity's Inception-v3 file (else its cache; no download)")
@@ -97,6 +100,8 @@ def main() -> None:
     for flag, ws in (("--guidance", args.guidance), ("--autoguidance", args.autoguidance)):
         if min(ws) < 0:
             ap.error(f"{flag}: weights must be >= 0, got {ws}")
+    if args.guidance_interval and not 0 <= args.guidance_interval[0] < args.guidance_interval[1]:
+        ap.error(f"--guidance-interval: needs 0 <= LOW < HIGH, got {args.guidance_interval}")
     guide = None
     if any(args.autoguidance):  # checked before any scoring or sampling
         if k is not None:
@@ -110,13 +115,14 @@ def main() -> None:
     labels = torch.arange(n) % k if k else None
     print(f"{n} samples per row on {device}; reference: {scorer.settings()['num_real']} test images; "
           f"floor: {scorer.settings()['num_floor']} train images; extractors: {', '.join(args.extractors)}")
-    print(f"{'setting':<20} " + " ".join(f"{h:>{len(fmt.format(0.0))}}" for h, _, fmt in COLUMNS) + "".join(
+    print(f"{'setting':<26} " + " ".join(f"{h:>{len(fmt.format(0.0))}}" for h, _, fmt in COLUMNS) + "".join(
         f" {'FID ' + e[:4]:>9}" for e in args.extractors[1:]) + f" {'wall s':>8} {'img/s':>8}")
     print(row("floor (real train)", scorer.floor))
     for s in settings(args, diffusion.timesteps, k is not None):
         start = time.perf_counter()
-        images = generate(s.model(model, guide), diffusion, n, shape, seed=args.seed, method=s.method, steps=s.steps,
-                          eta=s.eta, labels=labels, batch_size=args.batch_size, clip_x0=args.clip_x0, spacing=s.spacing)
+        images = generate(s.model(model, guide, diffusion), diffusion, n, shape, seed=args.seed, method=s.method,
+                          steps=s.steps, eta=s.eta, labels=labels, batch_size=args.batch_size, clip_x0=args.clip_x0,
+                          spacing=s.spacing)
         seconds = time.perf_counter() - start
         print(row(s.tag, scorer(images, labels), seconds, n), flush=True)
 

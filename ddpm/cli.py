@@ -116,6 +116,9 @@ def build_parser() -> Parser:
     p.add_argument("--autoguidance", type=at_least(0.0, float), metavar="W",
                    help="autoguidance weight w >= 0 (unconditional models; guided by <name>-guide.pt beside --model, "
                    "which train.guide_at keeps)")
+    p.add_argument("--guidance-interval", type=at_least(0.0, float), nargs=2, metavar=("LOW", "HIGH"),
+                   help="guide only at noise levels sigma in (LOW, HIGH] (Kynkäänniemi et al. 2024; default: "
+                   "every step)")
     p.add_argument("--batch-size", type=at_least(1), default=250, help="images per batch (250)")
     p.add_argument("--save-array", type=file_with_suffix(".npz"), metavar="FILE.npz",
                    help="also save images uint8 (N, C, H, W) and labels (N,) (-1: unconditional)")
@@ -201,6 +204,9 @@ def pick_device(name: str) -> torch.device:
 
 def load(args) -> Loaded:
     """Load --model and check --class, --guidance and every step count against it."""
+    interval = getattr(args, "guidance_interval", None)
+    if interval and interval[0] >= interval[1]:
+        raise UsageError(f"--guidance-interval {interval[0]:g} {interval[1]:g}: needs LOW < HIGH")
     device = pick_device(args.device)
     model, diffusion, meta = load_model(args.model, device)
     k, T = model.config.num_classes, diffusion.timesteps
@@ -291,14 +297,17 @@ def sample_picture(args, m: Loaded) -> tuple[pictures.Picture, torch.Tensor | No
         labels, nrow = torch.arange(len(m.class_names)).repeat_interleave(per_class), per_class
     else:
         labels, nrow = m.labels(args.num), math.ceil(math.sqrt(args.num))
-    setting = SamplerSetting(args.method, steps, eta, args.spacing, m.cfg, m.autoguidance)
-    images = generate(setting.model(m.model, m.guide), m.diffusion, len(labels) if labels is not None else args.num,
-                      m.shape, seed=args.seed, method=setting.method, steps=setting.steps, eta=setting.eta,
-                      labels=labels, batch_size=args.batch_size, clip_x0=args.clip_x0, spacing=setting.spacing,
-                      progress=True)
+    setting = SamplerSetting(args.method, steps, eta, args.spacing, m.cfg, m.autoguidance,
+                             getattr(args, "guidance_interval", None))
+    num = len(labels) if labels is not None else args.num
+    images = generate(setting.model(m.model, m.guide, m.diffusion), m.diffusion, num, m.shape, seed=args.seed,
+                      method=setting.method, steps=setting.steps, eta=setting.eta, labels=labels,
+                      batch_size=args.batch_size, clip_x0=args.clip_x0, spacing=setting.spacing, progress=True)
     name = METHOD_NAMES[args.method]
     title = m.describe(f"{name} {steps} steps" + (f", eta = {eta:g}" if args.method == "ddim" else "") + (
         f", {args.spacing} spacing" if steps < m.diffusion.timesteps or args.method != "ddpm" else ""))
+    if setting.interval:
+        title += f", guided in σ∈({setting.interval[0]:g}, {setting.interval[1]:g}]"
     rows = m.row_names(None if labels is None else labels[::nrow])
     return pictures.Picture(images, nrow, title, rows), labels
 

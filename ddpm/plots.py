@@ -12,7 +12,7 @@ from .sampling import SamplerSetting
 
 
 def fid_vs_steps(rows: list[dict], floor: float | None = None):
-    """FID against sampling steps, one line per (variant, method, eta, cfg, autoguidance); DDPM as a dashed
+    """FID against sampling steps, one line per (variant, method, eta, cfg, autoguidance, interval); DDPM as a dashed
     reference and the real-data `floor` (real train images scored like samples) as a dotted one.
 
     rows: dicts with variant, fid and a SamplerSetting's fields (method, steps, eta, cfg, autoguidance;
@@ -25,7 +25,7 @@ def fid_vs_steps(rows: list[dict], floor: float | None = None):
     series = {}
     for r in rows:
         s = SamplerSetting.from_dict(r)
-        key = (r["variant"], s.method, s.eta, -1.0 if s.cfg is None else s.cfg, s.autoguidance)
+        key = (r["variant"], s.method, s.eta, -1.0 if s.cfg is None else s.cfg, s.autoguidance, s.interval or ())
         series.setdefault(key, []).append((s, r["fid"]))
     for i, ((variant, method, *_), points) in enumerate(sorted(series.items())):
         color = f"C{i % 10}"
@@ -106,8 +106,9 @@ def cfg_series(row: dict) -> str:
 
 def csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:
     """The `columns` of each record as CSV text with a header line (floats to 6 significant digits; None and
-    a missing key as an empty cell; a cell with a comma quoted)."""
-    cell = lambda v: f"{v:.6g}" if isinstance(v, float) else "" if v is None else str(v)
+    a missing key as an empty cell; a list as its values joined by spaces; a cell with a comma quoted)."""
+    cell = lambda v: (f"{v:.6g}" if isinstance(v, float) else "" if v is None
+                      else " ".join(map(cell, v)) if isinstance(v, (list, tuple)) else str(v))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)

@@ -328,19 +328,26 @@ METHOD_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver": "DPM-Solver++(2M)"}
 class SamplerSetting:
     """One sampler setting of a sweep. `cfg` is the classifier-free guidance weight w of a class-conditional
     model (None for an unconditional one, whose tags carry no weight), `autoguidance` the autoguidance
-    weight w (0: none). DDPM's `steps` is T (all of them) or a strided chain (see `generate`), its `eta` 1."""
+    weight w (0: none), `interval` the noise levels (low, high] where guidance acts (`guidance_interval`;
+    None: all). DDPM's `steps` is T (all of them) or a strided chain (see `generate`), its `eta` 1."""
     method: str
     steps: int
     eta: float = 0.0
     spacing: str = "uniform"
     cfg: float | None = None
     autoguidance: float = 0.0
+    interval: tuple[float, float] | None = None
 
     def __post_init__(self):
+        if self.interval is not None:  # a JSON list read back (from_dict) is the same setting
+            object.__setattr__(self, "interval", tuple(float(v) for v in self.interval))
         checks = (("method", self.method in METHODS, ", ".join(METHODS)), ("steps", self.steps >= 1, ">= 1"),
                   ("eta", self.eta >= 0, ">= 0"), ("spacing", self.spacing in SPACINGS, ", ".join(SPACINGS)),
                   ("cfg", self.cfg is None or self.cfg >= 0, "None or >= 0"),
-                  ("autoguidance", self.autoguidance >= 0, ">= 0"))
+                  ("autoguidance", self.autoguidance >= 0, ">= 0"),
+                  ("interval", self.interval is None or (len(self.interval) == 2
+                                                         and 0 <= self.interval[0] < self.interval[1]),
+                   "None or (low, high) with 0 <= low < high"))
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"SamplerSetting.{name} = {getattr(self, name)!r}; allowed: {allowed}")
@@ -348,14 +355,17 @@ class SamplerSetting:
     @property
     def tag(self) -> str:
         """The file name of its samples: "ddpm1000", "ddim10_eta0", "dpmsolver20", then "_w{cfg}" for a
-        conditional model (even at w = 0) and "_ag{autoguidance}" when autoguided: "ddim10_eta0_w0.5"."""
+        conditional model (even at w = 0), "_ag{autoguidance}" when autoguided and "_gi{low}-{high}" with a
+        guidance interval: "ddim10_eta0_w0.5", "ddim50_eta0_w1_gi0.28-5.42"."""
         name = f"ddim{self.steps}_eta{self.eta:g}" if self.method == "ddim" else f"{self.method}{self.steps}"
         name += f"_w{self.cfg:g}" if self.cfg is not None else ""
-        return name + (f"_ag{self.autoguidance:g}" if self.autoguidance else "")
+        name += f"_ag{self.autoguidance:g}" if self.autoguidance else ""
+        return name + (f"_gi{self.interval[0]:g}-{self.interval[1]:g}" if self.interval else "")
 
     @property
     def label(self) -> str:
-        """For people: "DDPM-1000", "DDIM-10 η=0, w=0.5", "DPM-Solver++(2M)-20, autoguidance w=1"."""
+        """For people: "DDPM-1000", "DDIM-10 η=0, w=0.5", "DPM-Solver++(2M)-20, autoguidance w=1",
+        "DDIM-50 η=0, w=1, σ∈(0.28, 5.42]"."""
         return self._label(with_steps=True)
 
     @property
@@ -368,11 +378,16 @@ class SamplerSetting:
         name += f" η={self.eta:g}" if self.method == "ddim" else ""
         guidance = ([f"w={self.cfg:g}"] if self.cfg is not None else []) + (
             [f"autoguidance w={self.autoguidance:g}"] if self.autoguidance else [])
-        return ", ".join([name, *guidance])
+        interval = [f"σ∈({self.interval[0]:g}, {self.interval[1]:g}]"] if self.interval else []
+        return ", ".join([name, *guidance, *interval])
 
-    def model(self, net: nn.Module, guide: nn.Module | None = None) -> nn.Module:
-        """`net` guided as this setting says (see `guided`); raises ValueError when it needs a guide."""
-        return guided(net, self.cfg, self.autoguidance, guide)
+    def model(self, net: nn.Module, guide: nn.Module | None = None, diffusion: Diffusion | None = None) -> nn.Module:
+        """`net` guided as this setting says (see `guided`); raises ValueError when it needs a guide, or the
+        diffusion for its guidance interval."""
+        if self.interval and diffusion is None:
+            raise ValueError(f"{self.tag}: a guidance interval needs the diffusion (its noise levels)")
+        active = guidance_interval(diffusion, *self.interval) if self.interval else None
+        return guided(net, self.cfg, self.autoguidance, guide, active)
 
     def to_dict(self) -> dict:
         """The fields and the tag, as an index.json row starts."""
@@ -388,13 +403,15 @@ class SamplerSetting:
 
 
 def sampler_settings(method: str, timesteps: int, *, steps=(), etas=(0.0,), spacing: str = "uniform",
-                     cfg=None, autoguidance=(0.0,)) -> list[SamplerSetting]:
+                     cfg=None, autoguidance=(0.0,), interval=None) -> list[SamplerSetting]:
     """Every setting of one sampler in a sweep: DDPM at each of `steps` (T: all of them, Algorithm 2; fewer: a
     strided chain, see `generate`), DDIM at each of `steps` x `etas`, DPM-Solver++(2M) at each of `steps`
     (deterministic, eta 0); each at every classifier-free weight of `cfg` (None: an unconditional model) and
-    every `autoguidance` weight. Step counts above `timesteps` are left out."""
+    every `autoguidance` weight, guided in `interval` (None: at every step). Step counts above `timesteps`
+    are left out."""
     etas = etas if method == "ddim" else (1.0 if method == "ddpm" else 0.0,)
     bases = [(s, e) for s in steps for e in etas if s <= timesteps]
     exact = method == "ddpm"  # DDPM over all T steps visits every one: no spacing to speak of
-    return [SamplerSetting(method, s, e, "uniform" if exact and s == timesteps else spacing, w, ag)
+    interval = tuple(interval) if interval else None
+    return [SamplerSetting(method, s, e, "uniform" if exact and s == timesteps else spacing, w, ag, interval)
             for s, e in bases for w in (cfg or [None]) for ag in autoguidance]

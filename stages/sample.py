@@ -6,7 +6,8 @@ usage: python -m stages.sample VARIANT METHOD --model FILE --out DIR
 Writes, per sampler setting (ddpm.SamplerSetting), <tag>.pt (uint8 images + requested labels), <tag>.png (a
 grid) and index.json (the settings, wall time, images/s). The conditional model gets balanced labels at each
 classifier-free guidance weight of sample.guidance; the unconditional model each autoguidance weight of
-sample.autoguidance, guided by its guide model (model-guide.pt beside it, kept by train_uncond.guide_at).
+sample.autoguidance, guided by its guide model (model-guide.pt beside it, kept by train_uncond.guide_at); each
+guided only at the noise levels of sample.guidance_interval / sample.autoguidance_interval where set.
 A method that sample.methods leaves out writes an empty index.json.
 """
 
@@ -28,7 +29,8 @@ def settings(method: str, p, timesteps: int, conditional: bool):
     steps = {"ddpm": s.ddpm_steps, "ddim": s.ddim_steps, "dpmsolver": s.dpmsolver_steps}[method]
     return sampler_settings(method, timesteps, steps=steps,
                             etas=s.eta, spacing=s.spacing, cfg=s.guidance if conditional else None,
-                            autoguidance=(0.0,) if conditional else s.autoguidance)
+                            autoguidance=(0.0,) if conditional else s.autoguidance,
+                            interval=s.guidance_interval if conditional else s.autoguidance_interval)
 
 
 def main(argv: list[str]) -> None:
@@ -70,9 +72,9 @@ def draw(a, p, tracker, out) -> list[dict]:
     index = []
     for s in grid:
         start = time.perf_counter()
-        images = generate(s.model(model, guide), diffusion, n, shape, seed=p.seed, method=s.method, steps=s.steps,
-                          eta=s.eta, labels=labels, batch_size=p.sample.batch_size, clip_x0=p.sample.clip_x0,
-                          spacing=s.spacing, progress=True)
+        images = generate(s.model(model, guide, diffusion), diffusion, n, shape, seed=p.seed, method=s.method,
+                          steps=s.steps, eta=s.eta, labels=labels, batch_size=p.sample.batch_size,
+                          clip_x0=p.sample.clip_x0, spacing=s.spacing, progress=True)
         seconds = time.perf_counter() - start
         atomic_save({"images": images, "labels": labels if k else torch.zeros(0, dtype=torch.long)},
                     out / f"{s.tag}.pt")

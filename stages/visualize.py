@@ -3,7 +3,8 @@
 usage: python -m stages.visualize --uncond FILE --cond FILE --out DIR
 Writes into DIR, each picture with row and column labels: cond_classes.png (one row per class, with
 guidance visualize.guidance; the unconditional model's pictures with autoguidance visualize.autoguidance,
-guided by its model-guide.pt); for each model <variant>_reverse.png (x_t and the predicted x0 along
+guided by its model-guide.pt; each only in sample.guidance_interval / sample.autoguidance_interval where
+set, as the sample stages guide); for each model <variant>_reverse.png (x_t and the predicted x0 along
 DDIM), <variant>_interpolation.png (DDIM decodings of a slerp between two noises) and
 <variant>_compare.png (the same noise through DDPM and DDIM at visualize.compare_steps); and
 schedule.png (beta_t, alpha_bar_t and log-SNR of the linear and cosine schedules).
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm import ImageGenerator, generate, guided, load_guide, load_model, resolve_device
+from ddpm import ImageGenerator, generate, guidance_interval, guided, load_guide, load_model, resolve_device
 from ddpm.pictures import Picture, interpolation, reverse_strip, sampler_comparison, schedule_figure
 
 from .pipeline.io import atomic_dir, save_figure
@@ -33,11 +34,15 @@ def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> 
     y = torch.arange(n) % k if k else None
     rows = [names[i] for i in y] if k else None
     tag = f"{variant} model" + (f", w = {v.guidance:g}" if k else "")
+    interval = p.sample.guidance_interval if k else p.sample.autoguidance_interval  # as the sample stages guide
+    active = guidance_interval(diffusion, *interval) if interval else None
     if k:  # every picture below from the guided model
-        model = guided(model, cfg=v.guidance)
+        model = guided(model, cfg=v.guidance, active=active)
     elif v.autoguidance:  # guided by its early EMA snapshot
-        model = guided(model, autoguidance=v.autoguidance, guide=load_guide(model_path, device))
+        model = guided(model, autoguidance=v.autoguidance, guide=load_guide(model_path, device), active=active)
         tag += f", autoguidance w = {v.autoguidance:g}"
+    if active is not None and (v.guidance if k else v.autoguidance):
+        tag += f" in σ∈({interval[0]:g}, {interval[1]:g}]"
 
     if k:  # one row per class
         labels = torch.arange(k).repeat_interleave(v.per_class)
@@ -71,7 +76,8 @@ def main(argv: list[str]) -> None:
     a = path_parser("--uncond", "--cond", "--out").parse_args(argv)
     p = load_params()
     check_writable(a.out)
-    with stage_run("visualize", params=sections(p, "seed", "device", "visualize")) as tracker:
+    with stage_run("visualize", params=sections(p, "seed", "device", "visualize", "sample.guidance_interval",
+                                                   "sample.autoguidance_interval")) as tracker:
         seed_everything(p.seed)
         device = resolve_device(p.device)
         with atomic_dir(a.out) as tmp:

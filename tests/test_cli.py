@@ -22,6 +22,7 @@ from ddpm import (
     UNet,
     UNetConfig,
     generate,
+    guidance_interval,
     guide_path,
     load_model,
     save_model,
@@ -158,6 +159,12 @@ def test_sample_guidance_is_that_of_generate_with_the_classifier_free_guided_mod
     expected = generate(ClassifierFree(model, 3.0), diffusion, 3, (1, 28, 28), seed=0, steps=4, labels=labels)
     np.testing.assert_array_equal(np.load(tmp_path / "g.npz")["images"], expected.numpy())
     assert not torch.equal(expected, generate(model, diffusion, 3, (1, 28, 28), seed=0, steps=4, labels=labels))
+    in_process("sample", "--model", models["cond"], "--num", "3", "--class", "1", "--steps", "4", "--guidance", "3",
+               "--guidance-interval", "0.5", "3", "--device", "cpu", "--out", "i.png", "--save-array", "i.npz")
+    limited = generate(ClassifierFree(model, 3.0, guidance_interval(diffusion, 0.5, 3.0)), diffusion, 3, (1, 28, 28),
+                       seed=0, steps=4, labels=labels)
+    np.testing.assert_array_equal(np.load(tmp_path / "i.npz")["images"], limited.numpy())
+    assert not torch.equal(limited, expected)
 
 
 def test_sample_spacing_and_clipping_are_those_of_generate(models, tmp_path):
@@ -245,6 +252,10 @@ BAD = {
     "num 0": (["interpolate", "--model", "{uncond}", "--num", "0"], ["--num", ">= 1"]),
     "out not png": (["sample", "--model", "{uncond}", "--out", "x.jpg"], ["--out", ".png"]),
     "unknown spacing": (["sample", "--model", "{uncond}", "--spacing", "cubic"], ["--spacing", "'cubic'"]),
+    "interval upside down": (["sample", "--model", "{cond}", "--guidance", "1", "--guidance-interval", "3", "1"],
+                             ["--guidance-interval 3 1", "LOW < HIGH"]),
+    "negative interval": (["sample", "--model", "{cond}", "--guidance", "1", "--guidance-interval", "-1", "1"],
+                          ["--guidance-interval", ">= 0"]),
 }
 
 

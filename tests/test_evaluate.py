@@ -230,7 +230,7 @@ def test_eval_json_puts_every_number_next_to_its_floor_and_protocol(workspace):
     assert protocol["kid_subset_size"] == N
     assert protocol["samplers"]["cond"]["ddim5_eta0_w3"] == {
         "method": "ddim", "steps": 5, "eta": 0.0, "spacing": "uniform", "cfg": 3.0, "autoguidance": 0.0,
-        "tag": "ddim5_eta0_w3", "seed": 0, "num_samples": N}
+        "interval": None, "tag": "ddim5_eta0_w3", "seed": 0, "num_samples": N}
 
 
 def test_plots_fid_vs_steps_and_the_guidance_tradeoff(workspace):
@@ -254,7 +254,8 @@ def test_mlflow_run_carries_the_protocol_and_the_floor(workspace):
     tags, metrics = run_.data.tags, run_.data.metrics
     assert tags["protocol.extractors"] == "classifier" and tags["protocol.num_real"] == "1000"
     assert tags["sampler.cond.ddim5_eta0_w3"] == ("method=ddim steps=5 eta=0.0 spacing=uniform cfg=3.0 "
-                                                  "autoguidance=0.0 tag=ddim5_eta0_w3 seed=0 num_samples=200")
+                                                  "autoguidance=0.0 interval=None tag=ddim5_eta0_w3 seed=0 "
+                                                  "num_samples=200")
     assert run_.data.params["evaluate.extractors"] == '["classifier"]'
     # the headline as metrics, at most a screen of them; every number as one JSON artifact
     assert {"floor.fid", "cond.fid_over_floor", "cond.ddpm.fid", "uncond.ddim.fid"} <= set(metrics)

@@ -107,6 +107,8 @@ SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 @pytest.mark.parametrize("section, key, value, changed", [
     ("sample", "guidance", [0.5, 1.0], {f"sample-{m}@cond" for m in SAMPLERS}),
     ("sample", "autoguidance", [0.5, 1.0], {f"sample-{m}@uncond" for m in SAMPLERS}),
+    ("sample", "guidance_interval", [0.28, 5.42], {f"sample-{m}@cond" for m in SAMPLERS} | {"visualize"}),
+    ("sample", "autoguidance_interval", [0.28, 5.42], {f"sample-{m}@uncond" for m in SAMPLERS} | {"visualize"}),
     ("train_uncond", "guide_at", 0.25, {"train@uncond"}),
     ("train_cond", "p_uncond", 0.3, {"train@cond"}),
     ("train", "lr", 0.01, {"train@uncond", "train@cond"}),

@@ -15,12 +15,16 @@ def test_fid_vs_steps_draws_a_curve_per_setting_without_reading_the_variant():
                   "fid": fid + w} for w in (0.0, 1.0)]
         rows += [{"variant": "cond", "method": "dpmsolver", "steps": steps, "eta": 0.0, "cfg": w, "autoguidance": 0.0,
                   "fid": fid - w} for w in (0.0, 2.0)]
+        rows.append({"variant": "cond", "method": "dpmsolver", "steps": steps, "eta": 0.0, "cfg": 2.0,
+                     "autoguidance": 0.0, "interval": [0.28, 5.42], "fid": fid - 3})  # as index.json stores it
     ax = fid_vs_steps(rows, floor=1.0).axes[0]
-    assert legend(ax) == ["cond DPM-Solver++(2M), w=0", "cond DPM-Solver++(2M), w=2", "uncond DDIM η=0",
+    assert legend(ax) == ["cond DPM-Solver++(2M), w=0", "cond DPM-Solver++(2M), w=2",
+                          "cond DPM-Solver++(2M), w=2, σ∈(0.28, 5.42]", "uncond DDIM η=0",
                           "uncond DDIM η=0, autoguidance w=1", "uncond DDPM-1000", "floor: real data"]
     curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
     assert curves["uncond DDIM η=0, autoguidance w=1"] == ([10, 20], [10.0, 8.0])
     assert curves["cond DPM-Solver++(2M), w=2"] == ([10, 20], [7.0, 5.0])
+    assert curves["cond DPM-Solver++(2M), w=2, σ∈(0.28, 5.42]"] == ([10, 20], [6.0, 4.0])
 
 
 def test_cfg_tradeoff_plots_each_sampler_against_w():

@@ -17,10 +17,11 @@ from stages.pipeline.tracking import Tracker
 
 BASE = {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 6, "batch_size": 6, "ddpm_steps": [5],
         "ddim_steps": [2], "eta": [0.0], "dpmsolver_steps": [2], "spacing": "uniform", "guidance": [1.0],
-        "autoguidance": [0.0], "clip_x0": False, "grid_size": 4}
+        "autoguidance": [0.0], "guidance_interval": None, "autoguidance_interval": None, "clip_x0": False,
+        "grid_size": 4}
 CHANGED = {"num_samples": 4, "batch_size": 2, "ddpm_steps": (3,), "ddim_steps": (3,), "eta": (0.5,),
            "dpmsolver_steps": (3,), "spacing": "trailing", "guidance": (3.0,), "autoguidance": (2.0,), "clip_x0": True,
-           "grid_size": 2}
+           "guidance_interval": (0.5, 3.0), "autoguidance_interval": (0.5, 3.0), "grid_size": 2}
 
 
 def params(sample: dict):
@@ -32,7 +33,8 @@ def dvc_params(method: str, variant: str) -> set[str]:
     """The sample.* keys that dvc.yaml's sample-METHOD@VARIANT stage depends on."""
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][f"sample-{method}"]
     item = stage["foreach"][variant]
-    keys = [k.replace("${item.guidance}", item["guidance"]) for k in stage["do"]["params"]]
+    keys = [k.replace("${item.guidance}", item["guidance"]).replace("${item.interval}", item["interval"])
+            for k in stage["do"]["params"]]
     assert not any("${" in k for k in keys), keys
     return {k.removeprefix("sample.") for k in keys if k.startswith("sample.")}
 

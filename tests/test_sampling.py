@@ -507,6 +507,10 @@ TAGS = [  # (setting, tag, label): the tags name the pipeline's sample files (ev
     (SamplerSetting("dpmsolver", 5, spacing="logsnr", autoguidance=1.0), "dpmsolver5_ag1",
      "DPM-Solver++(2M)-5, autoguidance w=1"),
     (SamplerSetting("ddim", 10, cfg=2.0, autoguidance=1.0), "ddim10_eta0_w2_ag1", "DDIM-10 η=0, w=2, autoguidance w=1"),
+    (SamplerSetting("ddim", 50, 0.0, "trailing", cfg=1.0, interval=(0.28, 5.42)), "ddim50_eta0_w1_gi0.28-5.42",
+     "DDIM-50 η=0, w=1, σ∈(0.28, 5.42]"),
+    (SamplerSetting("dpmsolver", 20, autoguidance=2.0, interval=(0, 3)), "dpmsolver20_ag2_gi0-3",
+     "DPM-Solver++(2M)-20, autoguidance w=2, σ∈(0, 3]"),
 ]
 
 
@@ -516,7 +520,8 @@ def test_sampler_setting_tag_label_and_dict(setting, tag, label):
     assert setting.label == label
     row = json.loads(json.dumps(setting.to_dict()))  # as index.json stores it
     assert row == {"method": setting.method, "steps": setting.steps, "eta": setting.eta, "spacing": setting.spacing,
-                   "cfg": setting.cfg, "autoguidance": setting.autoguidance, "tag": tag}
+                   "cfg": setting.cfg, "autoguidance": setting.autoguidance,
+                   "interval": list(setting.interval) if setting.interval else None, "tag": tag}
     assert SamplerSetting.from_dict(row) == setting
     assert SamplerSetting.from_dict({**row, "variant": "cond", "seed": 0, "fid": 3.5}) == setting
 
@@ -530,7 +535,9 @@ def test_sampler_setting_rejects_bad_values_and_a_stale_tag():
     with pytest.raises(ValueError, match="does not match its setting, whose tag is 'ddim10_eta0_w2'"):
         SamplerSetting.from_dict({"method": "ddim", "steps": 10, "eta": 0.0, "cfg": 2.0, "tag": "ddim10_eta0"})
     for bad, name in (({"method": "euler"}, "method"), ({"steps": 0}, "steps"), ({"spacing": "cubic"}, "spacing"),
-                      ({"cfg": -1.0}, "cfg"), ({"autoguidance": -0.5}, "autoguidance"), ({"eta": -1.0}, "eta")):
+                      ({"cfg": -1.0}, "cfg"), ({"autoguidance": -0.5}, "autoguidance"), ({"eta": -1.0}, "eta"),
+                      ({"interval": (2.0, 1.0)}, "interval"), ({"interval": (-1.0, 1.0)}, "interval"),
+                      ({"interval": (1.0,)}, "interval")):
         with pytest.raises(ValueError, match=f"SamplerSetting.{name} = "):
             SamplerSetting(**{"method": "ddim", "steps": 10, **bad})
 
@@ -554,3 +561,22 @@ def test_sampler_setting_model_wraps_the_network_as_it_says():
                       labels=labels, spacing=s.spacing)
     assert torch.equal(images, generate(ClassifierFree(net, 2.0), diffusion, 3, (1, 8, 8), seed=0, steps=4,
                                         labels=labels))
+
+
+def test_sampler_setting_guides_only_in_its_interval():
+    net, guide = tiny_unet(num_classes=3, seed=0), tiny_unet(num_classes=3, seed=1)
+    diffusion = Diffusion(make_betas("cosine", 20))
+    s = SamplerSetting("ddim", 4, cfg=2.0, interval=(0.5, 3.0))
+    cfg = s.model(net, diffusion=diffusion)
+    assert isinstance(cfg, ClassifierFree) and cfg.w == 2.0
+    assert torch.equal(cfg.active, guidance_interval(diffusion, 0.5, 3.0))
+    auto = SamplerSetting("ddim", 4, autoguidance=1.0, interval=[0.5, 3.0]).model(net, guide, diffusion)
+    assert torch.equal(auto.active, cfg.active)
+    with pytest.raises(ValueError, match="ddim4_eta0_w2_gi0.5-3: a guidance interval needs the diffusion"):
+        s.model(net)
+    labels = torch.tensor([0, 1, 2])
+    sweep = sampler_settings("ddim", 20, steps=[4], cfg=[2.0], interval=[0.5, 3.0])
+    assert sweep == [s]
+    limited, everywhere, unguided = (generate(m, diffusion, 3, (1, 8, 8), seed=0, steps=4, labels=labels)
+                                     for m in (cfg, ClassifierFree(net, 2.0), net))
+    assert not torch.equal(limited, everywhere) and not torch.equal(limited, unguided)  # guided at some steps

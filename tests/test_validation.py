@@ -55,6 +55,11 @@ CASES = [  # (section, key, bad value, expected message fragment)
     ("train_uncond", "guide_at", 0, "sample.autoguidance = (1.0,) is out of range; allowed: [0] while "
                                     "train_uncond.guide_at is 0 (the unconditional model has no guide model"),
     ("visualize", "autoguidance", -1.0, "visualize.autoguidance = -1.0 is out of range; allowed: >= 0"),
+    ("sample", "guidance_interval", [5.42, 0.28], "sample.guidance_interval = (5.42, 0.28) is out of range; allowed: "
+                                                  "[low, high] with 0 <= low < high"),
+    ("sample", "autoguidance_interval", [1.0], "sample.autoguidance_interval = (1.0,) is out of range; allowed: "
+                                               "[low, high] with 0 <= low < high"),
+    ("sample", "guidance_interval", 0.28, "sample.guidance_interval = (0.28,) is out of range; allowed: [low, high]"),
     ("train_uncond", "guide_at", 1.0, "train_uncond.guide_at = 1.0 is out of range; allowed: in [0, 1) (0: no "
                                       "guide model)"),
     ("sample", "ddim_steps", [10, 2000], "sample.ddim_steps = (10, 2000) is out of range; allowed: a list of "

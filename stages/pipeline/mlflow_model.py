@@ -12,7 +12,8 @@ from mlflow.pyfunc import PythonModel
 from ddpm import SamplerSetting, default_steps, generate, load_model
 
 COLUMNS = {"num": "long", "seed": "long", "class": "long", "method": "string", "steps": "long",
-           "eta": "double", "spacing": "string", "guidance": "double"}
+           "eta": "double", "spacing": "string", "guidance": "double", "interval_low": "double",
+           "interval_high": "double"}
 
 
 class DiffusionSampler(PythonModel):
@@ -30,6 +31,8 @@ class DiffusionSampler(PythonModel):
       spacing   uniform | trailing | quadratic | logsnr (default uniform)
       guidance  the guidance weight w (default 0): classifier-free guidance for a class-conditional model,
                 autoguidance by the logged guide model for an unconditional one
+      interval_low, interval_high  guide only at noise levels sigma in (low, high] (both or neither;
+                default: every step; see ddpm.guidance_interval)
     model_config {"device": "cuda"} samples on that device (default cpu).
     """
 
@@ -55,9 +58,13 @@ class DiffusionSampler(PythonModel):
                                      else torch.arange(num) % k)
         method = get("method", "ddim")
         steps = int(get("steps", default_steps(method, self.diffusion.timesteps)))
-        setting = SamplerSetting(method, steps, float(get("eta", 0.0)),
-                                 get("spacing", "uniform"), cfg=w if k else None, autoguidance=0.0 if k else w)
-        images = generate(setting.model(self.net, self.guide), self.diffusion, num,
+        low, high = get("interval_low", None), get("interval_high", None)
+        if (low is None) != (high is None):
+            raise ValueError("a guidance interval needs both interval_low and interval_high")
+        setting = SamplerSetting(method, steps, float(get("eta", 0.0)), get("spacing", "uniform"),
+                                 cfg=w if k else None, autoguidance=0.0 if k else w,
+                                 interval=None if low is None else (low, high))
+        images = generate(setting.model(self.net, self.guide, self.diffusion), self.diffusion, num,
                           (config.in_channels, config.image_size, config.image_size), seed=int(get("seed", 0)),
                           method=setting.method, steps=setting.steps, eta=setting.eta, labels=labels,
                           spacing=setting.spacing)

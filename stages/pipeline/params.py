@@ -128,6 +128,8 @@ class SampleParams:
     spacing: str                         # DDIM and DPM-Solver timesteps: uniform | trailing | quadratic | logsnr
     guidance: tuple[float, ...]          # the conditional model's classifier-free guidance weights w
     autoguidance: tuple[float, ...]      # the unconditional model's weights w, guided by its guide model
+    guidance_interval: tuple[float, ...] | None      # [low, high]: guidance only at sigma in (low, high]; null: all
+    autoguidance_interval: tuple[float, ...] | None  # the same for autoguidance (ddpm.guidance_interval)
     clip_x0: bool                        # clip predicted x0 to [-1, 1] at every step
     grid_size: int
 
@@ -317,6 +319,10 @@ def _checks(p: Params):
          "a list of values >= 0"),
         ("sample.autoguidance", guide_at > 0 or set(s.autoguidance) == {0},
          "[0] while train_uncond.guide_at is 0 (the unconditional model has no guide model to be guided by)"),
+        *((f"sample.{key}", interval is None or (len(interval) == 2 and 0 <= interval[0] < interval[1]),
+           "[low, high] with 0 <= low < high (noise levels sigma), or null (guided at every step)")
+          for key, interval in (("guidance_interval", s.guidance_interval),
+                                ("autoguidance_interval", s.autoguidance_interval))),
         ("sample.grid_size", s.grid_size >= 1, ">= 1"),
         ("evaluate.batch_size", p.evaluate.batch_size >= 1, ">= 1"),
         ("evaluate.extractors", "classifier" in p.evaluate.extractors and set(p.evaluate.extractors) <= set(EXTRACTORS)

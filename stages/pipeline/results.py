@@ -10,7 +10,7 @@ from ddpm.sampling import METHODS
 
 from .io import save_figure, write_json, write_text
 
-SETTING = ("variant", "tag", "method", "steps", "eta", "spacing", "cfg", "autoguidance")
+SETTING = ("variant", "tag", "method", "steps", "eta", "spacing", "cfg", "autoguidance", "interval")
 SCORES = ("fid", "fid_over_floor", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "f_score",
           "cond_accuracy")
 
