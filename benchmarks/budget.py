@@ -12,7 +12,8 @@ classifier-free guidance weight. --autoguidance samples the unconditional model 
 snapshot that `-S train_uncond.guide_at=F` keeps (Karras et al. 2024) at each weight; --guidance-interval
 limits either guidance to a range of noise levels (Kynkäänniemi et al. 2024). Each row has the recall (and
 precision) of the samples in the classifier's features beside the FID, so that a better FID bought by less
-variety shows.
+variety shows, and for the class-conditional model its conditional accuracy (the classifier's agreement
+with the labels asked for).
 
     python -m benchmarks.budget --minutes 25 -S data.name=fashion_mnist -S model.base_channels=32 \\
         -S train.lr=1e-3 -S train.ema_decay=0.999
@@ -39,9 +40,7 @@ from ddpm import (
     UNet,
     atomic_write,
     generate,
-    guidance_interval,
     guide_path,
-    guided,
     load_classifier,
     load_guide,
     load_model,
@@ -59,7 +58,7 @@ from stages.pipeline.run import run
 from stages.pipeline.tracking import flatten, repo_root, tracking_uri
 
 FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "method", "ddim_steps", "spacing",
-          "guidance", "fid", "floor", "ratio", "sample_s", "interval", "recall", "precision"]
+          "guidance", "fid", "floor", "ratio", "sample_s", "interval", "recall", "precision", "accuracy"]
 # guidance: the conditional model's weight, the unconditional model's autoguidance weight, or blank
 
 
@@ -197,25 +196,25 @@ def main(argv: list[str]) -> None:
     params_m = round(sum(x.numel() for x in model.parameters()) / 1e6, 2)
     k = model.config.num_classes
     labels = torch.arange(args.num_samples) % k if k else None  # balanced, as the sample stage draws them
-    active = guidance_interval(diffusion, *args.guidance_interval) if args.guidance_interval else None
     interval = " ".join(f"{v:g}" for v in args.guidance_interval or ())
     for method, ddim_steps, spacing, w in itertools.product(args.method, args.ddim_steps, args.spacing,
                                                             args.guidance or args.autoguidance or [None]):
         start = time.perf_counter()
         setting = SamplerSetting(method, min(ddim_steps, p.diffusion.timesteps), spacing=spacing,
-                                 cfg=(w or 0.0) if k else None, autoguidance=(w or 0.0) if not k else 0.0)
-        net = guided(model, setting.cfg, setting.autoguidance, guide, active)
-        images = generate(net, diffusion, args.num_samples, tuple(data.train_images.shape[1:]), seed=p.seed,
-                          method=method, steps=min(ddim_steps, p.diffusion.timesteps), clip_x0=p.sample.clip_x0,
-                          spacing=spacing, labels=labels, progress=True)
+                                 cfg=(w or 0.0) if k else None, autoguidance=(w or 0.0) if not k else 0.0,
+                                 interval=args.guidance_interval)
+        images = generate(setting.model(model, guide, diffusion), diffusion, args.num_samples,
+                          tuple(data.train_images.shape[1:]), seed=p.seed, method=method, steps=setting.steps,
+                          clip_x0=p.sample.clip_x0, spacing=spacing, labels=labels, progress=True)
         sample_s = time.perf_counter() - start
-        scores = scorer(images)["classifier"]
+        scores = scorer(images, labels)["classifier"]
         fid, floor_fid = scores["fid"], scorer.floor["classifier"]["fid"]
         row = {"name": args.name, "overrides": " ".join(args.overrides), "minutes": minutes, "steps": steps,
                "images_per_s": rate, "params_m": params_m, "method": method, "ddim_steps": ddim_steps,
                "spacing": spacing, "guidance": "" if w is None else w, "fid": float(f"{fid:.5g}"),
                "floor": float(f"{floor_fid:.5g}"), "ratio": round(fid / floor_fid, 2), "sample_s": round(sample_s, 1),
-               "interval": interval, "recall": round(scores["recall"], 4), "precision": round(scores["precision"], 4)}
+               "interval": interval, "recall": round(scores["recall"], 4), "precision": round(scores["precision"], 4),
+               "accuracy": round(scores["cond_accuracy"], 4) if k else ""}
         print("  ".join(f"{k}={v}" for k, v in row.items()))
         record(args.name, p, row, images, args.results)
 
@@ -239,8 +238,8 @@ def record(name: str, p, row: dict, images: torch.Tensor, results: Path) -> None
                            **({"guidance": row["guidance"]} if row["guidance"] != "" else {}),
                            **({"guidance_interval": row["interval"]} if row["interval"] else {}),
                            "overrides": row["overrides"][:500]})
-        metrics = ("steps", "images_per_s", "fid", "floor", "ratio", "sample_s", "recall", "precision")
-        mlflow.log_metrics({k: float(row[k]) for k in metrics if row[k] is not None})
+        metrics = ("steps", "images_per_s", "fid", "floor", "ratio", "sample_s", "recall", "precision", "accuracy")
+        mlflow.log_metrics({k: float(row[k]) for k in metrics if row[k] not in (None, "")})
         mlflow.log_artifact(str(grid))
     with results.open(newline="") if results.exists() else nullcontext([]) as f:
         rows = list(csv.DictReader(f))  # rewritten whole, so that a column added since reads blank in old rows

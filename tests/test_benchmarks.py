@@ -63,6 +63,7 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
     cond = list(csv.DictReader(results.open()))[-2:]
     assert [(r["name"], r["guidance"], r["steps"]) for r in cond] == [("cond", "0.0", "30"), ("cond", "5.0", "30")]
     assert load_model(tmp_path / "cond.pt")[0].config.num_classes >= 2
+    assert all(0 <= float(r["accuracy"]) <= 1 for r in cond)
     for interval in (("0", "1e-6"), ("0", "1e9")):  # no step's noise level in it; every step's
         budget("--model", str(tmp_path / "cond.pt"), "--ddim-steps", "2", "--guidance", "5", "--guidance-interval",
                *interval, "--name", "interval")
@@ -93,6 +94,7 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
         assert math.isfinite(fid) and fid > 0 and floor > 0  # kept to 5 significant digits, however small
         assert float(r["ratio"]) == pytest.approx(fid / floor, rel=1e-2)
         assert 0 <= float(r["recall"]) <= 1 and 0 <= float(r["precision"]) <= 1 and r["interval"] == ""
+        assert r["accuracy"] == ""  # an unconditional model asks for no class
         assert "diffusion.prediction=v" in r["overrides"]
     assert rows[0]["steps"] == rows[1]["steps"]  # one training, sampled twice
 
@@ -100,6 +102,7 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
     experiment = client.get_experiment_by_name("budget").experiment_id
     guided = [r for r in client.search_runs([experiment]) if r.info.run_name == "cond"]
     assert sorted(r.data.params["guidance"] for r in guided) == ["0.0", "5.0"]
+    assert sorted(r.data.metrics["accuracy"] for r in guided) == sorted(float(r["accuracy"]) for r in cond)
     grids = []
     for r in guided:
         (tmp_path / r.info.run_id).mkdir()
