@@ -138,6 +138,18 @@ def test_autoguidance_guides_every_unconditional_picture_and_no_conditional_one(
         assert same == (not name.startswith("uncond_")), name
 
 
+def test_the_guidance_interval_reaches_the_conditional_pictures_only(project, tmp_path_factory):
+    if not (project / "plots/pictures").is_dir():
+        assert visualize(project).returncode == 0
+    params = {**TINY_PARAMS, "sample": {**TINY_PARAMS["sample"], "guidance_interval": [0.5, 3.0]}}
+    limited = make_project(tmp_path_factory.mktemp("interval"), params, tiny_models(tmp_path_factory))
+    proc = visualize(limited)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("cond_classes.png", "cond_reverse.png", "uncond_reverse.png", "uncond_interpolation.png"):
+        same = (limited / "plots/pictures" / name).read_bytes() == (project / "plots/pictures" / name).read_bytes()
+        assert same == name.startswith("uncond_"), name
+
+
 def test_stage_rejects_a_bad_visualize_param(project, tmp_path, monkeypatch):
     from stages.pipeline.params import ParamsError
     from stages.visualize import main
