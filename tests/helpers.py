@@ -32,7 +32,7 @@ TINY = {
     "sample": {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 40, "batch_size": 40, "ddpm_steps": [40],
                "ddim_steps": [5, 10],
                "dpmsolver_steps": [5], "spacing": "uniform", "clip_x0": False, "guidance": [1.0],
-               "autoguidance": [0.0, 1.0], "grid_size": 20},
+               "autoguidance": [0.0, 1.0], "guidance_interval": None, "grid_size": 20},
 }
 
 
