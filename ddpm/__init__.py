@@ -33,6 +33,7 @@ from .sampling import (
     generate,
     guidance_interval,
     guided,
+    interval_text,
     sampler_settings,
 )
 from .schedules import make_betas
@@ -46,6 +47,6 @@ __all__ = [
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
     "Autoguided", "ClassifierFree", "ImageGenerator", "SamplerSetting", "ddim_sample", "ddim_timesteps", "ddpm_sample",
     "default_steps",
-    "dpm_solver_sample", "generate", "guidance_interval", "guided", "make_betas", "sampler_settings",
+    "dpm_solver_sample", "generate", "guidance_interval", "guided", "interval_text", "make_betas", "sampler_settings",
     "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig",
 ]

@@ -41,6 +41,7 @@ from .sampling import (
     default_steps,
     generate,
     guided,
+    interval_text,
 )
 from .training import resolve_device
 
@@ -307,7 +308,7 @@ def sample_picture(args, m: Loaded) -> tuple[pictures.Picture, torch.Tensor | No
     title = m.describe(f"{name} {steps} steps" + (f", eta = {eta:g}" if args.method == "ddim" else "") + (
         f", {args.spacing} spacing" if steps < m.diffusion.timesteps or args.method != "ddpm" else ""))
     if setting.interval:
-        title += f", guided in σ∈({setting.interval[0]:g}, {setting.interval[1]:g}]"
+        title += f", guided in {interval_text(setting.interval)}"
     rows = m.row_names(None if labels is None else labels[::nrow])
     return pictures.Picture(images, nrow, title, rows), labels
 

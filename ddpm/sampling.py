@@ -324,6 +324,11 @@ def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int,
 METHOD_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver": "DPM-Solver++(2M)"}
 
 
+def interval_text(interval: tuple[float, float]) -> str:
+    """A guidance interval for people: "σ∈(0.28, 5.42]"."""
+    return f"σ∈({interval[0]:g}, {interval[1]:g}]"
+
+
 @dataclass(frozen=True)
 class SamplerSetting:
     """One sampler setting of a sweep. `cfg` is the classifier-free guidance weight w of a class-conditional
@@ -378,7 +383,7 @@ class SamplerSetting:
         name += f" η={self.eta:g}" if self.method == "ddim" else ""
         guidance = ([f"w={self.cfg:g}"] if self.cfg is not None else []) + (
             [f"autoguidance w={self.autoguidance:g}"] if self.autoguidance else [])
-        interval = [f"σ∈({self.interval[0]:g}, {self.interval[1]:g}]"] if self.interval else []
+        interval = [interval_text(self.interval)] if self.interval else []
         return ", ".join([name, *guidance, *interval])
 
     def model(self, net: nn.Module, guide: nn.Module | None = None, diffusion: Diffusion | None = None) -> nn.Module:

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import torch
 
-from ddpm import ImageGenerator, generate, guidance_interval, guided, load_guide, load_model, resolve_device
+from ddpm import (
+    ImageGenerator,
+    generate,
+    guidance_interval,
+    guided,
+    interval_text,
+    load_guide,
+    load_model,
+    resolve_device,
+)
 from ddpm.pictures import Picture, interpolation, reverse_strip, sampler_comparison, schedule_figure
 
 from .pipeline.io import atomic_dir, save_figure
@@ -42,7 +51,7 @@ def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> 
         model = guided(model, autoguidance=v.autoguidance, guide=load_guide(model_path, device), active=active)
         tag += f", autoguidance w = {v.autoguidance:g}"
     if active is not None and (v.guidance if k else v.autoguidance):
-        tag += f" in σ∈({interval[0]:g}, {interval[1]:g}]"
+        tag += f" in {interval_text(interval)}"
 
     if k:  # one row per class
         labels = torch.arange(k).repeat_interleave(v.per_class)

@@ -32,6 +32,7 @@ from ddpm.metrics import (
     reference_features,
 )
 from stages import evaluate, reference
+from stages.pipeline.results import sampler_tags
 from stages.pipeline.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,7 +255,7 @@ def test_mlflow_run_carries_the_protocol_and_the_floor(workspace):
     tags, metrics = run_.data.tags, run_.data.metrics
     assert tags["protocol.extractors"] == "classifier" and tags["protocol.num_real"] == "1000"
     assert tags["sampler.cond.ddim5_eta0_w3"] == ("method=ddim steps=5 eta=0.0 spacing=uniform cfg=3.0 "
-                                                  "autoguidance=0.0 interval=None tag=ddim5_eta0_w3 seed=0 "
+                                                  "autoguidance=0.0 tag=ddim5_eta0_w3 seed=0 "
                                                   "num_samples=200")
     assert run_.data.params["evaluate.extractors"] == '["classifier"]'
     # the headline as metrics, at most a screen of them; every number as one JSON artifact
@@ -265,6 +266,18 @@ def test_mlflow_run_carries_the_protocol_and_the_floor(workspace):
     full = json.loads((workspace / "metrics/eval.json").read_text())
     assert "eval.json" in {a.path for a in client.list_artifacts(run_.info.run_id)}
     assert metrics["cond.fid"] == pytest.approx(min(e["fid"] for e in full["cond"].values()), rel=1e-5)
+
+
+def test_sampler_tags_name_the_fields_a_setting_sets():
+    guided = SamplerSetting("ddim", 50, 0.0, "trailing", 0.75, interval=(0.28, 5.42)).to_dict()
+    plain = SamplerSetting("dpmsolver", 20).to_dict()
+    tags = sampler_tags({"num_real": 1000, "samplers": {"cond": {guided["tag"]: guided},
+                                                        "uncond": {plain["tag"]: plain}}})
+    assert tags == {"protocol.num_real": 1000,
+                    "sampler.cond.ddim50_eta0_w0.75_gi0.28-5.42": "method=ddim steps=50 eta=0.0 spacing=trailing "
+                    "cfg=0.75 autoguidance=0.0 interval=0.28,5.42 tag=ddim50_eta0_w0.75_gi0.28-5.42",
+                    "sampler.uncond.dpmsolver20": "method=dpmsolver steps=20 eta=0.0 spacing=uniform "
+                    "autoguidance=0.0 tag=dpmsolver20"}
 
 
 def test_inception_without_weights_stops_the_stages_with_one_line(mnist, classifier, tmp_path, monkeypatch, capsys):

@@ -26,11 +26,17 @@ def inception_weights(p) -> Path | None:
         raise type(e)(f"{e} (params.yaml: evaluate.inception_weights)") from None
 
 
+def _text(value) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
 def sampler_tags(protocol: dict) -> dict:
-    """protocol.<key> for each setting and sampler.<variant>.<tag> = "method=ddim steps=10 ..." for each sample set."""
+    """protocol.<key> for each setting and sampler.<variant>.<tag> = "method=ddim steps=10 ... interval=0.28,5.42"
+    for each sample set (the fields it sets: an unconditional set has no cfg, one guided at every step no interval)."""
     out = {f"protocol.{k}": ",".join(v) if isinstance(v, list) else v for k, v in protocol.items() if k != "samplers"}
     for variant, sets in protocol["samplers"].items():
-        out |= {f"sampler.{variant}.{tag}": " ".join(f"{k}={v}" for k, v in s.items()) for tag, s in sets.items()}
+        out |= {f"sampler.{variant}.{tag}": " ".join(f"{k}={_text(v)}" for k, v in s.items() if v is not None)
+                for tag, s in sets.items()}
     return out
 
 
