@@ -85,8 +85,8 @@ TINY_PARAMS = {
               "precision": "auto", "grid_size": 10, "grid_ddim_steps": 3},
     "train_uncond": {"steps": None}, "train_cond": {"steps": None},  # train.epochs, not the laptop profile's steps
     "sample": {"methods": ["ddim", "dpmsolver"], "num_samples": 20, "batch_size": 20, "ddpm_steps": [3],
-               "ddim_steps": [3],
-               "dpmsolver_steps": [3], "guidance": [1.0], "grid_size": 10, "spacing": "trailing", "clip_x0": True},
+               "ddim_steps": [3], "dpmsolver_steps": [3], "guidance": [1.0], "guidance_interval": None,
+               "grid_size": 10, "spacing": "trailing", "clip_x0": True},
     "visualize": {"per_class": 1, "num_images": 1, "frames": 2, "steps": 3, "compare_steps": [3]},
 }
 # Per mode: matmul side and repeats, training batch (None: train.batch_size) and timed steps, sampled
