@@ -58,5 +58,7 @@ def test_every_module_and_script_exists(doc, command):
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_every_picture_a_doc_shows_exists_beside_it(doc):
     """Image links are relative to the Markdown file, as a repository browser resolves them."""
-    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", doc.read_text())
+    text = doc.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
+    assert len(links) == text.count("!["), "an image's alt text holds a ']', which ends it early"
     assert links and not [link for link in links if not (doc.parent / link).is_file()]
