@@ -37,13 +37,13 @@ from ddpm import (
     Diffusion,
     SamplerSetting,
     Trainer,
-    UNet,
     atomic_write,
     generate,
     guide_path,
     load_classifier,
     load_guide,
     load_model,
+    make_unet,
     resolve_device,
     save_classifier,
     save_model,
@@ -97,7 +97,7 @@ def train_for(p, data, minutes: float, device, max_steps: int | None = None,
     unet = p.model.unet(data.train_images.shape[1], data.train_images.shape[2], classes)
     config = train_config(p, "cond" if conditional else "uncond")
     config = dataclasses.replace(config, epochs=10**9, steps=None)  # the budget ends training, not the epochs
-    trainer = Trainer(UNet(unet).to(device), Diffusion.from_config(p.diffusion), data.train_images,
+    trainer = Trainer(make_unet(unet).to(device), Diffusion.from_config(p.diffusion), data.train_images,
                       data.train_labels if conditional else None, config, device, seed=p.seed)
     trainer.schedule_steps = max_steps  # where an lr decay ends; for a wall-clock budget, estimated as it goes
     start = time.perf_counter()

@@ -38,7 +38,7 @@ from .sampling import (
 )
 from .schedules import make_betas
 from .training import TrainConfig, Trainer, resolve_device
-from .unet import UNet, UNetConfig
+from .unet import UNet, UNetConfig, make_unet
 
 __all__ = [
     "CheckpointError", "atomic_save", "atomic_write", "config_hash", "guide_path", "load_classifier", "load_guide",
@@ -48,5 +48,5 @@ __all__ = [
     "Autoguided", "ClassifierFree", "ImageGenerator", "SamplerSetting", "ddim_sample", "ddim_timesteps", "ddpm_sample",
     "default_steps",
     "dpm_solver_sample", "generate", "guidance_interval", "guided", "interval_text", "make_betas", "sampler_settings",
-    "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig",
+    "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig", "make_unet",
 ]

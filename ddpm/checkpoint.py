@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .diffusion import Diffusion, DiffusionConfig
-from .unet import UNet, UNetConfig
+from .unet import UNet, UNetConfig, make_unet
 
 MODEL_KEYS = ("format", "unet", "diffusion", "weights", "meta")
 ARCHIVE_MAGIC = b"PK\x03\x04"  # the zip header that starts every file torch.save (so atomic_save) writes
@@ -128,7 +128,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
 def _build(path: Path, unet: dict, diffusion: dict, weights: dict) -> tuple[UNet, Diffusion]:
     """The UNet of config `unet` holding `weights`, and the diffusion of config `diffusion`."""
     try:
-        model = UNet(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in unet.items()}))
+        model = make_unet(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in unet.items()}))
         model.load_state_dict(weights)
         dcfg = DiffusionConfig(**diffusion)
     except (TypeError, RuntimeError, ValueError) as e:

@@ -8,6 +8,8 @@ Odd sizes (28 -> 14 -> 7 -> 4) work: each upsampling step returns to its skip co
 With patch_size p > 1 the network runs on p x p patches folded into channels (pixel unshuffle,
 as in Hoogeboom et al. 2023's "simple diffusion"): a 28 x 28 x 1 image enters as 14 x 14 x 4, and
 the output is unfolded back, so the costly full-resolution level is skipped.
+With magnitude_preserving the same layout is built from EDM2's magnitude-preserving layers instead
+(`ddpm.unet_mp`; `make_unet` builds either).
 """
 
 import math
@@ -32,6 +34,7 @@ class UNetConfig:
     dropout: float = 0.1
     num_classes: int | None = None
     patch_size: int = 1          # fold p x p pixels into channels; resolutions below count patches
+    magnitude_preserving: bool = False  # EDM2's layers (Karras et al. 2024; ddpm.unet_mp.MPUNet)
 
     @classmethod
     def for_images(cls, in_channels: int, image_size: int, num_classes: int | None = None, *,
@@ -107,24 +110,33 @@ class Attention(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    """H -> ceil(H / 2): a strided convolution, or (learned=False) 2 x 2 average pooling, whose windows
+    at an odd edge average the pixels they cover."""
+
+    def __init__(self, channels: int, learned: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)  # H -> ceil(H / 2)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if learned else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(x) if self.conv else F.avg_pool2d(x, 2, ceil_mode=True)
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    """Nearest-neighbour upsampling to a given size, followed by a convolution unless learned=False."""
+
+    def __init__(self, channels: int, learned: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if learned else nn.Identity()
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class UNet(nn.Module):
+    """The layout: an input convolution, num_res_blocks blocks per level and a downsampling between levels,
+    a middle (block, attention, block), then num_res_blocks + 1 blocks per level that each take one skip, and
+    an output convolution. The layers come from the `_`-methods below, which `MPUNet` overrides."""
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
@@ -132,54 +144,86 @@ class UNet(nn.Module):
             raise ValueError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
         ch = c.base_channels
         emb_dim = 4 * ch
-        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        # one extra row for NULL_LABEL, the "no class" input of classifier-free guidance
-        self.class_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+        self._embeddings(ch, emb_dim)
         pixels = c.in_channels * c.patch_size ** 2   # channels of the folded input and output
-        self.input_conv = nn.Conv2d(pixels, ch, 3, padding=1)
+        self.input_conv = self._input(pixels, ch)
 
         # Encoder: num_res_blocks per level, then a strided conv; remember each output's channels.
         self.down = nn.ModuleList()
         skips, resolutions = [ch], [c.image_size // c.patch_size]
         for level, mult in enumerate(c.channel_mults):
             for _ in range(c.num_res_blocks):
-                self.down.append(self._block(ch, c.base_channels * mult, emb_dim, resolutions[level]))
+                self.down.append(self._block(ch, c.base_channels * mult, emb_dim, resolutions[level], True))
                 ch = c.base_channels * mult
                 skips.append(ch)
             if level < len(c.channel_mults) - 1:
-                self.down.append(Downsample(ch))
+                self.down.append(self._downsample(ch))
                 skips.append(ch)
                 resolutions.append((resolutions[level] + 1) // 2)
-        self.middle = nn.ModuleList([ResBlock(ch, ch, emb_dim, c.dropout), Attention(ch, c.num_heads),
-                                     ResBlock(ch, ch, emb_dim, c.dropout)])
+        self.middle = self._middle(ch, emb_dim)
 
         # Decoder: num_res_blocks + 1 per level, each eating one skip; upsample at the end of a level.
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mults))):
             for _ in range(c.num_res_blocks + 1):
                 cout = c.base_channels * mult
-                self.up.append(self._block(ch + skips.pop(), cout, emb_dim, resolutions[level]))
+                self.up.append(self._block(ch + skips.pop(), cout, emb_dim, resolutions[level], False))
                 ch = cout
             if level > 0:
-                self.up.append(Upsample(ch))
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero(nn.Conv2d(ch, pixels, 3, padding=1)))
+                self.up.append(self._upsample(ch))
+        self.out = self._output(ch, pixels)
 
-    def _block(self, cin: int, cout: int, emb_dim: int, res: int) -> nn.Module:
+    def _embeddings(self, ch: int, emb_dim: int) -> None:
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # one extra row for NULL_LABEL, the "no class" input of classifier-free guidance
+        self.class_embed = nn.Embedding(self.config.num_classes + 1, emb_dim) if self.config.num_classes else None
+
+    def _input(self, cin: int, cout: int) -> nn.Module:
+        return nn.Conv2d(cin, cout, 3, padding=1)
+
+    def _block(self, cin: int, cout: int, emb_dim: int, res: int, encoder: bool) -> nn.Module:
         block = ResBlock(cin, cout, emb_dim, self.config.dropout)
         if res in self.config.attention_resolutions:
             return _ResAttention(block, Attention(cout, self.config.num_heads))
         return block
 
+    def _downsample(self, ch: int) -> nn.Module:
+        return Downsample(ch)
+
+    def _upsample(self, ch: int) -> nn.Module:
+        return Upsample(ch)
+
+    def _middle(self, ch: int, emb_dim: int) -> nn.ModuleList:
+        c = self.config
+        return nn.ModuleList([ResBlock(ch, ch, emb_dim, c.dropout), Attention(ch, c.num_heads),
+                              ResBlock(ch, ch, emb_dim, c.dropout)])
+
+    def _output(self, cin: int, cout: int) -> nn.Module:
+        return nn.Sequential(norm(cin), nn.SiLU(), zero(nn.Conv2d(cin, cout, 3, padding=1)))
+
+    def class_index(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
+        """The row of the class embedding for labels y (NULL_LABEL and None: the extra "no class" row);
+        None for an unconditional model."""
+        if self.config.num_classes is None:
+            if y is not None:
+                raise ValueError("labels were given to an unconditional model (num_classes is None)")
+            return None
+        if y is None:
+            y = torch.full_like(t, NULL_LABEL)
+        return torch.where(y == NULL_LABEL, self.config.num_classes, y)
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The time (and class) embedding that every block receives: (B,), (B,) -> (B, emb_dim)."""
+        emb = self.time_embed(timestep_embedding(t, self.config.base_channels))
+        row = self.class_index(t, y)
+        return emb if row is None else emb + self.class_embed(row)
+
+    def concat(self, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return torch.cat([h, skip], dim=1)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x_t (B, C, H, W), t (B,) int, y (B,) int or None -> predicted eps or v (B, C, H, W)."""
-        emb = self.time_embed(timestep_embedding(t, self.config.base_channels))
-        if self.class_embed is not None:
-            if y is None:
-                y = torch.full_like(t, NULL_LABEL)
-            emb = emb + self.class_embed(torch.where(y == NULL_LABEL, self.config.num_classes, y))
-        elif y is not None:
-            raise ValueError("labels were given to an unconditional model (num_classes is None)")
-
+        emb = self.embed(t, y)
         h = self.input_conv(F.pixel_unshuffle(x_t, self.config.patch_size))
         hs = [h]
         for block in self.down:
@@ -191,7 +235,7 @@ class UNet(nn.Module):
             if isinstance(block, Upsample):
                 h = block(h, hs[-1].shape[-2:])        # back to the size of the next skip
             else:
-                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+                h = block(self.concat(h, hs.pop()), emb)
         return F.pixel_shuffle(self.out(h), self.config.patch_size)
 
 
@@ -204,3 +248,11 @@ class _ResAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.attn(self.res(x, emb))
+
+
+def make_unet(config: UNetConfig) -> nn.Module:
+    """The network that `config` describes: `UNet`, or `MPUNet` when config.magnitude_preserving."""
+    if config.magnitude_preserving:
+        from .unet_mp import MPUNet  # it builds on this module
+        return MPUNet(config)
+    return UNet(config)

@@ -13,7 +13,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm import Diffusion, Trainer, UNet, generate
+from ddpm import Diffusion, Trainer, generate, make_unet
 
 from .pipeline.io import class_names, load_info, load_prepared, save_grid, write_json, write_text
 from .pipeline.params import load_params, sections, train_config
@@ -49,7 +49,8 @@ def main(argv: list[str]) -> None:
 def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, world_size: int) -> None:
     seed_everything(p.seed)  # the same initial weights on every rank
     images, labels, info = load_prepared(a.data, "train")
-    model = UNet(unet).to(device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+    memory_format = torch.channels_last if config.channels_last else torch.preserve_format
+    model = make_unet(unet).to(device, memory_format=memory_format)
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         seed_everything(p.seed + rank)  # each rank its own dropout

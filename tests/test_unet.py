@@ -5,18 +5,20 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ddpm import NULL_LABEL, UNet, UNetConfig
+from ddpm import NULL_LABEL, UNet, UNetConfig, make_unet
 from ddpm.unet import Attention
 
 
 def perturbed(config: UNetConfig, seed: int = 0) -> UNet:
-    """An eval-mode UNet with noise added to every weight, so the zero-initialised output layers
-    no longer hide how the output depends on x_t, t and y."""
+    """An eval-mode UNet (or MPUNet) with noise added to every weight, so the zero-initialised output layers
+    and gains no longer hide how the output depends on x_t, t and y."""
     torch.manual_seed(seed)
-    model = UNet(config)
+    model = make_unet(config)
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             p.add_(0.1 * torch.randn_like(p))
+            if name.endswith("gain"):  # MPUNet's learned gains, 0 at first
+                p.add_(1.0)
     return model.eval()
 
 
@@ -53,9 +55,13 @@ TINY = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_b
                   attention_resolutions=(4,), num_heads=2, dropout=0.0)
 
 
+BOTH = pytest.mark.parametrize("mp", [False, True], ids=["unet", "mpunet"])
+
+
+@BOTH
 @pytest.mark.parametrize("base_channels", [8, 16, 64])
-def test_output_depends_on_input_and_timestep(base_channels):
-    model = perturbed(replace(TINY, base_channels=base_channels))
+def test_output_depends_on_input_and_timestep(base_channels, mp):
+    model = perturbed(replace(TINY, base_channels=base_channels, magnitude_preserving=mp))
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = model(x, torch.tensor([10, 10]))
@@ -69,8 +75,9 @@ def test_output_depends_on_input_and_timestep(base_channels):
     torch.testing.assert_close(single, a[:1], atol=1e-5, rtol=1e-5)
 
 
-def test_conditional_model_labels():
-    model = perturbed(replace(TINY, num_classes=4))
+@BOTH
+def test_conditional_model_labels(mp):
+    model = perturbed(replace(TINY, num_classes=4, magnitude_preserving=mp))
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.full((4,), 100)
     with torch.no_grad():
@@ -89,14 +96,16 @@ def test_conditional_model_labels():
     torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_labels_on_unconditional_model_raise():
-    model = UNet(TINY)
+@BOTH
+def test_labels_on_unconditional_model_raise(mp):
+    model = make_unet(replace(TINY, magnitude_preserving=mp))
     with pytest.raises(ValueError, match="unconditional"):
         model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1]))
 
 
-def test_gradients_reach_every_parameter():
-    model = perturbed(replace(TINY, num_classes=2)).train()
+@BOTH
+def test_gradients_reach_every_parameter(mp):
+    model = perturbed(replace(TINY, num_classes=2, magnitude_preserving=mp)).train()
     out = model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, NULL_LABEL]))
     out.pow(2).mean().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

@@ -63,6 +63,7 @@ class ModelParams:
     num_heads: int
     dropout: float
     patch_size: int
+    magnitude_preserving: bool
 
     def unet(self, in_channels: int, image_size: int, num_classes: int | None) -> UNetConfig:
         """The full UNetConfig for data of this shape."""
