@@ -118,7 +118,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if learned else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conv(x) if self.conv else F.avg_pool2d(x, 2, ceil_mode=True)
+        return F.avg_pool2d(x, 2, ceil_mode=True) if self.conv is None else self.conv(x)
 
 
 class Upsample(nn.Module):
@@ -148,7 +148,7 @@ class UNet(nn.Module):
         pixels = c.in_channels * c.patch_size ** 2   # channels of the folded input and output
         self.input_conv = self._input(pixels, ch)
 
-        # Encoder: num_res_blocks per level, then a strided conv; remember each output's channels.
+        # Encoder: num_res_blocks per level, then a downsampling; remember each output's channels.
         self.down = nn.ModuleList()
         skips, resolutions = [ch], [c.image_size // c.patch_size]
         for level, mult in enumerate(c.channel_mults):
@@ -204,7 +204,7 @@ class UNet(nn.Module):
     def class_index(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
         """The row of the class embedding for labels y (NULL_LABEL and None: the extra "no class" row);
         None for an unconditional model."""
-        if self.config.num_classes is None:
+        if not self.config.num_classes:
             if y is not None:
                 raise ValueError("labels were given to an unconditional model (num_classes is None)")
             return None

@@ -3,13 +3,17 @@ normalisation, and the UNet interface (odd sizes, model files). The behaviour bo
 class conditioning, gradients) is tested in test_unet.py for both."""
 
 import math
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
+from helpers import TINY, make_repo, merge, run
+from mlflow.tracking import MlflowClient
 from test_training import CPU, shapes
 
 from ddpm import Diffusion, DiffusionConfig, TrainConfig, Trainer, UNetConfig, load_model, make_unet, save_model
+from ddpm.unet import Downsample
 from ddpm.unet_mp import MPConv, MPUNet, mp_cat, mp_silu, mp_sum, normalize
 
 MP = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
@@ -88,6 +92,9 @@ def test_odd_sizes_round_trip(image_size, mults, attn):
         out = model(x, torch.tensor([0, 999]))
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert sum(m.attn is not None for m in model.modules() if hasattr(m, "attn")) == 1 + 1 + 2
+    # an edge window of the pooling averages only the pixels it covers: a constant stays constant
+    pooled = Downsample(2, learned=False)(torch.full((1, 2, 7, 7), 3.0))
+    assert pooled.shape == (1, 2, 4, 4) and torch.equal(pooled, torch.full_like(pooled, 3.0))
 
 
 def test_model_file_round_trip(tmp_path):
@@ -138,3 +145,18 @@ def test_mpunet_training_resumes_exactly():
     resumed.fit(progress=False)
     for (name, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_the_train_stage_trains_the_network_params_yaml_names(tmp_path):
+    """model.magnitude_preserving: true in params.yaml: the stage trains an MPUNet, its model file loads as one
+    and MLflow records the key."""
+    repo = make_repo(tmp_path / "repo", merge(TINY, {"model": {"magnitude_preserving": True}, "train": {"epochs": 1}}))
+    run([sys.executable, "-m", "stages.prepare", "data/prepared"], repo)
+    run([sys.executable, "-m", "stages.train", "cond", "--data", "data/prepared", "--checkpoints", "ck",
+         "--out", "model", "--metrics", "metrics.json", "--plot", "loss.csv"], repo)
+    model, _, _ = load_model(repo / "model/model.pt")
+    assert isinstance(model, MPUNet) and model.config.num_classes
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    (train_run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'train'")
+    assert train_run.data.params["model.magnitude_preserving"] == "True"
