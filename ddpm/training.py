@@ -1,6 +1,6 @@
 """The training loop: AdamW, lr warm-up (and optional cosine decay), gradient clipping, EMA, a choice of
-numeric precision (fp32, TF32, bf16 or fp16 autocast), and an early EMA snapshot as the guide model for
-autoguidance.
+numeric precision (fp32, TF32, bf16 or fp16 autocast), an early EMA snapshot as the guide model for
+autoguidance, and optionally power-function EMAs with snapshots for post-hoc EMA (ddpm.posthoc_ema).
 
 The network, the diffusion and the data are passed in; the loop never writes files. A stage
 script observes it through callbacks (logging, checkpoints, sample grids) and can save and
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .diffusion import Diffusion, to_model_range
 from .ema import EMA
+from .posthoc_ema import PowerEMA
 from .sampling import fold_seed
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -50,6 +51,8 @@ class TrainConfig:
     channels_last: bool = False  # channels-last memory format for CUDA convolutions (slower on CPUs); under
                                  # DistributedDataParallel, convert the network before wrapping it
     guide_at: float = 0.0       # keep the EMA weights at this fraction of training as the guide model; 0: none
+    posthoc_sigma_rels: tuple[float, ...] = ()  # power-function EMA widths tracked for post-hoc EMA; (): none
+    posthoc_snapshots: int = 0  # snapshots of them kept, evenly spaced over training, the last at the last step
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -118,6 +121,9 @@ class Trainer:
         # under DistributedDataParallel, `model` is the wrapper and `net` the network it wraps
         self.net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.ema = EMA(self.net, config.ema_decay)
+        # post-hoc EMA: the tracked profiles, and their snapshots so far (PowerEMA.snapshot records)
+        self.posthoc = PowerEMA(self.net, config.posthoc_sigma_rels) if config.posthoc_sigma_rels else None
+        self.snapshots: list[dict] = []
         # the training step's forward: compiled (sharing the weights) or the model itself
         self.train_model = torch.compile(model) if config.compile else model
         # fp16 only: scales the loss so that small gradients survive float16, and skips a step whose scaled
@@ -146,6 +152,15 @@ class Trainer:
         if not self.config.guide_at:
             return None
         return max(1, round(self.config.guide_at * (self.schedule_steps or self.total_steps)))
+
+    @property
+    def snapshot_steps(self) -> set[int]:
+        """The steps after which the post-hoc EMA profiles are snapshot: posthoc_snapshots of them, evenly
+        spaced over `schedule_steps` or total_steps, the last at its end."""
+        if self.posthoc is None or not self.config.posthoc_snapshots:
+            return set()
+        end, n = self.schedule_steps or self.total_steps, self.config.posthoc_snapshots
+        return {max(1, round(end * (i + 1) / n)) for i in range(n)}
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over `warmup_steps` (Ho et al. 2020 use 5000), then constant, or for
@@ -193,6 +208,10 @@ class Trainer:
         self.scaler.update()
         self.ema.update(self.net)
         self.step += 1
+        if self.posthoc is not None:
+            self.posthoc.update(self.net)
+            if self.step in self.snapshot_steps:
+                self.snapshots += self.posthoc.snapshot()
         if self.guide is None and self.guide_step is not None and self.step >= self.guide_step:
             self.guide = copy.deepcopy(self.ema.module)
         return loss.detach()
@@ -249,6 +268,8 @@ class Trainer:
             state["guide"] = self.guide.state_dict()
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
+        if self.posthoc is not None:
+            state["posthoc"], state["snapshots"] = self.posthoc.state_dict(), self.snapshots
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -258,6 +279,9 @@ class Trainer:
         self.step = int(state["step"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.posthoc is not None:
+            self.posthoc.load_state_dict(state["posthoc"])
+            self.snapshots = list(state["snapshots"])
         if "guide" in state:
             self.guide = copy.deepcopy(self.ema.module)
             self.guide.load_state_dict(state["guide"])

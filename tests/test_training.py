@@ -433,3 +433,32 @@ def test_fit_stops_at_the_end_of_the_step_that_passes_the_time_limit(monkeypatch
     assert trainer.step == 3
     trainer.fit(one_second_per_step, progress=False, seconds=10, max_steps=5)
     assert trainer.step == 5  # whichever comes first
+
+
+def test_posthoc_snapshots_are_evenly_spaced_and_resume_exactly():
+    """Post-hoc EMA: posthoc_snapshots records per tracked width, the last at the last step equal to the
+    tracked EMA there; a run stopped midway and resumed from its state ends with the same snapshots."""
+    images, _ = shapes(8, size=8)
+    config = TrainConfig(epochs=6, batch_size=4, lr=1e-3, warmup_steps=1, posthoc_sigma_rels=(0.05, 0.1),
+                         posthoc_snapshots=4)
+
+    def trainer():
+        return Trainer(tiny_unet(8), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None, config, CPU)
+
+    straight = trainer()
+    straight.fit(progress=False)
+    assert straight.snapshot_steps == {3, 6, 9, 12}
+    assert [(s["t"], s["sigma_rel"]) for s in straight.snapshots] == [(t, w) for t in (3, 6, 9, 12)
+                                                                      for w in (0.05, 0.1)]
+    last = straight.snapshots[-1]["state"]
+    assert all(torch.equal(last[k], v) for k, v in straight.posthoc.modules[1].state_dict().items())
+    assert not torch.equal(straight.snapshots[0]["state"]["out.2.weight"], last["out.2.weight"])
+
+    first = trainer()
+    first.fit(progress=False, max_steps=7)
+    resumed = trainer()
+    resumed.load_state_dict(first.state_dict())
+    resumed.fit(progress=False)
+    assert len(resumed.snapshots) == 8
+    for a, b in zip(resumed.snapshots, straight.snapshots):
+        assert a["t"] == b["t"] and all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
