@@ -1,9 +1,14 @@
 """Helpers for end-to-end tests: a tiny copy of the project in a temporary git + DVC repo."""
 
+import contextlib
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +79,33 @@ def make_image_folder(root: Path, per_class: int = 12, classes=("circle", "squar
             (draw.ellipse if k == 0 else draw.rectangle)(box, fill=(230, 40, 40) if k == 0 else (40, 40, 230))
             img.save(folder / f"{name or 'img'}_{i:03d}.png")
     return root
+
+
+def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` with a SQLite backend and an artifact root in `folder`, on a free port of 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                             "--artifacts-destination", str(folder / "server-artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            return proc, uri
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                stop(proc)
+                raise AssertionError("mlflow server did not start") from None
+            time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop the server and its workers (its process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=30)
