@@ -60,13 +60,14 @@ def atomic_save(obj: dict, path: str | Path) -> None:
         torch.save(obj, f)
 
 
-def safe_load(path: str | Path, required: tuple[str, ...] = (), map_location="cpu") -> dict:
-    """Load a dict saved by `atomic_save`, refusing pickled code and naming the file on any failure."""
+def safe_load(path: str | Path, required: tuple[str, ...] = (), map_location="cpu", mmap: bool = False) -> dict:
+    """Load a dict saved by `atomic_save`, refusing pickled code and naming the file on any failure; `mmap`:
+    its tensors are memory-mapped, read from disk only where they are used."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many kinds: UnpicklingError, RuntimeError, EOFError, ...
         raise CheckpointError(f"{path}: {_why_unloadable(path, e)}") from None
     missing = [k for k in required if not isinstance(obj, dict) or k not in obj]

@@ -6,7 +6,9 @@ The network, the diffusion and the data are passed in; the loop never writes fil
 script observes it through callbacks (logging, checkpoints, sample grids) and can save and
 restore its whole state (`state_dict`), so a resumed run continues exactly where it stopped.
 Data parallelism: give each process its `rank` and `world_size`; every rank draws the same
-epoch permutation and takes its own slice of each global batch.
+epoch permutation and takes its own slice of each global batch. The images stay where the caller keeps
+them (a memory-mapped file's tensor is read only where indexed): each step moves its rank's share of the
+batch to the device, so a dataset larger than the device's memory trains.
 """
 
 import contextlib
@@ -113,8 +115,7 @@ class Trainer:
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.diffusion, self.config, self.device = model, diffusion.to(device), config, device
-        self.images = images.to(device)
-        self.labels = labels.to(device) if labels is not None else None
+        self.images, self.labels = images, labels  # uint8 (N, C, H, W) and (N,), on the CPU or memory-mapped
         self.seed, self.rank, self.world_size = seed, rank, world_size
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -178,7 +179,7 @@ class Trainer:
         """This rank's slice of global batch i of `epoch` (same permutation on every rank)."""
         perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + epoch))
         batch = perm[i * self.config.batch_size:(i + 1) * self.config.batch_size]
-        return batch[self.rank::self.world_size].to(self.device)
+        return batch[self.rank::self.world_size]
 
     def step_seed(self) -> int:
         """The seed of this step's t and noise on this rank: (seed << 40) + (step << 8) + rank, folded into the
@@ -187,8 +188,8 @@ class Trainer:
 
     def train_step(self, idx: torch.Tensor) -> torch.Tensor:
         """One optimizer step on the images at `idx`; returns the mean loss (a 0-d tensor)."""
-        x0 = to_model_range(self.images[idx])
-        y = self.labels[idx] if self.labels is not None else None
+        x0 = to_model_range(self.images[idx].to(self.device, non_blocking=True))
+        y = self.labels[idx].to(self.device, non_blocking=True) if self.labels is not None else None
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         # t and the noise of step k on rank r depend only on (seed, k, r): exact resumes, distinct ranks

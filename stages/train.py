@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
 
 def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, world_size: int) -> None:
     seed_everything(p.seed)  # the same initial weights on every rank
-    images, labels, info = load_prepared(a.data, "train")
+    images, labels, info = load_prepared(a.data, "train", mmap=True)
     memory_format = torch.channels_last if config.channels_last else torch.preserve_format
     model = make_unet(unet).to(device, memory_format=memory_format)
     if world_size > 1:

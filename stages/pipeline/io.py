@@ -102,10 +102,11 @@ def class_names(info: dict, needed_by: str) -> list[str]:
     return names
 
 
-def load_prepared(folder: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(images uint8 (N, C, H, W), labels int64 (N,), info) of a split written by the prepare stage."""
+def load_prepared(folder: str | Path, split: str, mmap: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(images uint8 (N, C, H, W), labels int64 (N,), info) of a split written by the prepare stage; `mmap`:
+    memory-mapped, so that each process reads only the images it indexes."""
     info = load_info(folder)
-    data = safe_load(Path(folder) / f"{split}.pt", ("images", "labels"))
+    data = safe_load(Path(folder) / f"{split}.pt", ("images", "labels"), mmap=mmap)
     return data["images"], data["labels"], info
 
 
