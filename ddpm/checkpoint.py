@@ -7,6 +7,10 @@ what inference needs: the EMA weights, the UNet config and the diffusion config.
 An export folder (`export_model`) holds the same for use outside the project: model.safetensors (the
 weights), config.json (the configs, the class names, the guide model's), and model-guide.safetensors
 when the model has a guide; `load_model` reads it with `safetensors.torch.load_file`, so no pickle at all.
+
+A loaded file's configs are checked (`ddpm.model_config`) before they allocate anything: each field in range,
+the network they describe holding exactly the file's weight shapes (an export's read from the safetensors
+header, before the weights), and the weights finite.
 """
 
 import contextlib
@@ -18,9 +22,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .diffusion import Diffusion, DiffusionConfig
+from .model_config import check_finite, check_shapes, model_configs
 from .unet import UNet, UNetConfig, make_unet
 
 MODEL_KEYS = ("format", "unet", "diffusion", "weights", "meta")
@@ -122,19 +128,42 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
     obj = safe_load(path, MODEL_KEYS)
     if obj["format"] != "ddpm-model-v1":
         raise CheckpointError(f"{path}: unknown model format {obj['format']!r}")
-    model, diffusion = _build(path, obj["unet"], obj["diffusion"], obj["weights"])
-    return model.to(device).eval(), diffusion.to(device), obj["meta"]
+    unet, diffusion = _checked(path, model_configs, obj, obj["meta"].get("class_names")
+                               if isinstance(obj["meta"], dict) else None)
+    weights = obj["weights"]
+    if not isinstance(weights, dict) or not all(isinstance(w, torch.Tensor) for w in weights.values()):
+        raise CheckpointError(f"{path}: its weights are not a mapping of names to tensors")
+    _check_shapes(path, unet, {k: tuple(w.shape) for k, w in weights.items()})
+    model = _build(path, unet, weights)
+    return model.to(device).eval(), Diffusion.from_config(diffusion).to(device), obj["meta"]
 
 
-def _build(path: Path, unet: dict, diffusion: dict, weights: dict) -> tuple[UNet, Diffusion]:
-    """The UNet of config `unet` holding `weights`, and the diffusion of config `diffusion`."""
+def _checked(path: Path, check, *args):
+    """check(*args), its ValueError as a CheckpointError naming `path`."""
     try:
-        model = make_unet(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in unet.items()}))
+        return check(*args)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _check_shapes(path: Path, unet: UNetConfig, shapes: dict, config: str = "") -> None:
+    """The weights' `shapes` are those of the network `unet` describes: then building it allocates no more than
+    the file holds. `config`: the file the config comes from, when not `path` itself."""
+    try:
+        check_shapes(unet, shapes)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: does not match its config ({config + ': ' if config else ''}{e})") from None
+
+
+def _build(path: Path, unet: UNetConfig, weights: dict) -> UNet:
+    """The network of config `unet` (checked against the weights' shapes) holding `weights`, which must be finite."""
+    _checked(path, check_finite, weights)
+    model = make_unet(unet)
+    try:
         model.load_state_dict(weights)
-        dcfg = DiffusionConfig(**diffusion)
-    except (TypeError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: model file does not match its config ({str(e).splitlines()[0]})") from None
-    return model, Diffusion.from_config(dcfg)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not match its config ({str(e).splitlines()[0]})") from None
+    return model
 
 
 def export_model(model_file: str | Path, folder: str | Path) -> dict:
@@ -176,16 +205,38 @@ def load_exported(weights_file: str | Path, device: torch.device | str = "cpu") 
         config = None
     if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{config_file}: not the config.json of a folder written by `ddpm export`")
-    try:
+    unet, diffusion = _checked(config_file, model_configs, config, config.get("class_names"))
+    guide = _checked(config_file, _guide_entry, config.get("guide"))
+    with _safetensors(weights_file):
+        with safe_open(weights_file, "pt") as f:  # the header only: names and shapes, no tensor read
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    _check_shapes(weights_file, unet, shapes, config_file.name)
+    with _safetensors(weights_file):
         weights = load_file(weights_file)
+    model = _build(weights_file, unet, weights)
+    meta = {**config.get("meta", {}), "class_names": config.get("class_names")}
+    if guide and weights_file.name == guide["weights"]:
+        meta["steps"] = guide["steps"]
+    return model.to(device).eval(), Diffusion.from_config(diffusion).to(device), meta
+
+
+@contextlib.contextmanager
+def _safetensors(path: Path):
+    """Any error reading safetensors file `path` as a CheckpointError naming it."""
+    try:
+        yield
     except Exception as e:  # safetensors raises its own error type, and OSError
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{weights_file}: not a safetensors file of tensors, or truncated ({why})") from None
-    model, diffusion = _build(weights_file, config["unet"], config["diffusion"], weights)
-    meta = {**config["meta"], "class_names": config["class_names"]}
-    if config.get("guide") and weights_file.name == config["guide"]["weights"]:
-        meta["steps"] = config["guide"]["steps"]
-    return model.to(device).eval(), diffusion.to(device), meta
+        raise CheckpointError(f"{path}: not a safetensors file of tensors, or truncated ({why})") from None
+
+
+def _guide_entry(guide) -> dict | None:
+    """config.json's `guide`: null, or the guide model's weights file and the step it was kept at."""
+    if guide is not None and not (isinstance(guide, dict) and isinstance(guide.get("weights"), str)
+                                  and (guide.get("steps") is None or type(guide["steps"]) is int)):
+        raise ValueError("guide must be null or a mapping of 'weights' (a file name) and 'steps' (an integer or "
+                         f"null), got {guide!r:.80}")
+    return guide
 
 
 def load_guide(model_file: str | Path, device: torch.device | str = "cpu") -> UNet:

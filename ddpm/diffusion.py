@@ -23,6 +23,9 @@ from .schedules import make_betas
 
 NULL_LABEL = -1
 PREDICTIONS = ("eps", "v")
+# Memory per timestep that building a Diffusion takes (float64 intermediates and the float32 buffers; 110 bytes
+# measured for both schedules): the bounds on T count this much, a lower bound.
+SCHEDULE_BYTES = 100
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from ddpm import (
     UNet,
     UNetConfig,
     atomic_save,
+    checkpoint,
     config_hash,
     guide_path,
     load_model,
@@ -223,6 +224,42 @@ def test_wrong_contents_raise_checkpoint_error(tmp_path):
     atomic_save(obj, path)
     with pytest.raises(CheckpointError, match="format"):
         load_model(path)
+
+
+BAD_MODEL_FILES = {  # name: (a change to the model file's dict, its error line after the file's name)
+    "base 3000 over base-8 weights": (lambda o: o["unet"].update(base_channels=3000),
+                                      "does not match its config (time_embed.0.weight is 12000 x 3000 in the config, "
+                                      "32 x 8 in the weights)"),
+    "a weight missing": (lambda o: o["weights"].pop("out.2.bias"),
+                         "does not match its config (the weights lack out.2.bias)"),
+    "timesteps 10^10": (lambda o: o["diffusion"].update(timesteps=10**10),
+                        "diffusion.timesteps = 10000000000 is out of range; allowed: in [1, "),
+    "unet a list": (lambda o: o.update(unet=[1, 2]), "unet must be a mapping of UNetConfig's fields, got [1, 2]"),
+    "heads a float": (lambda o: o["unet"].update(num_heads=2.0), "unet.num_heads must be int, got 2.0"),
+    "weights a list": (lambda o: o.update(weights=[torch.zeros(1)]),
+                       "its weights are not a mapping of names to tensors"),
+    "NaN weights": (lambda o: o["weights"]["input_conv.weight"].fill_(float("nan")),
+                    "weight input_conv.weight holds NaN or infinite values, so the model cannot sample"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODEL_FILES)
+def test_a_model_files_config_is_checked_before_any_network_is_built(tmp_path, monkeypatch, case):
+    """Its fields typed and in range, the network they describe matched against the weights' shapes, and the
+    weights finite: one line naming the file, and nothing allocated from a config that does not fit."""
+    path = tmp_path / "model.pt"
+    save_model(path, perturbed_unet(), UNET, DIFFUSION)
+    obj = torch.load(path, weights_only=True)
+    change, message = BAD_MODEL_FILES[case]
+    change(obj)
+    atomic_save(obj, path)
+
+    def no_network(config):
+        raise AssertionError(f"a network was built from a bad model file: {config}")
+    monkeypatch.setattr(checkpoint, "make_unet", no_network)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert str(error.value).startswith(f"{path}: {message}"), error.value
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):

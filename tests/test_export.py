@@ -3,6 +3,7 @@ grid, which every command loads back (without pickle) to the same samples as the
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 from test_cli import CLASS_NAMES, tiny_models
 
-from ddpm import load_model
+from ddpm import checkpoint, load_model
 from ddpm.cli import main
 
 
@@ -145,3 +147,79 @@ def test_export_replaces_an_earlier_export_but_no_other_folder(models, tmp_path,
         assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"] and not (tmp_path / "new").exists()
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+_EXPORTS: dict[str, Path] = {}
+
+
+def fresh_export(models, tmp_path_factory, tmp_path) -> Path:
+    """A copy of one export of the conditional model (exported once per session) in tmp_path/exported."""
+    if not _EXPORTS:
+        folder = tmp_path_factory.mktemp("export")
+        export(models["cond"], str(folder / "exported"))
+        _EXPORTS["cond"] = folder / "exported"
+    return Path(shutil.copytree(_EXPORTS["cond"], tmp_path / "exported"))
+
+
+def sample_error(capsys, tmp_path) -> str:
+    """`ddpm sample` of tmp_path/exported: its one error line (and nothing written)."""
+    capsys.readouterr()
+    assert main(["sample", "--model", "exported", "--out", "out/x.png", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert not (tmp_path / "out").exists()
+    return err
+
+
+BAD_CONFIGS = {  # name: (a change to config.json, the words of the error line)
+    "timesteps 10^10": (lambda c: c["diffusion"].update(timesteps=10**10),
+                        ["exported/config.json: diffusion.timesteps = 10000000000 is out of range; allowed: in [1, "]),
+    "timesteps -5": (lambda c: c["diffusion"].update(timesteps=-5),
+                     ["exported/config.json: diffusion.timesteps = -5 is out of range"]),
+    "timesteps a string": (lambda c: c["diffusion"].update(timesteps="1000"),
+                           ["exported/config.json: diffusion.timesteps must be int, got '1000'"]),
+    "unet a list": (lambda c: c.update(unet=[1, 2]),
+                    ["exported/config.json: unet must be a mapping of UNetConfig's fields, got [1, 2]"]),
+    "no unet": (lambda c: c.pop("unet"), ["exported/config.json: no 'unet' field"]),
+    "unknown unet field": (lambda c: c["unet"].update(width=3), ["exported/config.json: unet.width is not a field"]),
+    "mults with a string": (lambda c: c["unet"].update(channel_mults=[1, "2"]),
+                            ["exported/config.json: unet.channel_mults[1] must be int, got '2'"]),
+    "no schedule": (lambda c: c["diffusion"].update(schedule="quadratic"),
+                    ["exported/config.json: diffusion.schedule = 'quadratic' is out of range"]),
+    "NaN beta": (lambda c: c["diffusion"].update(beta_start=float("nan")),
+                 ["exported/config.json: diffusion.beta_start must be a finite number, got nan"]),
+    "guide a number": (lambda c: c.update(guide=5), ["exported/config.json: guide must be null or a mapping"]),
+    "class names of another model": (lambda c: c.update(class_names=["a"]),
+                                     ["exported/config.json: class_names must be a list of 3 names or null"]),
+    "base 3000 over base-8 weights": (lambda c: c["unet"].update(base_channels=3000),
+                                      ["exported/model.safetensors: does not match its config (config.json: "
+                                       "time_embed.0.weight is 12000 x 3000 in the config, 32 x 8 in the weights)"]),
+    "one more level": (lambda c: c["unet"].update(channel_mults=[1, 2, 2]),
+                       ["exported/model.safetensors: does not match its config (config.json: "]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_a_bad_config_json_is_one_line_before_any_network_is_built(models, tmp_path_factory, tmp_path, capsys,
+                                                                  monkeypatch, case):
+    """config.json is checked, and the network it describes matched against the weights' shapes in the
+    safetensors header, before anything is allocated from it (base_channels 3000 would be gigabytes)."""
+    folder = fresh_export(models, tmp_path_factory, tmp_path)
+    change, words = BAD_CONFIGS[case]
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+    def no_network(config):
+        raise AssertionError(f"a network was built from a bad config.json: {config}")
+    monkeypatch.setattr(checkpoint, "make_unet", no_network)
+    err = sample_error(capsys, tmp_path)
+    assert all(w in err for w in words), err
+
+
+def test_an_export_whose_weights_are_nan_is_one_line_not_black_images(models, tmp_path_factory, tmp_path, capsys):
+    folder = fresh_export(models, tmp_path_factory, tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, folder / "model.safetensors")
+    err = sample_error(capsys, tmp_path)
+    assert "exported/model.safetensors: weight " in err and "NaN" in err, err
