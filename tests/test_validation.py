@@ -182,6 +182,8 @@ SIZE_CASES = [
     ("visualize", "num_images", 10**6, "visualize.num_images = 1000000 makes a reverse-process picture"),
     ("visualize", "frames", 10**6, "visualize.frames = 1000000 makes a reverse-process picture (8 rows) of 8000000 "
                                    "images; pictures hold at most 10000; allowed: at most 1250"),
+    ("diffusion", "timesteps", 10**9, "diffusion.timesteps = 1000000000 needs about 100 GB for the diffusion "
+                                      "schedule; this machine has 16 GB; allowed: at most 160000000"),
 ]
 
 
@@ -212,6 +214,20 @@ def test_the_data_must_fit_in_memory(monkeypatch, machine):
     with pytest.raises(ParamsError, match=r"^params.yaml: data.image_size = 256 needs about 14 GB for 70000 images "
                                           r"of 3 x 256 x 256; this machine has 4.0 GB; allowed: at most 138$"):
         validate(params)
+
+
+def test_the_networks_weights_must_fit_in_training(monkeypatch, machine):
+    """A network too wide for its weights, their gradients, AdamW's moments, the EMA and the guide copies, though
+    its activations fit (batches of one): one line with the widest network that fits, which does."""
+    small = {"train": {"batch_size": 1, "grid_size": 1}, "sample": {"batch_size": 1}, "evaluate": {"batch_size": 1}}
+    with pytest.raises(ParamsError, match=r"^params.yaml: model.base_channels = 20000 needs about 10359 GB for the "
+                                          r"network's weights in training \(4.3e\+11 parameters, 6 float32 copies: "
+                                          r"weights, gradients, AdamW's two moments, EMA, guide\); this machine has "
+                                          r"16 GB; allowed: at most 780$"):
+        validate(merge(BASE, merge(small, {"model": {"base_channels": 20000}})))
+    assert validate(merge(BASE, merge(small, {"model": {"base_channels": 780}}))).model.base_channels == 780
+    with pytest.raises(ParamsError, match=r"^params.yaml: model.base_channels = 800 needs about 17 GB for the "):
+        validate(merge(BASE, merge(small, {"model": {"base_channels": 800}})))
 
 
 def test_the_repositorys_values_fit_small_machines_with_room_to_spare(monkeypatch, machine):

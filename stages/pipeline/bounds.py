@@ -1,15 +1,22 @@
 """What this machine can hold and run: upper bounds on the params that allocate (image counts, batch sizes,
-the data's size) and the device params.yaml names. Checked with the other params (params._checks), so an
-absurd value stops every stage in one line before any work, not after an epoch or past all memory.
+the data's size, the schedule's timesteps, the network's weights) and the device params.yaml names. Checked with
+the other params (params._checks), so an absurd value stops every stage in one line before any work, not after an
+epoch or past all memory.
 
 The memory estimates are rough lower bounds (uint8 images, float32 feature maps of the networks' main
-blocks): they catch absurd values, never a value that would have fit.
+blocks, the schedule's buffers, the weights' float32 copies that training keeps): they catch absurd values, never
+a value that would have fit. The network's parameters are counted exactly, from a network built on PyTorch's meta
+device (no storage).
 """
 
+import dataclasses
 import math
-import os
 
 import torch
+
+from ddpm import UNetConfig
+from ddpm.diffusion import SCHEDULE_BYTES
+from ddpm.model_config import machine_memory, parameter_count
 
 MAX_PICTURE = 10_000  # images in one grid or picture: pictures are for people to look at
 KNOWN = {"mnist": (1, 28, 70_000), "fashion_mnist": (1, 28, 70_000), "glyphs": (1, 28, 7_000),
@@ -20,7 +27,7 @@ INCEPTION_INPUT = 3 * 299 * 299 * 4  # one image resized for Inception-v3, float
 
 def ram() -> int:
     """This machine's physical memory in bytes."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return machine_memory()
 
 
 def _cuda_index(device: str) -> int | None:
@@ -69,6 +76,57 @@ def classifier_bytes(p, training: bool) -> int:
     return 4 * maps * (4 if training else 1)
 
 
+def weight_copies(p) -> int:
+    """The float32 copies of the network's weights that training keeps: the weights, their gradients, AdamW's
+    two moments, the EMA weights, and the guide model's when train_uncond.guide_at keeps one."""
+    return 5 + (p.train_uncond.guide_at > 0)
+
+
+def parameters(p, base_channels: int | None = None) -> int | None:
+    """The parameters of the largest network params.yaml trains (the conditional one, with its class embedding),
+    at `base_channels` (model.base_channels by default); None where the image size does not fit the patch size
+    (the train stage names that)."""
+    c, size = image_shape(p)
+    fields = dataclasses.asdict(p.model) | ({} if base_channels is None else {"base_channels": base_channels})
+    try:
+        return parameter_count(UNetConfig.for_images(c, size, _classes(p), **fields))
+    except ValueError:
+        return None
+
+
+def _largest_base_channels(p, limit: int) -> int:
+    """The largest model.base_channels whose network has at most `limit` parameters. The count is a quadratic in
+    base_channels (each layer maps channels to channels, plus biases and norms), here fitted through 1, 2, 3."""
+    n1, n2, n3 = (parameters(p, b) for b in (1, 2, 3))
+    a = (n3 - 2 * n2 + n1) / 2
+    b = n2 - n1 - 3 * a
+    c = n1 - a - b
+    if a <= 0 or c > limit:
+        return 0
+    return int((-b + math.sqrt(b * b - 4 * a * (c - limit))) / (2 * a))
+
+
+def _weights_fit(p, memory: int, where: str, processes: int):
+    """(key, ok, allowed, problem): the weights' copies in training, of every process that shares `memory`."""
+    n = parameters(p)
+    if n is None:
+        return ("model.base_channels", True, "")
+    each = 4 * weight_copies(p) * processes
+    if n * each <= memory:
+        return ("model.base_channels", True, "")
+    return ("model.base_channels", False, f"at most {_round_down(_largest_base_channels(p, memory // each))}",
+            f"needs about {_gb(n * each)} for the network's weights in training ({n:.2g} parameters, "
+            f"{weight_copies(p)} float32 copies: weights, gradients, AdamW's two moments, EMA"
+            f"{', guide' if weight_copies(p) > 5 else ''}{f'; {processes} processes' if processes > 1 else ''}); "
+            f"{where} has {_gb(memory)}")
+
+
+def _classes(p) -> int:
+    """The conditional model's classes: data.classes, or the known dataset's (an image folder's: unknown until
+    prepared, taken as 1)."""
+    return len(p.data.classes) if p.data.classes else NUM_CLASSES if p.data.name in KNOWN else 1
+
+
 def _fits(key: str, n: int, each: int, what: str, memory: int, where: str):
     """(key, ok, allowed, problem): `n` things of `each` bytes fit in `memory`."""
     need = n * each
@@ -82,8 +140,9 @@ def _picture(key: str, n: int, per: int, what: str):
             f"makes {what} of {n * per} images; pictures hold at most {MAX_PICTURE}")
 
 
-def size_checks(p) -> list:
-    """Every size that allocates, against what this machine (or its GPU) holds."""
+def size_checks(p):
+    """Every size that allocates, against what this machine (or its GPU) holds. The weights come last, counted
+    only once the activations fit (a network built on the meta device still takes time per layer)."""
     s, t, v = p.sample, p.train, p.visualize
     c, size = image_shape(p)
     host = ram()
@@ -92,9 +151,9 @@ def size_checks(p) -> list:
         gpu < torch.cuda.device_count()) else (host, "this machine")
     per_process = t.batch_size // t.nproc if gpu is not None else t.batch_size  # on the CPU they share RAM
     count = KNOWN.get(p.data.name, (0, 0, 0))[2]  # unknown for an image folder
-    k = len(p.data.classes) if p.data.classes else NUM_CLASSES if p.data.name in KNOWN else 1
+    k = _classes(p)
     evaluate = classifier_bytes(p, False) + (INCEPTION_INPUT if "inception" in p.evaluate.extractors else 0)
-    return [
+    yield from [
         ("data.image_size", count * c * size * size <= host, f"at most {math.isqrt(host // max(1, count * c))}",
          f"needs about {_gb(count * c * size * size)} for {count} images of {c} x {size} x {size}; this machine "
          f"has {_gb(host)}"),
@@ -116,7 +175,10 @@ def size_checks(p) -> list:
                  "2 frames or more)"),
         _picture("visualize.frames", v.frames, 2 * v.num_images, f"a reverse-process picture ({2 * v.num_images} "
                  "rows)"),
+        _fits("diffusion.timesteps", p.diffusion.timesteps, SCHEDULE_BYTES, "the diffusion schedule", host,
+              "this machine"),
     ]
+    yield _weights_fit(p, dev, where, 1) if gpu is not None else _weights_fit(p, host, where, t.nproc)
 
 
 def device_checks(p) -> list:
