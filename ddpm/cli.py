@@ -31,6 +31,7 @@ from . import pictures
 from .checkpoint import CheckpointError, guide_path, load_model
 from .diffusion import NULL_LABEL, Diffusion
 from .export import ExportError, check_folder, read_inputs, write_export
+from .model_config import machine_memory
 from .sampling import (
     DEFAULT_STEPS,
     METHOD_NAMES,
@@ -46,6 +47,9 @@ from .sampling import (
 from .training import resolve_device
 
 DEFAULT_COMPARE_STEPS = (5, 10, 20, 50)
+# Memory per timestep that `ddpm schedule` takes (the schedules' float64 curves and the plot's copies of them:
+# 340 to 420 bytes measured), a lower bound
+SCHEDULE_PLOT_BYTES = 300
 
 
 class UsageError(Exception):
@@ -69,6 +73,16 @@ def at_least(lo, kind=int):
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
         return value
     return check
+
+
+def plotted_timesteps(text: str) -> int:
+    """An argparse type: a T >= 1 whose schedule plot fits in this machine's memory."""
+    value, memory = at_least(1)(text), machine_memory()
+    if value * SCHEDULE_PLOT_BYTES > memory:
+        raise argparse.ArgumentTypeError(f"{text} needs about {value * SCHEDULE_PLOT_BYTES / 1e9:.0f} GB to plot "
+                                         f"({SCHEDULE_PLOT_BYTES} bytes per timestep) and this machine has "
+                                         f"{memory / 1e9:.0f} GB; use at most {memory // SCHEDULE_PLOT_BYTES}")
+    return value
 
 
 def file_with_suffix(suffix: str):
@@ -145,7 +159,7 @@ def build_parser() -> Parser:
 
     p = command("schedule", "Plot beta_t, alpha_bar_t and log-SNR of the linear and cosine schedules.",
                 "schedule.png")
-    p.add_argument("--timesteps", type=at_least(1), default=1000, help="T (1000)")
+    p.add_argument("--timesteps", type=plotted_timesteps, default=1000, help="T (1000)")
     p.set_defaults(run=cmd_schedule)
 
     p = command("export", "Write a model file as a folder to share: model.safetensors, model-guide.safetensors "

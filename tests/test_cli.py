@@ -224,6 +224,16 @@ def test_schedule_command_plots_three_panels(tmp_path):
     assert image.shape[1] > 2 * image.shape[0] and image.std() > 10  # side by side, not blank
 
 
+def test_schedule_timesteps_beyond_this_machine_are_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["schedule", "--timesteps", str(10**10), "--out", "plots/schedule.png"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: argument --timesteps: 10000000000 needs about 3000 GB to plot"), err
+    assert "use at most" in err
+    assert not (tmp_path / "plots").exists()
+
+
 def test_console_script_is_installed(tmp_path):
     script = Path(sys.executable).parent / "ddpm"
     proc = subprocess.run([script, "--help"], cwd=tmp_path, capture_output=True, text=True)
