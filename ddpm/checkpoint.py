@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .diffusion import Diffusion, DiffusionConfig
-from .unet import UNet, UNetConfig, make_unet
+from .networks import make_unet
+from .unet import UNet, UNetConfig
 
 MODEL_KEYS = ("format", "unet", "diffusion", "weights", "meta")
 ARCHIVE_MAGIC = b"PK\x03\x04"  # the zip header that starts every file torch.save (so atomic_save) writes
