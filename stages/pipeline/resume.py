@@ -13,9 +13,9 @@ import torch
 
 import ddpm
 from ddpm import Trainer, atomic_save, config_hash, guide_path, safe_load, save_model
-from ddpm.plots import loss_curve
 
 from .io import atomic_dir, save_figure, write_json
+from .plots import loss_curve
 from .tracking import Tracker
 
 LONG_HOURS = 3  # a run forecast to train longer says so, with the command for a shorter one
