@@ -116,7 +116,7 @@ def build_parser() -> Parser:
     p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
     p.add_argument("--autoguidance", type=at_least(0.0, float), metavar="W",
                    help="autoguidance weight w >= 0 (unconditional models; guided by <name>-guide.pt beside --model, "
-                   "which train.guide_at keeps)")
+                   "which train_uncond.guide_at keeps)")
     p.add_argument("--guidance-interval", type=at_least(0.0, float), nargs=2, metavar=("LOW", "HIGH"),
                    help="guide only at noise levels sigma in (LOW, HIGH] (Kynkäänniemi et al. 2024; default: "
                    "every step)")
@@ -235,7 +235,7 @@ def load(args) -> Loaded:
                          "(use --guidance)")
     guide_file = guide_path(args.model)
     if not guide_file.is_file():
-        raise UsageError(f"--autoguidance needs the guide model {guide_file}; train with train.guide_at > 0")
+        raise UsageError(f"--autoguidance needs the guide model {guide_file}; train with train_uncond.guide_at > 0")
     guide = load_model(guide_file, device)[0]
     return Loaded(model, diffusion, names, klass, None, shape, autoguidance, guide, meta)
 
