@@ -7,7 +7,7 @@ pipeline's own loading path, trains the unconditional model until --minutes have
 features against the test split, next to the floor (a real train subset of the same size). Each run is
 logged to MLflow (experiment "budget") and appended to --results. --model scores a model that an
 earlier run kept with --save-model (other samplers, no training). --guidance trains the class-conditional
-model instead (labels dropped at train.p_uncond) and samples it with balanced labels at each
+model instead (labels dropped at train_cond.p_uncond) and samples it with balanced labels at each
 classifier-free guidance weight. --autoguidance samples the unconditional model guided by the early EMA
 snapshot that `-S train_uncond.guide_at=F` keeps (Karras et al. 2024) at each weight; --guidance-interval
 limits either guidance to a range of noise levels (Kynkäänniemi et al. 2024). Each row has the recall (and

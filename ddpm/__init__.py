@@ -20,6 +20,7 @@ from .checkpoint import (
 )
 from .diffusion import NULL_LABEL, Diffusion, DiffusionConfig, extract, to_model_range, to_uint8
 from .ema import EMA
+from .networks import make_unet
 from .sampling import (
     Autoguided,
     ClassifierFree,
@@ -38,7 +39,7 @@ from .sampling import (
 )
 from .schedules import make_betas
 from .training import TrainConfig, Trainer, resolve_device
-from .unet import UNet, UNetConfig, make_unet
+from .unet import UNet, UNetConfig
 
 __all__ = [
     "CheckpointError", "atomic_save", "atomic_write", "config_hash", "guide_path", "load_classifier", "load_guide",

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from .diffusion import Diffusion, DiffusionConfig
 from .model_config import check_finite, check_shapes, model_configs
-from .unet import UNet, UNetConfig, make_unet
+from .networks import make_unet
+from .unet import UNet, UNetConfig
 
 MODEL_KEYS = ("format", "unet", "diffusion", "weights", "meta")
 ARCHIVE_MAGIC = b"PK\x03\x04"  # the zip header that starts every file torch.save (so atomic_save) writes

@@ -20,7 +20,7 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +130,7 @@ def build_parser() -> Parser:
     p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
     p.add_argument("--autoguidance", type=at_least(0.0, float), metavar="W",
                    help="autoguidance weight w >= 0 (unconditional models; guided by <name>-guide.pt beside --model, "
-                   "which train.guide_at keeps)")
+                   "which train_uncond.guide_at keeps)")
     p.add_argument("--guidance-interval", type=at_least(0.0, float), nargs=2, metavar=("LOW", "HIGH"),
                    help="guide only at noise levels sigma in (LOW, HIGH] (Kynkäänniemi et al. 2024; default: "
                    "every step)")
@@ -184,6 +184,7 @@ class Loaded:
     shape: tuple[int, int, int]
     autoguidance: float = 0.0       # --autoguidance w (unconditional models)
     guide: nn.Module | None = None  # the model's guide model, loaded under --autoguidance
+    meta: dict = field(default_factory=dict)  # the model file's meta (variant, steps, ...)
 
     @property
     def guided(self) -> nn.Module:
@@ -242,15 +243,15 @@ def load(args) -> Loaded:
     shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     autoguidance = getattr(args, "autoguidance", None)
     if autoguidance is None:
-        return Loaded(model, diffusion, names, klass, (args.guidance or 0.0) if k else None, shape)
+        return Loaded(model, diffusion, names, klass, (args.guidance or 0.0) if k else None, shape, meta=meta)
     if k is not None:
         raise UsageError(f"--autoguidance needs an unconditional model, but {args.model} is class-conditional "
                          "(use --guidance)")
     guide_file = guide_path(args.model)
     if not guide_file.is_file():
-        raise UsageError(f"--autoguidance needs the guide model {guide_file}; train with train.guide_at > 0")
+        raise UsageError(f"--autoguidance needs the guide model {guide_file}; train with train_uncond.guide_at > 0")
     guide = load_model(guide_file, device)[0]
-    return Loaded(model, diffusion, names, klass, None, shape, autoguidance, guide)
+    return Loaded(model, diffusion, names, klass, None, shape, autoguidance, guide, meta)
 
 
 def prepare_output(path: Path | None) -> None:
@@ -365,6 +366,13 @@ def cmd_schedule(args) -> None:
     atomic_write(args.out, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
+def training_params(params: dict | None, variant: str | None) -> dict | None:
+    """The sections of the pipeline's params.yaml (--params) that trained a model of `variant`: the shared ones
+    and the model's own train_<variant>."""
+    keys = ("profile", "seed", "data", "diffusion", "model", "train", f"train_{variant}")
+    return None if params is None else {k: params[k] for k in keys if k in params}
+
+
 def cmd_export(args, m: Loaded) -> None:
     params, scores = read_inputs(args.params, args.metrics)
     grid = argparse.Namespace(**vars(args), method="ddim", eta=None, spacing="uniform", clip_x0=False,
@@ -374,7 +382,8 @@ def cmd_export(args, m: Loaded) -> None:
         f" --{flag} {value}" for flag, value in (("steps", args.steps), ("guidance", args.guidance),
                                                  ("class", args.klass)) if value is not None)
     note = f"`{command}`: {picture.title}" + (", one row per class." if picture.row_labels else ".")
-    write_export(args.model, args.out, pictures.grid_image(picture.images, picture.nrow), note, params, scores)
+    write_export(args.model, args.out, pictures.grid_image(picture.images, picture.nrow), note,
+                 training_params(params, m.meta.get("variant")), scores)
     print(f"wrote {args.out}: {', '.join(sorted(p.name for p in args.out.iterdir()))}")
 
 

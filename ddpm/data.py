@@ -181,49 +181,55 @@ def _try_folder(name: str, folder: Path) -> tuple[ImageData | None, str]:
     return (_load_idx(files, name), "") if files else (None, why)
 
 
-def _fix_hint(name: str, raw_dir: Path) -> str:
+def _fix_hint(name: str, raw_dir: Path | None) -> str:
     """How a user makes dataset `name` available, as the tail of the not-found message."""
-    if name == "cifar10":
-        what = f"put cifar-10-batches-py/ in {raw_dir / name}/"
-    else:
-        what = (f"put the four idx files ({', '.join(s + '.gz' for p in IDX_FILES.values() for s in p)})"
-                f" in {raw_dir / name}/")
+    files = "cifar-10-batches-py/" if name == "cifar10" else \
+        f"the four idx files ({', '.join(s + '.gz' for p in IDX_FILES.values() for s in p)})"
+    put = f"put {files} in {raw_dir / name}/, " if raw_dir is not None else ""
     apt = ", install it with `apt-get install dataset-fashion-mnist`" if name == "fashion_mnist" else ""
-    return (f"fix: {what}, point `root` at a folder holding them{apt}, "
-            "or run where torchvision can download it")
+    download = ", or run where torchvision can download it" if raw_dir is not None else ""
+    return f"fix: {put}point `root` at a folder holding them{apt}{download}"
 
 
-def _load_real(name: str, root: str | Path | None, raw_dir: Path) -> ImageData:
-    """First source that holds `name`: root, raw_dir/name, the Debian folder, a torchvision download."""
+def _fetch(name: str, folder: Path) -> tuple[ImageData | None, str]:
+    """Dataset `name` downloaded by torchvision into `folder`, else (None, why not)."""
+    try:
+        _download(name, folder)
+    except Exception as e:  # noqa: BLE001 -- offline, torchvision fails in many ways; report, don't crash
+        return None, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"  # its message spans several lines
+    data, why = _try_folder(name, folder)
+    return data, f"finished but {why}"
+
+
+def _load_real(name: str, root: str | Path | None, raw_dir: Path | None) -> ImageData:
+    """First source that holds `name`: root, raw_dir/name, the Debian folder, a torchvision download into
+    raw_dir/name (without a raw_dir, only root and the Debian folder)."""
     folders = [Path(root)] if root is not None else []
-    folders += [raw_dir / name, DEBIAN_ROOT / name.replace("_", "-")]
+    folders += [raw_dir / name] if raw_dir is not None else []
+    folders += [DEBIAN_ROOT / name.replace("_", "-")]
     tried = [] if root is not None else ["root (not set)"]
     for folder in folders:
         data, why = _try_folder(name, folder)
         if data is not None:
             return data
         tried.append(f"{folder}/ ({why})")
-    try:
-        _download(name, raw_dir / name)
-    except Exception as e:  # noqa: BLE001 -- offline, torchvision fails in many ways; report, don't crash
-        reason = " ".join(str(e).split())[:300]  # torchvision's message spans several lines
-        tried.append(f"download into {raw_dir / name}/ ({type(e).__name__}: {reason})")
-    else:
-        data, why = _try_folder(name, raw_dir / name)
+    if raw_dir is not None:
+        data, why = _fetch(name, raw_dir / name)
         if data is not None:
             return data
-        tried.append(f"download into {raw_dir / name}/ (finished but {why})")
+        tried.append(f"download into {raw_dir / name}/ ({why})")
     raise DataError(f"dataset {name} not found; tried {'; '.join(tried)}. {_fix_hint(name, raw_dir)}", "root")
 
 
-def load_dataset(name: str, root: str | Path | None = None, raw_dir: str | Path = "data/raw",
+def load_dataset(name: str, root: str | Path | None = None, raw_dir: str | Path | None = None,
                  seed: int = 0) -> ImageData:
-    """Dataset `name` (mnist, fashion_mnist, cifar10, glyphs); `seed` only affects glyphs."""
+    """Dataset `name` (mnist, fashion_mnist, cifar10, glyphs) from `root`, `raw_dir`/name, the Debian folder or a
+    download into `raw_dir`/name (None: nowhere to download into); `seed` only affects glyphs."""
     if name == "glyphs":
         return make_glyphs(6000, 1000, seed)
     if name not in CLASS_NAMES:
         raise DataError(f"unknown dataset {name!r}; valid: {', '.join(CLASS_NAMES)}", "name")
-    return _load_real(name, root, Path(raw_dir))
+    return _load_real(name, root, Path(raw_dir) if raw_dir is not None else None)
 
 
 # ---- glyphs: procedurally drawn digits, no download ----

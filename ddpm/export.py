@@ -1,5 +1,5 @@
 """`ddpm export`: a model file as a folder to share (`write_export`), with a model card (`model_card`, built from
-the folder's config.json and, when given, the pipeline's params.yaml and the evaluate stage's eval.json)."""
+the folder's config.json and, when given, the params that trained the model and the evaluate stage's eval.json)."""
 
 import json
 import os
@@ -21,9 +21,9 @@ FILES = {"model.safetensors": "the UNet's EMA weights (safetensors: tensors only
 
 def model_card(folder: str, config: dict, sample_note: str, params: dict | None = None,
                scores: dict | None = None) -> str:
-    """Markdown: what the model is, its files, how to sample it (from `folder`), its configs, its training
-    params (`params`: params.yaml) and the FID/floor table of its variant (`scores`: the evaluate stage's
-    eval.json)."""
+    """Markdown: what the model is, its files, how to sample it (from `folder`), its configs, the params that
+    trained it (`params`, as the caller picks them: data.name names the dataset) and the FID/floor table of its
+    variant (`scores`: the evaluate stage's eval.json)."""
     meta, unet, guide = config["meta"], config["unet"], config.get("guide")
     variant, conditional = meta.get("variant", "?"), bool(unet.get("num_classes"))
     dataset = (params or {}).get("data", {}).get("name") or (scores or {}).get("protocol", {}).get("dataset")
@@ -45,20 +45,19 @@ def model_card(folder: str, config: dict, sample_note: str, params: dict | None 
              "or in Python: `model, diffusion, meta = ddpm.load_model(FOLDER)`, then `ddpm.generate`.", "",
              "## Model", "", "| | |", "| --- | --- |",
              *(f"| {k} | {json.dumps(v)} |" for k, v in {**unet, **config["diffusion"]}.items()), "",
-             *training(params, variant), *evaluation(scores, variant),
+             *training(params), *evaluation(scores, variant),
              "## Samples", "", sample_note, "", "![samples](samples.png)", ""]
     return "\n".join(lines)
 
 
-def training(params: dict | None, variant: str) -> list[str]:
+def training(params: dict | None) -> list[str]:
+    """The card's training section: `params` as YAML."""
     import yaml
 
     if params is None:
         return ["## Training", "", "Params not given (`ddpm export --params params.yaml`).", ""]
-    keys = ("profile", "seed", "data", "diffusion", "model", "train", f"train_{variant}")
-    picked = {k: params[k] for k in keys if k in params}
     return ["## Training", "", "From the pipeline's params.yaml:", "", "```yaml",
-            yaml.safe_dump(picked, sort_keys=False, default_flow_style=None, width=110).strip(), "```", ""]
+            yaml.safe_dump(params, sort_keys=False, default_flow_style=None, width=110).strip(), "```", ""]
 
 
 def evaluation(scores: dict | None, variant: str) -> list[str]:
@@ -106,7 +105,8 @@ def read_inputs(params: Path | None, metrics: Path | None) -> tuple[dict | None,
 
 def write_export(model_file: Path, out: Path, samples: Image.Image, sample_note: str, params: dict | None,
                  scores: dict | None) -> None:
-    """The folder `out`, written beside it and renamed into place when complete."""
+    """The folder `out`, written beside it and renamed into place when complete; `params` and `scores` as
+    `model_card` takes them."""
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         config = export_model(model_file, tmp)

@@ -163,14 +163,16 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def load_images(name: str, *, root: str | Path | None = None, classes: list[str | int] | None = None,
-                image_size: int | None = None, channels: int | None = None, seed: int = 0) -> ImageData:
-    """A dataset by name (`load_dataset`) or, for "imagefolder", the folder `root` (default size 32 px,
-    RGB), keeping only `classes` (relabelled 0..K-1) at `image_size` px and `channels` (None: as stored)."""
+def load_images(name: str, *, root: str | Path | None = None, raw_dir: str | Path | None = None,
+                classes: list[str | int] | None = None, image_size: int | None = None, channels: int | None = None,
+                seed: int = 0) -> ImageData:
+    """A dataset by name (`load_dataset`, which looks in and downloads into `raw_dir`) or, for "imagefolder",
+    the folder `root` (default size 32 px, RGB), keeping only `classes` (relabelled 0..K-1) at `image_size` px
+    and `channels` (None: as stored)."""
     if name == "imagefolder":
         data = load_image_folder(root, image_size or 32, channels or 3, seed)
     else:
-        data = load_dataset(name, root=root, seed=seed)
+        data = load_dataset(name, root=root, raw_dir=raw_dir, seed=seed)
     if classes is not None:
         data = select_classes(data, list(classes))
     return ImageData(convert(data.train_images, image_size, channels), data.train_labels,

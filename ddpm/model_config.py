@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from .diffusion import PREDICTIONS, SCHEDULE_BYTES, DiffusionConfig
+from .networks import make_unet
 from .schedules import SCHEDULES
-from .unet import UNetConfig, make_unet
+from .unet import UNetConfig
 
 
 def machine_memory() -> int:

@@ -9,7 +9,7 @@ With patch_size p > 1 the network runs on p x p patches folded into channels (pi
 as in Hoogeboom et al. 2023's "simple diffusion"): a 28 x 28 x 1 image enters as 14 x 14 x 4, and
 the output is unfolded back, so the costly full-resolution level is skipped.
 With magnitude_preserving the same layout is built from EDM2's magnitude-preserving layers instead
-(`ddpm.unet_mp`; `make_unet` builds either).
+(`ddpm.unet_mp`; `ddpm.networks.make_unet` builds either).
 """
 
 import math
@@ -248,11 +248,3 @@ class _ResAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.attn(self.res(x, emb))
-
-
-def make_unet(config: UNetConfig) -> nn.Module:
-    """The network that `config` describes: `UNet`, or `MPUNet` when config.magnitude_preserving."""
-    if config.magnitude_preserving:
-        from .unet_mp import MPUNet  # it builds on this module
-        return MPUNet(config)
-    return UNet(config)

@@ -250,7 +250,7 @@ BAD = {
     "autoguidance on cond": (["sample", "--model", "{cond}", "--autoguidance", "1"],
                              ["--autoguidance", "class-conditional", "--guidance"]),
     "autoguidance without a guide": (["sample", "--model", "{lone}", "--autoguidance", "1"],
-                                     ["--autoguidance", "lone/model-guide.pt", "train.guide_at"]),
+                                     ["--autoguidance", "lone/model-guide.pt", "train_uncond.guide_at > 0"]),
     "steps 0": (["sample", "--model", "{uncond}", "--steps", "0"], ["--steps", ">= 1"]),
     "steps above T": (["sample", "--model", "{uncond}", "--steps", "21"], ["--steps 21", "T = 20"]),
     "compare steps above T": (["compare", "--model", "{uncond}", "--steps", "5", "50"], ["--steps 50", "T = 20"]),

@@ -132,6 +132,15 @@ def test_missing_dataset_lists_places_tried(tmp_path, no_debian_no_download):
     assert "RuntimeError: Error downloading train-images-idx3-ubyte.gz" in msg
 
 
+def test_without_raw_dir_only_root_and_debian_are_tried_and_nothing_is_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_ROOT", tmp_path / "no-debian")
+    monkeypatch.setattr(data, "_download", lambda name, dest: pytest.fail(f"downloaded into {dest}"))
+    with pytest.raises(DataError) as err:
+        load_dataset("mnist")
+    assert str(err.value) == (f"dataset mnist not found; tried root (not set); {tmp_path / 'no-debian' / 'mnist'}/ "
+                              "(no such folder). fix: point `root` at a folder holding them")
+
+
 def test_fashion_hint_mentions_apt(tmp_path, no_debian_no_download):
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion_mnist", raw_dir=tmp_path / "raw")

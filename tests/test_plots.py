@@ -1,6 +1,6 @@
-"""ddpm.plots on hand-made records: one curve per sampler setting, named by its label."""
+"""stages.pipeline.plots on hand-made records: one curve per sampler setting, named by its label."""
 
-from ddpm.plots import cfg_tradeoff, fid_vs_steps
+from stages.pipeline.plots import cfg_tradeoff, fid_vs_steps
 
 
 def legend(ax) -> list[str]:

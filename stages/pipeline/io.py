@@ -16,6 +16,8 @@ from ddpm.data import DataError, ImageData
 from ddpm.images import load_images
 from ddpm.pictures import grid_image
 
+RAW_DIR = Path("data/raw")  # where the prepare stage looks for a dataset, and downloads it, when data.root is unset
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
@@ -115,8 +117,8 @@ def load_data(p) -> ImageData:
     load_images' arguments names its key (data.classes, data.root, ...)."""
     d = p.data
     try:
-        return load_images(d.name, root=d.root, classes=d.classes, image_size=d.image_size, channels=d.channels,
-                           seed=p.seed)
+        return load_images(d.name, root=d.root, raw_dir=RAW_DIR, classes=d.classes, image_size=d.image_size,
+                           channels=d.channels, seed=p.seed)
     except DataError as e:
         raise DataError(f"data.{e.argument}: {e}" if e.argument else str(e)) from None
 

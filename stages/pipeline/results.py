@@ -5,10 +5,10 @@ from pathlib import Path
 
 from ddpm import CheckpointError
 from ddpm.metrics import MissingWeightsError, find_inception_weights, load_inception_weights
-from ddpm.plots import cfg_series, cfg_tradeoff, csv_text, fid_vs_steps, steps_series
 from ddpm.sampling import METHODS
 
 from .io import save_figure, write_json, write_text
+from .plots import cfg_series, cfg_tradeoff, csv_text, fid_vs_steps, steps_series
 
 SETTING = ("variant", "tag", "method", "steps", "eta", "spacing", "cfg", "autoguidance", "interval")
 SCORES = ("fid", "fid_over_floor", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "f_score",

@@ -11,21 +11,22 @@ from pathlib import Path
 
 import torch
 
-import ddpm
 from ddpm import Trainer, atomic_save, config_hash, guide_path, safe_load, save_model
-from ddpm.plots import loss_curve
 
+from .deps import ROOT, code_deps
 from .io import atomic_dir, save_figure, write_json
+from .plots import loss_curve
 from .tracking import Tracker
 
 LONG_HOURS = 3  # a run forecast to train longer says so, with the command for a shorter one
 
 
-def source_hash(modules=("diffusion", "ema", "schedules", "training", "unet")) -> str:
-    """A hash of the library code that training depends on, so checkpoints from other code are not reused."""
+def source_hash(stage: str = "stages.train", root: Path = ROOT) -> str:
+    """A hash of the code that `stage` runs (its files as dvc.yaml's deps list them, `deps.code_deps`), so that
+    a checkpoint that other code wrote is not resumed."""
     h = hashlib.sha256()
-    for name in modules:
-        h.update((Path(ddpm.__file__).parent / f"{name}.py").read_bytes())
+    for path in sorted(code_deps(stage, root)):
+        h.update(path.encode() + b"\0" + (root / path).read_bytes())
     return h.hexdigest()[:16]
 
 

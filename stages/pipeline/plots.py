@@ -1,4 +1,5 @@
-"""Figures (matplotlib) built from plain records; the caller decides where to save them.
+"""The pipeline's figures (matplotlib) of its result records: FID against steps, the guidance trade-off and
+the loss curve; the caller decides where to save them.
 
 matplotlib's object API (no pyplot, no backend state), imported only where a figure is drawn: it adds
 about a second to the start of every command that imports it. Sampler settings are read from each record
@@ -8,7 +9,7 @@ import csv
 import io
 from dataclasses import replace
 
-from .sampling import SamplerSetting
+from ddpm import SamplerSetting
 
 
 def fid_vs_steps(rows: list[dict], floor: float | None = None):
