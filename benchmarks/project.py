@@ -10,7 +10,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", "profiles.yaml", ".gitignore", ".dvcignore")
+PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", "profiles.yaml", "data/profile.json", ".gitignore",
+                 ".dvcignore")
 
 
 def merge(base: dict, overrides: dict) -> dict:
@@ -30,6 +31,7 @@ def copy_project(path: Path, overrides: dict, env: dict | None = None) -> Path:
         if src.is_dir():
             shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, path / name)
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
