@@ -20,6 +20,7 @@ from ddpm.data import DataError
 from .io import why_unwritable
 from .params import ParamsError
 from .tracking import TrackingError
+from .workspace import WorkspaceBusyError, hold_workspace
 
 
 class NotWritableError(OSError):
@@ -28,7 +29,7 @@ class NotWritableError(OSError):
 
 # Errors a user can act on: reported as one line; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ParamsError, CheckpointError, DataError, TrackingError, NotWritableError, FileNotFoundError,
-               FloatingPointError)
+               FloatingPointError, WorkspaceBusyError)
 
 
 def run(main) -> None:
@@ -36,6 +37,7 @@ def run(main) -> None:
     or a job scheduler) unwinds like Ctrl-C: partial outputs are removed, the MLflow run ends FAILED."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        hold_workspace()  # first: a second pipeline in this workspace stops here, before it reads anything
         main(sys.argv[1:])
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
