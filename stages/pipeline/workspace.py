@@ -81,14 +81,15 @@ def _edit(root: Path):
         yield lock
 
 
-def _command(proc: psutil.Process) -> str:
-    """proc's command line from the dvc program on ("dvc exp run -S profile=gpu"), for messages."""
-    try:
+def _command(proc: psutil.Process) -> str | None:
+    """proc's command line from the dvc program on ("dvc exp run -S profile=gpu"); None if it is not the dvc
+    command (DVC's Python API in a notebook or another long-lived process)."""
+    with contextlib.suppress(psutil.Error):
         argv = proc.cmdline()
-    except psutil.Error:
-        return "dvc"
-    start = next((i for i, a in enumerate(argv) if Path(a).name.startswith("dvc")), 0)
-    return " ".join([Path(argv[start]).name, *argv[start + 1:]])[:200] if argv else "dvc"
+        start = next((i for i, a in enumerate(argv) if Path(a).name in ("dvc", "dvc.exe")), None)
+        if start is not None:
+            return " ".join(["dvc", *argv[start + 1:]])[:200]
+    return None
 
 
 def _holders(lock: dict) -> list[dict]:
@@ -100,11 +101,12 @@ def _holders(lock: dict) -> list[dict]:
 def hold_workspace() -> None:
     """Enter the DVC process running this stage in DVC's experiments lock as holding the workspace; raise
     WorkspaceBusyError if another live process holds it. Nothing to do outside DVC, or in a copy of the
-    repository that `dvc exp run --temp` or a queue worker runs in (DVC_ROOT names the user's workspace)."""
+    repository that `dvc exp run --temp` or a queue worker runs in (DVC_ROOT names the user's workspace), nor
+    for DVC's Python API, whose process may live on long after the pipeline (the hold would outlive it)."""
     proc, root = dvc_process(), os.environ.get("DVC_ROOT")
-    if proc is None or not root or Path(root).resolve() != Path.cwd().resolve():
+    if proc is None or not root or Path(root).resolve() != Path.cwd().resolve() or not (cmd := _command(proc)):
         return
-    cmd = f"{_command(proc)} {HELD}"
+    cmd = f"{cmd} {HELD}"
     with _edit(Path.cwd()) as lock:
         others = [h for h in _holders(lock) if h["pid"] != proc.pid and psutil.pid_exists(h["pid"])]
         if others:
