@@ -39,6 +39,9 @@ NO_RERUN = {
     # choices) stop absurd params before any work or let the run go, and never change what it writes; the check
     # stage's output is that verdict.
     "stages/pipeline/params.py:_checks": ("stages.check",),
+    # The hold on the workspace lets a stage run or stops it, and changes nothing it writes; the profile stage
+    # reads there which keys -S set, which decides the values it writes.
+    "stages/pipeline/workspace.py": ("stages.profile",),
 }
 
 
