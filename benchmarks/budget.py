@@ -53,9 +53,10 @@ from ddpm.data import floor_subset, stratified_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
 from ddpm.sampling import METHODS, SPACINGS
 from stages.pipeline.io import load_data, save_grid
+from stages.pipeline.keys import apply_overrides, flatten
 from stages.pipeline.params import ParamsError, sections, train_config, validate
 from stages.pipeline.run import run
-from stages.pipeline.tracking import flatten, repo_root, tracking_uri
+from stages.pipeline.store import repo_root, tracking_uri
 
 FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "method", "ddim_steps", "spacing",
           "guidance", "fid", "floor", "ratio", "sample_s", "interval", "recall", "precision", "accuracy"]
@@ -64,15 +65,7 @@ FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "
 
 def profile(overrides: list[str]):
     """params.yaml with `key=value` overrides (values parsed as YAML, as `dvc exp run -S` does), validated."""
-    raw = yaml.safe_load((repo_root() / "params.yaml").read_text())
-    for item in overrides:
-        key, _, value = item.partition("=")
-        *parents, last = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
-    return validate(raw)
+    return validate(apply_overrides(yaml.safe_load((repo_root() / "params.yaml").read_text()), overrides))
 
 
 def classifier_for(p, data, path: Path, device) -> Classifier:

@@ -11,7 +11,7 @@ import sys
 import mlflow
 import pandas as pd
 
-from .pipeline.tracking import EXPERIMENT, tracking_uri
+from .pipeline.store import EXPERIMENT, tracking_uri
 
 HEADLINE = ("fid", "is_mean", "kid_mean", "cond_accuracy", "classifier_test_accuracy")
 

@@ -19,7 +19,8 @@ from .pipeline.io import class_names, load_info, load_prepared, save_grid, write
 from .pipeline.params import load_params, sections, train_config
 from .pipeline.resume import TrainState
 from .pipeline.run import barrier, check_writable, init_distributed, path_parser, relaunch, run, seed_everything
-from .pipeline.tracking import Tracker, mlflow_ui_command, mlflow_ui_url, stage_run
+from .pipeline.store import mlflow_ui_command, mlflow_ui_url
+from .pipeline.tracking import Tracker, stage_run
 
 
 def main(argv: list[str]) -> None:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from helpers import ROOT
 
+from stages.pipeline.keys import apply_overrides, flatten
 from stages.pipeline.params import validate
 
 DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md"]
@@ -32,13 +33,10 @@ def test_the_docs_have_commands():
 def test_every_override_is_a_valid_param(doc, command):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     words = shlex.split(command)
-    for key, _, value in (words[i + 1].partition("=") for i, w in enumerate(words) if w in ("-S", "--set")):
-        *parents, last = key.lstrip("+").split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        assert last in node, f"{doc}: {command}: {key} is not a key of params.yaml"
-        node[last] = yaml.safe_load(value)  # as `dvc exp run -S` parses it
+    overrides = [words[i + 1] for i, w in enumerate(words) if w in ("-S", "--set")]
+    for key in (item.partition("=")[0].lstrip("+") for item in overrides):
+        assert key in flatten(params), f"{doc}: {command}: {key} is not a key of params.yaml"
+    apply_overrides(params, overrides)  # as `dvc exp run -S` parses them
     if str(params["device"]).startswith("cuda"):  # a GPU machine's command; validation checks devices that exist
         params["device"] = "cpu"
     validate(params)

@@ -20,7 +20,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ddpm import DiffusionConfig, UNet, UNetConfig, save_model
-from stages.pipeline.tracking import Tracker, describe_model_versions, mlflow_ui_url, stage_run
+from stages.pipeline.registry import describe_model_versions
+from stages.pipeline.store import mlflow_ui_url
+from stages.pipeline.tracking import Tracker, stage_run
 
 # A stage as small as can be: one run with one metric, then its output file.
 STAGE = """

@@ -12,9 +12,9 @@ from dvc.utils.hydra import apply_overrides
 from helpers import ROOT, make_repo, run
 
 from stages.pipeline import profiles as profiles_module
+from stages.pipeline.keys import flatten
 from stages.pipeline.params import ParamsError, validate
 from stages.pipeline.profiles import committed_profile, read_profiles, read_record, rewrite_params, switch, unrecorded
-from stages.pipeline.tracking import flatten
 
 PROFILES = read_profiles(ROOT / "profiles.yaml")
 LAPTOP = unrecorded(PROFILES, "laptop")

@@ -22,7 +22,8 @@ from stages import prepare
 from stages.pipeline import bounds
 from stages.pipeline.params import MAX_SEED, ParamsError, train_config, validate
 from stages.pipeline.run import NotWritableError, check_writable, run, seed_everything
-from stages.pipeline.tracking import Tracker, TrackingError, stage_run
+from stages.pipeline.store import TrackingError
+from stages.pipeline.tracking import Tracker, stage_run
 
 TINY_MODEL = UNetConfig(in_channels=1, image_size=28, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                         attention_resolutions=(), num_heads=1)

@@ -25,8 +25,8 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
 from .io import write_text
+from .keys import flatten, set_key
 from .params import ParamsError
-from .tracking import flatten
 
 _MISSING = object()
 
@@ -160,15 +160,6 @@ def _restyle(node: CommentedMap) -> None:
                 last[0].value, slots[2] = "\n" + follow, last[0]
 
 
-def _set(tree: CommentedMap, key: str, value) -> None:
-    """Set a dotted key ("train.lr") in the tree."""
-    *parents, last = key.split(".")
-    node = tree
-    for part in parents:
-        node = node[part]
-    node[last] = _flow(value) if isinstance(value, list) else value
-
-
 def _dump(tree) -> str:
     yaml = YAML()
     yaml.width = 120
@@ -240,7 +231,7 @@ def rewrite_params(path: str | Path, profiles: dict[str, dict], last: dict | Non
     result = switch(current, profiles, name, last, overridden)
     _restyle(tree)
     for key, value in result.set.items():
-        _set(tree, key, value)
+        set_key(tree, key, _flow(value) if isinstance(value, list) else value)
     text, kept_comments = render(tree)
     if text != Path(path).read_text():
         write_text(path, text)

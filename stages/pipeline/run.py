@@ -19,7 +19,7 @@ from ddpm.data import DataError
 
 from .io import why_unwritable
 from .params import ParamsError
-from .tracking import TrackingError
+from .store import TrackingError
 from .workspace import WorkspaceBusyError, hold_workspace
 
 
