@@ -1,5 +1,5 @@
 """A copy of the project in a new git + DVC repository, for runs that must leave the working one alone:
-the tests' tiny pipelines and the GPU check."""
+the tests' tiny pipelines and the GPU check; and the project's toy size, TINY, that both run."""
 
 import os
 import shutil
@@ -12,6 +12,31 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("ddpm", "stages", "dvc.yaml", "params.yaml", "profiles.yaml", "data/profile.json", ".gitignore",
                  ".dvcignore")
+# Where a stage would log and which experiment it would join: set in a user's shell, or by a test
+# (mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI), they would send the stages run in a copy to another
+# store than the copy's own.
+TRACKING_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DDPM_TRACKING", "DDPM_MODEL_NAME",
+                      "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT")
+
+# The project at toy size (params.yaml overrides): a full `dvc repro` takes a minute or two on 2 CPU cores;
+# fp32 (bf16 is slow on some CPUs), and every sampler. The tests' pipelines run it, and the GPU check's --tiny
+# runs the gpu profile at this size.
+TINY = {
+    "device": "cpu",
+    "data": {"name": "glyphs", "limit": 300, "test_limit": 100},
+    "diffusion": {"timesteps": 40},
+    "model": {"base_channels": 8, "channel_mults": [1, 2, 2], "attention_resolutions": [7], "num_heads": 2},
+    "classifier": {"epochs": 4, "batch_size": 32, "width": 8},
+    "train": {"epochs": 2, "batch_size": 50, "warmup_steps": 2, "checkpoint_every": 4, "grid_size": 20,
+              "grid_ddim_steps": 5, "precision": "fp32"},
+    "train_uncond": {"steps": None, "guide_at": 0.5},  # train.epochs, not the laptop profile's steps
+    "train_cond": {"steps": None},
+    "visualize": {"per_class": 2, "num_images": 2, "frames": 4, "steps": 5, "compare_steps": [5, 10]},
+    "sample": {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 40, "batch_size": 40, "ddpm_steps": [40],
+               "ddim_steps": [5, 10],
+               "dpmsolver_steps": [5], "spacing": "uniform", "clip_x0": False, "guidance": [1.0],
+               "autoguidance": [0.0, 1.0], "guidance_interval": None, "grid_size": 20},
+}
 
 
 def merge(base: dict, overrides: dict) -> dict:

@@ -6,16 +6,13 @@ from pathlib import Path
 import pytest
 from helpers import TINY, make_repo, run
 
-# Where a stage would log and which experiment it would join: set in a user's shell, or by a test
-# (mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI), they would send the stages that tests run to
-# another store than the test repo's own.
-TRACKING_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DDPM_TRACKING", "DDPM_MODEL_NAME",
-                      "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT")
+from benchmarks.project import TRACKING_VARIABLES
 
 
 @pytest.fixture(autouse=True)
 def hermetic_environment():
-    """Every test starts without those variables, and what it changes in os.environ ends with it."""
+    """Every test starts without the variables that point stages at another tracking store
+    (TRACKING_VARIABLES), and what it changes in os.environ ends with it."""
     saved = dict(os.environ)
     for name in TRACKING_VARIABLES:
         os.environ.pop(name, None)

@@ -13,33 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.project import copy_project, merge  # noqa: F401 (merge: for the tests)
+from benchmarks.project import TINY, copy_project, merge  # noqa: F401 (TINY, merge: for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 ALL_STAGES = {"profile", "check", "prepare", "classifier", "reference", "train@uncond", "train@cond",
               "sample-ddpm@uncond", "sample-ddim@uncond", "sample-dpmsolver@uncond", "sample-ddpm@cond",
               "sample-ddim@cond", "sample-dpmsolver@cond", "evaluate", "visualize"}
-
-# Small enough that a full `dvc repro` takes a minute or two on 2 CPU cores; fp32 (bf16 is slow on some CPUs),
-# and every sampler.
-TINY = {
-    "device": "cpu",
-    "data": {"name": "glyphs", "limit": 300, "test_limit": 100},
-    "diffusion": {"timesteps": 40},
-    "model": {"base_channels": 8, "channel_mults": [1, 2, 2], "attention_resolutions": [7], "num_heads": 2},
-    "classifier": {"epochs": 4, "batch_size": 32, "width": 8},
-    "train": {"epochs": 2, "batch_size": 50, "warmup_steps": 2, "checkpoint_every": 4, "grid_size": 20,
-              "grid_ddim_steps": 5, "precision": "fp32"},
-    "train_uncond": {"steps": None, "guide_at": 0.5},  # train.epochs, not the laptop profile's steps
-    "train_cond": {"steps": None},
-    "visualize": {"per_class": 2, "num_images": 2, "frames": 4, "steps": 5, "compare_steps": [5, 10]},
-    "sample": {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 40, "batch_size": 40, "ddpm_steps": [40],
-               "ddim_steps": [5, 10],
-               "dpmsolver_steps": [5], "spacing": "uniform", "clip_x0": False, "guidance": [1.0],
-               "autoguidance": [0.0, 1.0], "guidance_interval": None, "grid_size": 20},
-}
-
 
 def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command with the test interpreter's bin/ first on PATH, capturing its output."""

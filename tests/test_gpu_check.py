@@ -1,5 +1,6 @@
 """benchmarks.gpu_check: its toy run on the CPU reports every measurement, a run out of budget keeps
-what it measured, and `dvc repro` stages are timed, cut at the budget, and report their error line."""
+what it measured, `dvc repro` stages are timed, cut at the budget, and report their error line, and a bad
+flag is refused in one line before any work."""
 
 import json
 import math
@@ -8,9 +9,15 @@ import sys
 import time
 
 import pytest
-from helpers import ALL_STAGES, ROOT, run
+import yaml
+from helpers import ALL_STAGES, ROOT, merge, run
 
-from benchmarks.gpu_check import MARGIN_S, Report, repro
+from benchmarks import gpu_check as check
+from benchmarks.gpu_measure import SIZES
+from benchmarks.gpu_pipeline import repro
+from benchmarks.gpu_report import MARGIN_S, Report
+from stages.pipeline.params import validate
+from stages.sample import settings
 
 
 def gpu_check(out, *args: str) -> subprocess.CompletedProcess:
@@ -24,7 +31,7 @@ def positive(value) -> bool:
 
 @pytest.mark.slow
 def test_tiny_run_reports_every_measurement(tmp_path):
-    gpu_check(tmp_path)
+    gpu_check(tmp_path, "--budget-s", "1800")  # time enough on a busy machine: this test is not of the budget
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     md = (tmp_path / "gpu_check.md").read_text()
     assert [row["precision"] for row in report["matmul"]] == ["fp32", "tf32", "bf16", "fp16"]
@@ -38,9 +45,10 @@ def test_tiny_run_reports_every_measurement(tmp_path):
         assert positive(rows[name]["images_per_s"]) and positive(rows[name]["gflops"])
     assert all(rows[name]["note"].startswith("cuda only") for name in ["tf32", "auto, channels-last", "auto, compiled"])
 
+    many, few = SIZES["tiny"]["sample_steps"]
     assert [(row["sampler"], row["steps"], row["guidance"], row["autocast"]) for row in report["sample"]] == [
-        (sampler, steps, guidance, "fp32") for sampler in ("DDIM", "DPM-Solver++(2M)") for steps in (50, 20)
-        for guidance in ("none", "cfg (2 evals/step)")] + [("DDIM", 50, "none", "bf16")]
+        (sampler, steps, guidance, "fp32") for sampler in ("DDIM", "DPM-Solver++(2M)") for steps in (many, few)
+        for guidance in ("none", "cfg (2 evals/step)")] + [("DDIM", many, "none", "bf16")]
     assert all(positive(row["images_per_s"]) for row in report["sample"])
     for title in ("## torch.mm", "## Training steps", "## Sampling", "## Pipeline: `dvc repro`", "| fp16 | fp16 |"):
         assert title in md
@@ -48,10 +56,12 @@ def test_tiny_run_reports_every_measurement(tmp_path):
     stages = {row["stage"]: row for row in report["stages"]}
     assert set(stages) == ALL_STAGES | {"total"} and all(row.get("note") is None for row in stages.values())
     assert all(positive(row["seconds"]) for row in stages.values())
-    assert {(row["model"], row["sampler"]) for row in report["fid"]} == {
-        ("uncond", "ddim3_eta0_ag1"), ("uncond", "dpmsolver3_ag1"), ("cond", "ddim3_eta0_w1"),
-        ("cond", "dpmsolver3_w1")}
-    assert all(positive(row["fid_over_floor"]) and row["train_steps"] == 4 for row in report["fid"])
+    p = validate(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), report["meta"]["params"]))
+    assert {(row["model"], row["sampler"]) for row in report["fid"]} == {  # a row per sampler setting it ran
+        (variant, s.tag) for variant in ("uncond", "cond") for method in p.sample.methods
+        for s in settings(method, p, p.diffusion.timesteps, variant == "cond")}
+    # TINY's training: 2 epochs of 300 images in batches of 50
+    assert all(positive(row["fid_over_floor"]) and row["train_steps"] == 12 for row in report["fid"])
     assert report["complete"] and "## Pipeline: FID over the floor" in md
 
 
@@ -112,3 +122,18 @@ def test_repro_is_stopped_when_the_budget_is_up(tmp_path):
     assert time.monotonic() - start < 20
     assert [(row["stage"], row.get("note")) for row in report.data["stages"]] == [
         ("first", None), ("second", "cut: budget")]
+
+
+@pytest.mark.parametrize("flag, value, problem", [
+    ("--budget-s", "nan", "must be a number of seconds above 5, got nan"),
+    ("--budget-s", "-5", "must be a number of seconds above 5, got -5"),
+    ("--budget-s", "inf", "must be a number of seconds above 5, got inf"),
+    ("--budget-s", "9 min", "expected a number of seconds, got '9 min'"),
+    ("--device", "gpu", "expected cuda, cuda:N or cpu, got 'gpu'"),
+    ("--mnist", "no-such-folder", "no-such-folder has no t10k-images-idx3-ubyte.gz"),
+])
+def test_a_bad_flag_is_refused_in_one_line_before_any_work(tmp_path, flag, value, problem):
+    with pytest.raises(SystemExit) as stop:
+        check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path / "out"), flag, value])
+    assert stop.value.code == f"gpu_check: argument {flag}: {problem} (see --help)"
+    assert not (tmp_path / "out").exists()

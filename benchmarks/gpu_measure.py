@@ -1,0 +1,121 @@
+"""The GPU check's measurements: torch.mm rates, training steps (images/s and achieved GFLOP/s, FLOPs
+counted by torch.utils.flop_counter) per precision, compiled and channels-last, and sampling images/s per
+sampler, step count and guidance; each a row of the report."""
+
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.gpu_report import Report
+from benchmarks.throughput import matmul_gflops, timed
+from ddpm import ClassifierFree, Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, generate
+
+# Per mode: matmul side and repeats, training batch (None: train.batch_size) and timed steps, sampled
+# images and sampler steps (at most diffusion.timesteps), and seconds: a measurement's usual cost, a
+# compiled one's, and what to keep for the pipeline.
+SIZES = {
+    "gpu": {"matmul_n": 8192, "matmul_reps": 20, "batch": None, "train_steps": 10, "images": 500,
+            "sample_steps": (50, 20), "estimate_s": 20, "compile_s": 120, "pipeline_s": 330},
+    "tiny": {"matmul_n": 512, "matmul_reps": 3, "batch": 8, "train_steps": 2, "images": 4,
+             "sample_steps": (10, 5), "estimate_s": 1, "compile_s": 0, "pipeline_s": 0},
+}
+TRAIN_VARIANTS = {  # name: (precision, other TrainConfig fields)
+    "fp32": ("fp32", {}), "tf32": ("tf32", {}), "bf16": ("bf16", {}), "fp16": ("fp16", {}),
+    "auto, channels-last": ("auto", {"channels_last": True}), "auto, compiled": ("auto", {"compile": True}),
+}
+
+
+def unet_config(params: dict, num_classes: int | None) -> UNetConfig:
+    model = {k: tuple(v) if isinstance(v, list) else v for k, v in params["model"].items()}
+    return UNetConfig(in_channels=1, image_size=28, num_classes=num_classes, **model)
+
+
+def training_speed(device, unet: UNetConfig, diffusion: Diffusion, batch: int, steps: int, precision: str,
+                   flops: float | None = None, **options) -> dict:
+    """Images/s of Trainer.train_step at `batch`; with `flops` per step, the GFLOP/s that makes."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (batch, unet.in_channels, unet.image_size, unet.image_size), dtype=torch.uint8)
+    config = TrainConfig(batch_size=batch, lr=1e-4, warmup_steps=1, precision=precision, **options)
+    trainer = Trainer(UNet(unet).to(device), diffusion, images, None, config, device)
+    idx = torch.arange(batch, device=device)
+    first = timed(lambda: trainer.train_step(idx), device)  # with compiling and autotuning
+    trainer.train_step(idx)
+    step = timed(lambda: trainer.train_step(idx), device, steps)
+    row = {"precision": trainer.precision, "images_per_s": batch / step, "step_ms": 1e3 * step, "first_step_s": first}
+    return {**row, "gflops": flops / step / 1e9} if flops else row
+
+
+def step_flops(unet: UNetConfig, diffusion: DiffusionConfig, batch: int) -> float:
+    """Matmul and convolution FLOPs of one training step (forward and backward) at `batch`, counted on the
+    meta device: no memory, no time, the same on every machine."""
+    with torch.device("meta"):
+        model = UNet(unet)
+    x0 = torch.zeros(batch, unet.in_channels, unet.image_size, unet.image_size, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        Diffusion.from_config(diffusion).to("meta").loss(model, x0).mean().backward()
+    return float(counter.get_total_flops())
+
+
+def sampling_speed(model, diffusion, n: int, method: str, steps: int, guided: bool, dtype=None) -> dict:
+    """Images/s of `generate` for n images in one batch, class-conditional, guided at w = 1 or not."""
+    labels = torch.arange(n) % model.config.num_classes
+    options = {"seed": 0, "method": method, "labels": labels, "batch_size": n}
+    net = ClassifierFree(model, 1.0) if guided else model
+    device = diffusion.betas.device.type
+    with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        generate(net, diffusion, n, (1, 28, 28), steps=2, **options)  # warm-up
+        start = time.perf_counter()
+        generate(net, diffusion, n, (1, 28, 28), steps=steps, **options)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": n / seconds, "seconds": seconds}
+
+
+def matmul_rows(r: Report, device: torch.device, s: dict) -> None:
+    for precision in ("fp32", "tf32", "bf16", "fp16"):
+        if precision == "tf32" and device.type != "cuda":
+            r.add("matmul", {"precision": precision, "note": "cuda only"})
+            continue
+        r.measure("matmul", {"precision": precision}, lambda p=precision: {"tflops": matmul_gflops(
+            device, p, s["matmul_n"], s["matmul_reps"]) / 1e3}, s["estimate_s"], s["pipeline_s"])
+
+
+def train_rows(r: Report, device: torch.device, params: dict, s: dict, variants: list[str]) -> None:
+    config = DiffusionConfig(**params["diffusion"])
+    unet, batch = unet_config(params, None), s["batch"] or params["train"]["batch_size"]
+    flops = step_flops(unet, config, batch)
+    diffusion = Diffusion.from_config(config).to(device)
+    with torch.device("meta"):
+        size = sum(p.numel() for p in UNet(unet).parameters())
+    r.data["meta"]["train_model"] = (f"UNet {size / 1e6:.1f}M params, 28x28x1, batch {batch}, "
+                                     f"{flops / 1e12:.3g} TFLOP per step")
+    rate = {row["precision"]: row.get("tflops") for row in r.data["matmul"]}
+    for name in variants:
+        precision, options = TRAIN_VARIANTS[name]
+        if device.type != "cuda" and (precision == "tf32" or "channels_last" in options):
+            r.add("train", {"variant": name, "note": "cuda only"})
+        elif device.type != "cuda" and "compile" in options:
+            r.add("train", {"variant": name, "note": "cuda only here: compiling takes minutes on a small CPU"})
+        else:
+            estimate = s["compile_s"] if "compile" in options else s["estimate_s"]
+            r.measure("train", {"variant": name}, lambda p=precision, o=options: training_speed(
+                device, unet, diffusion, batch, s["train_steps"], p, flops, **o), estimate, s["pipeline_s"])
+            row = r.data["train"][-1]
+            if row.get("gflops") and rate.get(row["precision"]):
+                row["of_matmul_rate"] = f"{row['gflops'] / 1e3 / rate[row['precision']]:.0%}"
+                r.write()
+
+
+def sample_rows(r: Report, device: torch.device, params: dict, s: dict) -> None:
+    diffusion = Diffusion.from_config(DiffusionConfig(**params["diffusion"])).to(device)
+    torch.manual_seed(0)
+    model = UNet(unet_config(params, 10)).to(device).eval()
+    many, few = s["sample_steps"]
+    settings = [(m, k, g, None) for m in ("ddim", "dpmsolver") for k in (many, few) for g in (False, True)]
+    for method, steps, guided, dtype in [*settings, ("ddim", many, False, torch.bfloat16)]:
+        row = {"sampler": "DDIM" if method == "ddim" else "DPM-Solver++(2M)", "steps": steps,
+               "guidance": "cfg (2 evals/step)" if guided else "none", "autocast": "bf16" if dtype else "fp32",
+               "images": s["images"]}
+        r.measure("sample", row, lambda m=method, k=steps, g=guided, d=dtype: sampling_speed(
+            model, diffusion, s["images"], m, k, g, d), s["estimate_s"], s["pipeline_s"])
+
