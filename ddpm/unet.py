@@ -22,6 +22,12 @@ from torch import nn
 from .diffusion import NULL_LABEL
 
 
+def default_channel_mults(image_size: int) -> tuple[int, ...]:
+    """The channel multipliers per resolution level when none are given (params.yaml's model.channel_mults:
+    null): (1, 2, 2) up to 32 px (28 -> 14 -> 7), (1, 2, 2, 2) above (64 -> 32 -> 16 -> 8)."""
+    return (1, 2, 2) if image_size <= 32 else (1, 2, 2, 2)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 1
@@ -42,14 +48,14 @@ class UNetConfig:
                    attention_resolutions: tuple[int, ...] | None = None, patch_size: int = 1,
                    **fields) -> "UNetConfig":
         """The config for images of this shape, with the size-dependent choices left as None filled in:
-        channel_mults (1, 2, 2) up to 32 px, (1, 2, 2, 2) above; attention at the resolution after two
-        downsamplings (7 at 28 px, 8 at 32, 16 at 64; counted in patches)."""
+        channel_mults (default_channel_mults); attention at the resolution after two downsamplings (7 at
+        28 px, 8 at 32, 16 at 64; counted in patches)."""
         if image_size % patch_size:
             raise ValueError(f"patch_size {patch_size} does not divide the image size {image_size}")
         size = image_size // patch_size
         quarter = (((size + 1) // 2) + 1) // 2  # the UNet halves sizes rounding up
         return cls(in_channels=in_channels, image_size=image_size, num_classes=num_classes, patch_size=patch_size,
-                   channel_mults=channel_mults or ((1, 2, 2) if image_size <= 32 else (1, 2, 2, 2)),
+                   channel_mults=channel_mults or default_channel_mults(image_size),
                    attention_resolutions=attention_resolutions if attention_resolutions is not None else (quarter,),
                    **fields)
 

@@ -17,6 +17,7 @@ import torch
 from ddpm import UNetConfig
 from ddpm.diffusion import SCHEDULE_BYTES
 from ddpm.model_config import machine_memory, parameter_count
+from ddpm.unet import default_channel_mults
 
 MAX_PICTURE = 10_000  # images in one grid or picture: pictures are for people to look at
 KNOWN = {"mnist": (1, 28, 70_000), "fashion_mnist": (1, 28, 70_000), "glyphs": (1, 28, 7_000),
@@ -60,7 +61,7 @@ def unet_bytes(p, training: bool) -> int:
     train.precision may be 16-bit)."""
     _, size = image_shape(p)
     side, maps = math.ceil(size / p.model.patch_size), 0
-    for m in p.model.channel_mults or ((1, 2, 2) if size <= 32 else (1, 2, 2, 2)):
+    for m in p.model.channel_mults or default_channel_mults(size):
         maps += p.model.base_channels * m * side * side
         side = (side + 1) // 2
     per_map = ((2 if p.train.precision in ("bf16", "fp16", "auto") else 4) * 6) if training else 4
