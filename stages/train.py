@@ -17,6 +17,7 @@ from ddpm import Diffusion, Trainer, generate, make_unet
 
 from .pipeline.io import class_names, load_info, load_prepared, save_grid, write_json, write_text
 from .pipeline.params import load_params, sections, train_config
+from .pipeline.registry import registered_name
 from .pipeline.resume import TrainState
 from .pipeline.run import barrier, check_writable, init_distributed, path_parser, relaunch, run, seed_everything
 from .pipeline.store import mlflow_ui_command, mlflow_ui_url
@@ -93,8 +94,7 @@ def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, wor
         state.write_model(a.out, trainer, unet, p.diffusion, {"variant": a.variant, "class_names": info["class_names"]})
         write_text(a.plot, state.loss_csv())
         write_json(a.metrics, metrics)
-        prefix = os.environ.get("DDPM_MODEL_NAME", "ddpm")
-        state.publish(a.out, metrics, tracker, f"{prefix}-{a.variant}" if prefix else None)
+        state.publish(a.out, metrics, tracker, registered_name(a.variant))
 
 
 def grid_due(trainer: Trainer, epoch: int, grids: int) -> bool:

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ddpm import DiffusionConfig, UNet, UNetConfig, save_model
-from stages.pipeline.registry import describe_model_versions
+from stages.pipeline.registry import describe_model_versions, registered_name
 from stages.pipeline.store import mlflow_ui_url
 from stages.pipeline.tracking import Tracker, stage_run
 
@@ -231,6 +231,14 @@ def test_registered_model_loads_through_mlflow_and_is_described(store, tmp_path)
     assert images.shape == (4, 1, 8, 8) and images.dtype == np.uint8
     assert np.array_equal(images, model.predict(request))
     assert model.predict({"num": [2], "class": [1], "steps": [2]}).shape == (2, 1, 8, 8)
+
+
+def test_models_register_under_ddpm_model_name(monkeypatch):
+    assert registered_name("cond") == "ddpm-cond"
+    monkeypatch.setenv("DDPM_MODEL_NAME", "fashion")
+    assert registered_name("cond") == "fashion-cond"
+    monkeypatch.setenv("DDPM_MODEL_NAME", "")  # empty: nothing registered
+    assert registered_name("cond") is None
 
 
 def test_describing_without_a_registered_model_does_nothing(store):

@@ -26,6 +26,13 @@ from . import mlflow_model
 MODEL_FILES = {"model": "model.pt", "guide": ddpm.guide_path("model.pt").name}
 
 
+def registered_name(variant: str) -> str | None:
+    """The registered model that `variant`'s trained versions go to: `<prefix>-<variant>`, the prefix
+    DDPM_MODEL_NAME (unset: "ddpm"); None when DDPM_MODEL_NAME is set empty (then nothing is registered)."""
+    prefix = os.environ.get("DDPM_MODEL_NAME", "ddpm")
+    return f"{prefix}-{variant}" if prefix else None
+
+
 @contextlib.contextmanager
 def global_tracking_uri(uri: str):
     """MLflow's global tracking URI set to `uri` (it defaults to the working directory's store, which a
@@ -96,13 +103,13 @@ def describe_model_versions(tracker, headlines: dict[str, dict]) -> None:
     "sampler": "ddim50_eta0_w0.5"}} sets tags fid, fid_over_floor, sampler and pipeline_run, and a description
     that lists them. The version is `evaluated_version`'s (the newest trained under this pipeline run, else the
     newest). Nothing without tracking, a registered model prefix (DDPM_MODEL_NAME) or such a version."""
-    prefix = os.environ.get("DDPM_MODEL_NAME", "ddpm")
-    if tracker.client is None or not prefix:
+    names = {variant: registered_name(variant) for variant in headlines}
+    if tracker.client is None or None in names.values():
         return
     pipeline = tracker.call(None, MlflowClient.get_run, tracker.parent_id)
     pipeline = pipeline.info.run_name if pipeline else tracker.parent_id
     for variant, headline in headlines.items():
-        name = f"{prefix}-{variant}"
+        name = names[variant]
         version = tracker.call(None, evaluated_version, name, tracker.parent_id)
         if version is None:
             continue
