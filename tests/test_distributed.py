@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,3 +88,34 @@ def test_a_killed_two_process_run_leaves_no_process_behind_and_resumes(tmp_path)
     assert 0 < step < 60
     assert f"resuming from ck/last.pt at step {step}" in run(TRAIN, repo).stdout
     assert json.loads((repo / "metrics.json").read_text())["steps"] == 60
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_terminated_two_process_run_stops_in_one_line_and_its_mlflow_run_fails(tmp_path):
+    repo = make_repo(tmp_path / "repo", merge(TINY, {"train": {"nproc": 2, "epochs": 10}}))  # 60 steps
+    run([sys.executable, "-m", "stages.prepare", "data/prepared"], repo)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONUNBUFFERED": "1"}
+    with (tmp_path / "stdout").open("w") as stdout:
+        proc = subprocess.Popen(TRAIN, cwd=repo, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while "watch it in the MLflow UI" not in (tmp_path / "stdout").read_text() and proc.poll() is None:
+            assert time.time() < deadline, "training never started"  # its MLflow run open, its processes up
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)  # as a terminal or a job scheduler stops a job: its process group
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM, stderr
+        lines = [line for line in stderr.splitlines() if line.strip() and not re.match(r"train: +\d+%\|", line)]
+        assert lines == ["error: stopped by SIGTERM"], stderr  # beside the progress bar: no traceback, no warnings
+        assert not processes_in(repo), "the stage exited before its processes"
+    finally:
+        for pid in processes_in(repo):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    (train,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'train'")
+    assert train.info.status == "FAILED"
+    assert client.get_run(train.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+    assert not (repo / "metrics.json").exists()

@@ -32,13 +32,22 @@ USER_ERRORS = (ParamsError, CheckpointError, DataError, TrackingError, NotWritab
                FloatingPointError, WorkspaceBusyError)
 
 
+class Stopped(SystemExit):
+    """The stage was sent SIGTERM: it unwinds as from Ctrl-C and exits with the shell's code for the signal."""
+
+
 def run(main) -> None:
     """Run a stage's main(argv); a user error is one line on stderr and exit code 1. SIGTERM (from `kill`
-    or a job scheduler) unwinds like Ctrl-C: partial outputs are removed, the MLflow run ends FAILED."""
+    or a job scheduler) unwinds like Ctrl-C: partial outputs are removed, the MLflow run ends FAILED, and
+    the stage says so in one line."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
         hold_workspace()  # first: a second pipeline in this workspace stops here, before it reads anything
         main(sys.argv[1:])
+    except Stopped:
+        if "WORLD_SIZE" not in os.environ:  # the stage, not each of its data-parallel processes
+            print("error: stopped by SIGTERM", file=sys.stderr)
+        raise
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -52,7 +61,10 @@ def run(main) -> None:
 
 
 def _terminate(signum, frame):
-    raise SystemExit(128 + signum)  # the shell's exit status for a process killed by this signal
+    # Stopping from here on: a repeated signal (torchrun forwards one, the kernel sends another when torchrun
+    # dies) must not interrupt the cleanup, or the exit handlers, with a second traceback.
+    signal.signal(signum, signal.SIG_IGN)
+    raise Stopped(128 + signum)  # the shell's exit status for a process killed by this signal
 
 
 def path_parser(*options: str) -> argparse.ArgumentParser:
@@ -82,11 +94,23 @@ def seed_everything(seed: int) -> None:
 def relaunch(nproc: int, module: str, argv: list[str]) -> int:
     """Run `python -m module argv` as `nproc` data-parallel processes (torchrun) and wait; their exit code.
     Torchrun is bound to this process: should this one die, even by SIGKILL, torchrun gets SIGTERM and stops
-    its processes, so a killed stage leaves none behind to write on into its outputs."""
+    its processes, so a killed stage leaves none behind to write on into its outputs. Stopped (SIGTERM,
+    Ctrl-C), this process stops torchrun, which stops its processes in order, and waits for it: the MLflow
+    run has ended FAILED when the stage exits. Torchrun runs in a session of its own, so that a signal to the
+    stage's process group reaches it once, from here, and quietly (stages/pipeline/torchrun.py)."""
     parent = os.getpid()
-    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc_per_node={nproc}", "-m", module, *argv],
-                           preexec_fn=lambda: _die_with(parent))
+    torchrun = subprocess.Popen([sys.executable, "-m", "stages.pipeline.torchrun", "--standalone",
+                                 f"--nproc_per_node={nproc}", "-m", module, *argv],
+                                start_new_session=True, preexec_fn=lambda: _die_with(parent))
+    try:
+        return torchrun.wait()
+    except BaseException:
+        torchrun.terminate()
+        try:
+            torchrun.wait(60)  # torchrun gives its processes 30 s, then kills them
+        except subprocess.TimeoutExpired:
+            torchrun.kill()
+        raise
 
 
 def _die_with(parent: int) -> None:
