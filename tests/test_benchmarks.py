@@ -123,6 +123,7 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
 
 @pytest.mark.parametrize("args, message", [
     (["-S", "diffusion.prediction=x0"], "diffusion.prediction = 'x0' is out of range"),
+    (["-S", "train.lr"], "error: -S train.lr: expected KEY=VALUE, e.g. train.lr=1e-3"),
     (["--guidance", "1", "-0.5"], "error: --guidance: weights must be >= 0, got [1.0, -0.5]"),
     (["--autoguidance", "1", "-S", "train_uncond.guide_at=0", "-S", "sample.autoguidance=[0]", "-S",
       "visualize.autoguidance=0"],

@@ -30,8 +30,8 @@ def set_key(tree: MutableMapping, key: str, value) -> None:
 
 
 def apply_overrides(tree: MutableMapping, overrides: list[str]) -> MutableMapping:
-    """`tree` with each "key=value" of `overrides` set, the value read as YAML ("1e-3" a number, "[1, 2]" a
-    list), as `dvc exp run -S key=value` reads it; returns `tree`, changed in place."""
+    """`tree` with each "key=value" of `overrides` set, the value read as YAML ("[1, 2]" a list, "null" None),
+    as `dvc exp run -S key=value` reads it; returns `tree`, changed in place."""
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq or not key.lstrip("+"):
