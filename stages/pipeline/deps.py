@@ -29,6 +29,9 @@ NO_RERUN = {
     # MLflow tracking: what these write lives in the MLflow store, in no output that DVC caches, and what
     # they read back (a resumed run's last logged step, registered versions) only decides what to log next.
     "stages/pipeline/tracking.py": (),
+    "stages/pipeline/store.py": (),
+    "stages/pipeline/parent_run.py": (),
+    "stages/pipeline/system_metrics.py": (),
     "stages/pipeline/registry.py": (),
     "stages/pipeline/mlflow_model.py": (),
     # Figure drawing: the train and sample stages save previews (sample grids, loss.png) beside their models
