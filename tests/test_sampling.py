@@ -26,7 +26,9 @@ from ddpm import (
     guided,
     make_betas,
 )
-from ddpm.sampling import SPACINGS, default_steps, fold_seed, sampler_settings
+from ddpm.noise import fold_seed
+from ddpm.samplers import SPACINGS, default_steps
+from ddpm.settings import sampler_settings
 
 
 class PointDenoiser(nn.Module):

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from test_mlflow_store import image_series, load_table, tracking_at
 
 from ddpm import generate, load_model
-from ddpm.sampling import METHODS
+from ddpm.samplers import METHODS
 
 pytestmark = pytest.mark.slow
 STAGE_RUNS = {s.replace("@", "-") for s in ALL_STAGES - {"profile", "check"}}  # one run per stage, named after it
