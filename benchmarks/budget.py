@@ -51,7 +51,8 @@ from ddpm import (
 from ddpm.classifier import Classifier, fit_classifier
 from ddpm.data import floor_subset, stratified_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
-from ddpm.sampling import METHODS, SPACINGS
+from ddpm.request import RequestError, check_flag
+from ddpm.samplers import METHODS, SPACINGS
 from stages.pipeline.io import load_data, save_grid
 from stages.pipeline.keys import apply_overrides, flatten
 from stages.pipeline.params import ParamsError, sections, train_config, validate
@@ -143,13 +144,14 @@ def main(argv: list[str]) -> None:
         if (saved[0].config.num_classes is not None) != (args.guidance is not None):
             raise ParamsError(f"{args.model}: a class-conditional model needs --guidance, an unconditional one "
                               "takes none")
-    for flag, ws in (("--guidance", args.guidance), ("--autoguidance", args.autoguidance)):
-        if ws is not None and min(ws) < 0:
-            raise ParamsError(f"{flag}: weights must be >= 0, got {ws}")
+    try:  # the rules of a sampler setting
+        check_flag("--guidance", "cfg", args.guidance)
+        check_flag("--autoguidance", "autoguidance", args.autoguidance)
+        check_flag("--guidance-interval", "interval", args.guidance_interval and [tuple(args.guidance_interval)])
+    except RequestError as e:
+        raise ParamsError(str(e)) from None
     if args.guidance is not None and args.autoguidance is not None:
         raise ParamsError("--autoguidance: the unconditional model's; the class-conditional one takes --guidance")
-    if args.guidance_interval and not 0 <= args.guidance_interval[0] < args.guidance_interval[1]:
-        raise ParamsError(f"--guidance-interval: needs 0 <= LOW < HIGH, got {args.guidance_interval}")
     p = profile(args.overrides)
     autoguided = any(args.autoguidance or ())
     if autoguided and not args.model and not p.train_uncond.guide_at:

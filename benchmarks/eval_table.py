@@ -30,7 +30,8 @@ from ddpm import (
 )
 from ddpm.data import floor_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
-from ddpm.sampling import METHODS, SPACINGS
+from ddpm.request import RequestError, check_flag
+from ddpm.samplers import METHODS, SPACINGS
 
 COLUMNS = [("FID", "fid", "{:8.3f}"), ("xfloor", "fid_over_floor", "{:7.2f}"), ("KID", "kid_mean", "{:8.4f}"),
            ("±", "kid_std", "{:7.4f}"), ("IS", "is_mean", "{:6.2f}"), ("±", "is_std", "{:5.2f}"),
@@ -97,11 +98,13 @@ def main() -> None:
     device = resolve_device(args.device)
     model, diffusion, _ = load_model(args.model, device)
     k, n = model.config.num_classes, args.num_samples
-    for flag, ws in (("--guidance", args.guidance), ("--autoguidance", args.autoguidance)):
-        if min(ws) < 0:
-            ap.error(f"{flag}: weights must be >= 0, got {ws}")
-    if args.guidance_interval and not 0 <= args.guidance_interval[0] < args.guidance_interval[1]:
-        ap.error(f"--guidance-interval: needs 0 <= LOW < HIGH, got {args.guidance_interval}")
+    try:  # the rules of a sampler setting, before any scoring or sampling
+        check_flag("--guidance", "cfg", args.guidance)
+        check_flag("--autoguidance", "autoguidance", args.autoguidance)
+        check_flag("--eta", "eta", args.eta)
+        check_flag("--guidance-interval", "interval", args.guidance_interval and [tuple(args.guidance_interval)])
+    except RequestError as e:
+        ap.error(str(e))
     guide = None
     if any(args.autoguidance):  # checked before any scoring or sampling
         if k is not None:
@@ -111,7 +114,6 @@ def main() -> None:
                      "train_uncond.guide_at > 0")
         guide = load_guide(args.model, device)
     scorer = scorer_for(args, device, n)
-    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     labels = torch.arange(n) % k if k else None
     print(f"{n} samples per row on {device}; reference: {scorer.settings()['num_real']} test images; "
           f"floor: {scorer.settings()['num_floor']} train images; extractors: {', '.join(args.extractors)}")
@@ -120,9 +122,9 @@ def main() -> None:
     print(row("floor (real train)", scorer.floor))
     for s in settings(args, diffusion.timesteps, k is not None):
         start = time.perf_counter()
-        images = generate(s.model(model, guide, diffusion), diffusion, n, shape, seed=args.seed, method=s.method,
-                          steps=s.steps, eta=s.eta, labels=labels, batch_size=args.batch_size, clip_x0=args.clip_x0,
-                          spacing=s.spacing)
+        images = generate(s.model(model, guide, diffusion), diffusion, n, model.config.sample_shape, seed=args.seed,
+                          method=s.method, steps=s.steps, eta=s.eta, labels=labels, batch_size=args.batch_size,
+                          clip_x0=args.clip_x0, spacing=s.spacing)
         seconds = time.perf_counter() - start
         print(row(s.tag, scorer(images, labels), seconds, n), flush=True)
 

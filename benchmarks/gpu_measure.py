@@ -35,7 +35,7 @@ def training_speed(device, unet: UNetConfig, diffusion: Diffusion, batch: int, s
                    flops: float | None = None, **options) -> dict:
     """Images/s of Trainer.train_step at `batch`; with `flops` per step, the GFLOP/s that makes."""
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (batch, unet.in_channels, unet.image_size, unet.image_size), dtype=torch.uint8)
+    images = torch.randint(0, 256, (batch, *unet.sample_shape), dtype=torch.uint8)
     config = TrainConfig(batch_size=batch, lr=1e-4, warmup_steps=1, precision=precision, **options)
     trainer = Trainer(UNet(unet).to(device), diffusion, images, None, config, device)
     idx = torch.arange(batch, device=device)
@@ -51,7 +51,7 @@ def step_flops(unet: UNetConfig, diffusion: DiffusionConfig, batch: int) -> floa
     meta device: no memory, no time, the same on every machine."""
     with torch.device("meta"):
         model = UNet(unet)
-    x0 = torch.zeros(batch, unet.in_channels, unet.image_size, unet.image_size, device="meta")
+    x0 = torch.zeros(batch, *unet.sample_shape, device="meta")
     with FlopCounterMode(display=False) as counter:
         Diffusion.from_config(diffusion).to("meta").loss(model, x0).mean().backward()
     return float(counter.get_total_flops())

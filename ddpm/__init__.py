@@ -20,24 +20,21 @@ from .checkpoint import (
 )
 from .diffusion import NULL_LABEL, Diffusion, DiffusionConfig, extract, to_model_range, to_uint8
 from .ema import EMA
+from .guidance import Autoguided, ClassifierFree, guidance_interval, guided
 from .networks import make_unet
-from .sampling import (
-    Autoguided,
-    ClassifierFree,
-    ImageGenerator,
-    SamplerSetting,
+from .noise import ImageGenerator
+from .request import RequestError, check_request
+from .samplers import (
+    NonFiniteImages,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
     default_steps,
     dpm_solver_sample,
     generate,
-    guidance_interval,
-    guided,
-    interval_text,
-    sampler_settings,
 )
 from .schedules import make_betas
+from .settings import SamplerSetting, interval_text, sampler_settings
 from .training import TrainConfig, Trainer, resolve_device
 from .unet import UNet, UNetConfig
 
@@ -46,8 +43,8 @@ __all__ = [
     "load_model", "safe_load",
     "save_classifier", "save_model",
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
-    "Autoguided", "ClassifierFree", "ImageGenerator", "SamplerSetting", "ddim_sample", "ddim_timesteps", "ddpm_sample",
-    "default_steps",
+    "Autoguided", "ClassifierFree", "ImageGenerator", "NonFiniteImages", "RequestError",
+    "check_request", "SamplerSetting", "ddim_sample", "ddim_timesteps", "ddpm_sample", "default_steps",
     "dpm_solver_sample", "generate", "guidance_interval", "guided", "interval_text", "make_betas", "sampler_settings",
     "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig", "make_unet",
 ]

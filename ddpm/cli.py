@@ -32,24 +32,20 @@ from .checkpoint import CheckpointError, guide_path, load_model
 from .diffusion import NULL_LABEL, Diffusion
 from .export import ExportError, check_folder, read_inputs, write_export
 from .model_config import machine_memory
-from .sampling import (
-    DEFAULT_STEPS,
-    METHOD_NAMES,
-    METHODS,
-    SPACINGS,
-    ImageGenerator,
-    SamplerSetting,
-    default_steps,
-    generate,
-    guided,
-    interval_text,
-)
+from .noise import ImageGenerator
+from .request import MAX_IMAGES, RequestError, check, check_request, max_images
+from .samplers import DEFAULT_STEPS, METHODS, SPACINGS, NonFiniteImages, default_steps, generate
+from .settings import SamplerSetting
 from .training import resolve_device
 
 DEFAULT_COMPARE_STEPS = (5, 10, 20, 50)
 # Memory per timestep that `ddpm schedule` takes (the schedules' float64 curves and the plot's copies of them:
 # 340 to 420 bytes measured), a lower bound
 SCHEDULE_PLOT_BYTES = 300
+# the flag of each field a sampler request checks (ddpm.request)
+FLAGS = {"method": "--method", "steps": "--steps", "eta": "--eta", "spacing": "--spacing", "cfg": "--guidance",
+         "autoguidance": "--autoguidance", "interval": "--guidance-interval", "seed": "--seed", "num": "--num",
+         "class": "--class"}
 
 
 class UsageError(Exception):
@@ -62,17 +58,18 @@ class Parser(argparse.ArgumentParser):
 
 
 def at_least(lo, kind=int):
-    """An argparse type: a number of `kind` that is >= lo."""
-    def check(text: str):
+    """An argparse type: a number of `kind` that is >= lo (None: any; a sampler request's values are checked
+    by ddpm.request, in `load`)."""
+    def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
-        if not value >= lo:
+        if lo is not None and not value >= lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
         return value
-    return check
+    return parse
 
 
 def plotted_timesteps(text: str) -> int:
@@ -105,12 +102,12 @@ def build_parser() -> Parser:
             return p
         p.add_argument("--model", type=Path, required=True,
                        help="a model file written by the train stage, or a folder written by `ddpm export`")
-        p.add_argument("--num", type=at_least(1), default=num, help=f"{num_help} ({num})")
+        p.add_argument("--num", type=at_least(None), default=num, help=f"{num_help} ({num}; at most {MAX_IMAGES:,})")
         p.add_argument("--class", dest="klass", metavar="K", help="class index or name (conditional models); "
                        "without it a conditional model cycles through its classes")
-        p.add_argument("--guidance", type=at_least(0.0, float), metavar="W",
+        p.add_argument("--guidance", type=at_least(None, float), metavar="W",
                        help="classifier-free guidance weight w >= 0 (conditional models; default 0)")
-        p.add_argument("--seed", type=at_least(0), default=0, help="image i's noise depends only on (seed, i)")
+        p.add_argument("--seed", type=at_least(None), default=0, help="image i's noise depends only on (seed, i)")
         p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
         p.add_argument("--labels", action="store_true", help="write a figure with row and column labels")
         return p
@@ -125,13 +122,13 @@ def build_parser() -> Parser:
     sampler(p, f"sampling steps in [1, T] (DDIM, DPM-Solver: {DEFAULT_STEPS}; DDPM: T, fewer skips steps)",
             METHODS, "ddim (eta 0 unless --eta), ddpm (ancestral, eta 1) or dpmsolver (DPM-Solver++(2M), "
             "deterministic)")
-    p.add_argument("--eta", type=at_least(0.0, float), help="DDIM stochasticity eta >= 0 (default 0)")
+    p.add_argument("--eta", type=at_least(None, float), help="DDIM stochasticity eta >= 0 (default 0)")
     p.add_argument("--spacing", choices=SPACINGS, default="uniform", help="DDIM and DPM-Solver timesteps (uniform)")
     p.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at every step")
-    p.add_argument("--autoguidance", type=at_least(0.0, float), metavar="W",
+    p.add_argument("--autoguidance", type=at_least(None, float), metavar="W",
                    help="autoguidance weight w >= 0 (unconditional models; guided by <name>-guide.pt beside --model, "
                    "which train_uncond.guide_at keeps)")
-    p.add_argument("--guidance-interval", type=at_least(0.0, float), nargs=2, metavar=("LOW", "HIGH"),
+    p.add_argument("--guidance-interval", type=at_least(None, float), nargs=2, metavar=("LOW", "HIGH"),
                    help="guide only at noise levels sigma in (LOW, HIGH] (Kynkäänniemi et al. 2024; default: "
                    "every step)")
     p.add_argument("--batch-size", type=at_least(1), default=250, help="images per batch (250)")
@@ -175,21 +172,23 @@ def build_parser() -> Parser:
 
 @dataclass
 class Loaded:
-    """A model file and what the arguments mean for it, checked before any sampling."""
+    """A model file and the request the arguments make of it, checked before any sampling."""
     model: nn.Module
     diffusion: Diffusion
     class_names: list[str] | None   # None for an unconditional model
     klass: int | None               # the --class index
-    cfg: float | None               # --guidance: classifier-free guidance w (conditional models; else None)
-    shape: tuple[int, int, int]
-    autoguidance: float = 0.0       # --autoguidance w (unconditional models)
+    setting: SamplerSetting         # --method, --steps (the first), --eta, --spacing, the guidance and its interval
     guide: nn.Module | None = None  # the model's guide model, loaded under --autoguidance
     meta: dict = field(default_factory=dict)  # the model file's meta (variant, steps, ...)
 
     @property
     def guided(self) -> nn.Module:
         """The model under its classifier-free guidance or autoguidance, as the pictures sample it."""
-        return guided(self.model, self.cfg, self.autoguidance, self.guide)
+        return self.setting.model(self.model, self.guide, self.diffusion)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.model.config.sample_shape
 
     def labels(self, n: int) -> torch.Tensor | None:
         """(n,) labels: --class, or the classes in turn; None for an unconditional model."""
@@ -201,9 +200,8 @@ class Loaded:
         return None if labels is None else [self.class_names[i] for i in labels.tolist()]
 
     def describe(self, sampler: str) -> str:
-        if self.guide is not None:
-            return sampler + f", autoguidance w = {self.autoguidance:g}"
-        return sampler + (f", w = {self.cfg:g}" if self.cfg is not None else "")
+        """A picture's title: `sampler`, then the guidance."""
+        return ", ".join(filter(None, [sampler, self.setting.guidance_label]))
 
 
 def pick_device(name: str) -> torch.device:
@@ -219,10 +217,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def load(args) -> Loaded:
-    """Load --model and check --class, --guidance and every step count against it."""
-    interval = getattr(args, "guidance_interval", None)
-    if interval and interval[0] >= interval[1]:
-        raise UsageError(f"--guidance-interval {interval[0]:g} {interval[1]:g}: needs LOW < HIGH")
+    """Load --model and check the request against it (ddpm.request: the sampler setting, --num, --class, --steps,
+    --seed), so that a bad value is one line naming its flag before any sampling."""
     device = pick_device(args.device)
     model, diffusion, meta = load_model(args.model, device)
     k, T = model.config.num_classes, diffusion.timesteps
@@ -230,28 +226,55 @@ def load(args) -> Loaded:
         flag = "--class" if args.klass is not None else "--guidance"
         raise UsageError(f"{flag} needs a class-conditional model, but {args.model} is unconditional")
     names = [str(n) for n in meta.get("class_names") or range(k)] if k else None
-    klass = None
-    if args.klass is not None:
-        klass = names.index(args.klass) if args.klass in names else int(args.klass) if args.klass.isdigit() else -1
-        if not 0 <= klass < k:
-            raise UsageError(f"--class {args.klass} is not a class of {args.model}: "
-                             f"use 0..{k - 1} or a name ({', '.join(names)})")
-    steps = args.steps if isinstance(args.steps, list) else [args.steps] if args.steps else []
-    for s in steps:
-        if s > T:
-            raise UsageError(f"--steps {s} is more than the model's T = {T} timesteps")
-    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
-    autoguidance = getattr(args, "autoguidance", None)
-    if autoguidance is None:
-        return Loaded(model, diffusion, names, klass, (args.guidance or 0.0) if k else None, shape, meta=meta)
-    if k is not None:
-        raise UsageError(f"--autoguidance needs an unconditional model, but {args.model} is class-conditional "
-                         "(use --guidance)")
-    guide_file = guide_path(args.model)
-    if not guide_file.is_file():
-        raise UsageError(f"--autoguidance needs the guide model {guide_file}; train with train_uncond.guide_at > 0")
-    guide = load_model(guide_file, device)[0]
-    return Loaded(model, diffusion, names, klass, None, shape, autoguidance, guide, meta)
+    guide = None
+    if getattr(args, "autoguidance", None) is not None:
+        if k is not None:
+            raise UsageError(f"--autoguidance needs an unconditional model, but {args.model} is class-conditional "
+                             "(use --guidance)")
+        guide_file = guide_path(args.model)
+        if not guide_file.is_file():
+            raise UsageError(f"--autoguidance needs the guide model {guide_file}; train with train_uncond.guide_at > 0")
+        guide = load_model(guide_file, device)[0]
+    klass = class_index(args.klass, names)
+    try:
+        check("seed", args.seed)
+        settings = request_settings(args, k is not None, T)
+        for setting in settings:
+            check_request(setting, args.num, model.config.sample_shape, T, k, klass, guide is not None)
+    except RequestError as e:
+        names_too = f" or a name ({', '.join(names)})" if e.field == "class" else ""
+        raise UsageError(e.named(FLAGS[e.field], flag=True) + names_too) from None
+    if args.command == "interpolate" and args.num * args.frames > max_images(model.config.sample_shape):
+        raise UsageError(f"--frames {args.frames}: {args.num} rows of {args.frames} images are more than a request "
+                         f"makes (at most {max_images(model.config.sample_shape)} images)")
+    return Loaded(model, diffusion, names, klass, settings[0], guide, meta)
+
+
+def class_index(text: str | None, names: list[str] | None) -> int | None:
+    """--class as an index: a class name, or an integer (which `check_request` checks)."""
+    if text is None or names is None:
+        return None
+    if text in names:
+        return names.index(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--class {text} is not a class name: use one of {', '.join(names)} or an index") from None
+
+
+def request_settings(args, conditional: bool, T: int) -> list[SamplerSetting]:
+    """The sampler settings the arguments ask for, one per --steps value (compare takes several): --method, whose
+    steps are 50 (at most T) unless told, DDPM's all T (fewer: DDIM with eta = 1 on a strided chain, Song et al.
+    2020 eq. 16); --eta for DDIM only (0 unless told); --spacing; the guidance and its interval."""
+    method, eta = getattr(args, "method", "ddim"), getattr(args, "eta", None)
+    if method != "ddim" and eta is not None:
+        raise UsageError(f"--eta is for --method ddim; {method} takes no eta")
+    steps = args.steps if isinstance(args.steps, list) else [args.steps] if args.steps else [default_steps(method, T)]
+    interval = getattr(args, "guidance_interval", None)
+    return [SamplerSetting(method, s, 1.0 if method == "ddpm" else 0.0 if eta is None else eta,
+                           getattr(args, "spacing", "uniform"), cfg=(args.guidance or 0.0) if conditional else None,
+                           autoguidance=getattr(args, "autoguidance", None) or 0.0,
+                           interval=tuple(interval) if interval else None) for s in steps]
 
 
 def prepare_output(path: Path | None) -> None:
@@ -287,16 +310,6 @@ def write_picture(args, picture: pictures.Picture) -> None:
     atomic_write(args.out, lambda tmp: image.save(tmp))
 
 
-def sampler_steps(args, m: Loaded) -> tuple[int, float]:
-    """(steps, eta) of --method: DDIM takes 50 steps (at most T) and eta 0 unless told; DDPM is eta = 1,
-    over all T steps unless told fewer (then it is DDIM with eta = 1, Song et al. 2020 eq. 16)."""
-    T = m.diffusion.timesteps
-    if args.method != "ddim" and getattr(args, "eta", None) is not None:
-        raise UsageError(f"--eta is for --method ddim; {args.method} takes no eta")
-    steps = args.steps or default_steps(args.method, T)
-    return (steps, 1.0) if args.method == "ddpm" else (steps, getattr(args, "eta", None) or 0.0)
-
-
 def cmd_sample(args, m: Loaded) -> None:
     picture, labels = sample_picture(args, m)
     write_picture(args, picture)
@@ -307,29 +320,24 @@ def cmd_sample(args, m: Loaded) -> None:
 
 def sample_picture(args, m: Loaded) -> tuple[pictures.Picture, torch.Tensor | None]:
     """The grid of `ddpm sample` (one row per class for a conditional model without --class), and its labels."""
-    steps, eta = sampler_steps(args, m)
+    setting = m.setting
     if m.class_names is not None and m.klass is None:  # one row per class
         per_class = math.ceil(args.num / len(m.class_names))
         labels, nrow = torch.arange(len(m.class_names)).repeat_interleave(per_class), per_class
     else:
         labels, nrow = m.labels(args.num), math.ceil(math.sqrt(args.num))
-    setting = SamplerSetting(args.method, steps, eta, args.spacing, m.cfg, m.autoguidance,
-                             getattr(args, "guidance_interval", None))
     num = len(labels) if labels is not None else args.num
-    images = generate(setting.model(m.model, m.guide, m.diffusion), m.diffusion, num, m.shape, seed=args.seed,
-                      method=setting.method, steps=setting.steps, eta=setting.eta, labels=labels,
-                      batch_size=args.batch_size, clip_x0=args.clip_x0, spacing=setting.spacing, progress=True)
-    name = METHOD_NAMES[args.method]
-    title = m.describe(f"{name} {steps} steps" + (f", eta = {eta:g}" if args.method == "ddim" else "") + (
-        f", {args.spacing} spacing" if steps < m.diffusion.timesteps or args.method != "ddpm" else ""))
-    if setting.interval:
-        title += f", guided in {interval_text(setting.interval)}"
+    images = generate(m.guided, m.diffusion, num, m.shape, seed=args.seed, method=setting.method, steps=setting.steps,
+                      eta=setting.eta, labels=labels, batch_size=args.batch_size, clip_x0=args.clip_x0,
+                      spacing=setting.spacing, progress=True)
+    spaced = setting.steps < m.diffusion.timesteps or setting.method != "ddpm"
+    title = m.describe(setting.sampler_label() + (f", {setting.spacing} spacing" if spaced else ""))
     rows = m.row_names(None if labels is None else labels[::nrow])
     return pictures.Picture(images, nrow, title, rows), labels
 
 
 def cmd_reverse(args, m: Loaded) -> None:
-    steps, _ = sampler_steps(args, m)
+    steps = m.setting.steps
     gen = ImageGenerator(args.seed, range(args.num), m.diffusion.betas.device)
     x_T, y = gen.randn((args.num, *m.shape)), m.labels(args.num)
     picture = pictures.reverse_strip(m.guided, m.diffusion, x_T, y=None if y is None else y.to(x_T.device),
@@ -342,7 +350,7 @@ def cmd_reverse(args, m: Loaded) -> None:
 
 
 def cmd_interpolate(args, m: Loaded) -> None:
-    steps = args.steps or default_steps("ddim", m.diffusion.timesteps)
+    steps = m.setting.steps
     gen = ImageGenerator(args.seed, range(2 * args.num), m.diffusion.betas.device)
     noise, y = gen.randn((2 * args.num, *m.shape)), m.labels(args.num)
     picture = pictures.interpolation(m.guided, m.diffusion, noise[0::2], noise[1::2], args.frames, y=y,
@@ -391,8 +399,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         loaded = None if args.command == "schedule" else load(args)
-        if hasattr(args, "method"):
-            sampler_steps(args, loaded)  # rejects --eta with --method ddpm
         if args.command == "export":
             check_folder(args.out)
             read_inputs(args.params, args.metrics)
@@ -403,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             args.run(args)
         else:
             args.run(args, loaded)
-    except (UsageError, CheckpointError, ExportError) as e:
+    except (UsageError, CheckpointError, ExportError, NonFiniteImages) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

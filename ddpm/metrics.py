@@ -42,7 +42,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from ddpm.checkpoint import CheckpointError, safe_load
 from ddpm.classifier import Classifier, predict, to_unit_range
-from ddpm.sampling import fold_seed
+from ddpm.noise import fold_seed
 
 EXTRACTOR_NAME = "ddpm-classifier"
 EXTRACTORS = {  # our name -> (torch-fidelity's registered name, (layer for FID/KID/PRC, layer for IS))

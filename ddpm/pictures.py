@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .diffusion import Diffusion, to_uint8
-from .sampling import ddim_sample, ddim_timesteps, ddpm_sample, generate
+from .diffusion import Diffusion
+from .samplers import ddim_sample, ddim_timesteps, ddpm_sample, generate, to_images
 from .schedules import make_betas
 
 GRID_PADDING = 2
@@ -98,7 +98,7 @@ def reverse_strip(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor, *, 
     bottom = torch.stack([x0s[j] for j in frames], 1)
     images = torch.stack([top, bottom], 1).flatten(0, 2)  # (B * 2 * F, C, H, W), image-major
     labels = [f"t={ts[j]}" if j < len(ts) else "sample" for j in frames]
-    return Picture(to_uint8(images).cpu(), len(frames), row_labels=["x_t", "predicted x0"] * len(x_T),
+    return Picture(to_images(images, model), len(frames), row_labels=["x_t", "predicted x0"] * len(x_T),
                    col_labels=labels)
 
 
@@ -126,7 +126,7 @@ def interpolation_row(model: nn.Module, diffusion: Diffusion, x_a: torch.Tensor,
     x_T = slerp(x_a, x_b, torch.linspace(0, 1, n))
     labels = torch.full((n,), int(y), device=x_T.device) if y is not None else None
     x = ddim_sample(model, diffusion, x_T, steps, eta=0.0, y=labels, progress=progress)
-    return to_uint8(x).cpu()
+    return to_images(x, model)
 
 
 def interpolation(model: nn.Module, diffusion: Diffusion, x_a: torch.Tensor, x_b: torch.Tensor, n: int, *,

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from .diffusion import Diffusion, to_model_range
 from .ema import EMA
+from .noise import fold_seed
 from .posthoc_ema import PowerEMA
-from .sampling import fold_seed
 
 LR_SCHEDULES = ("constant", "cosine")
 # fp32; tf32: fp32 weights, TensorFloat-32 matmuls and convolutions (CUDA); bf16/fp16: autocast (fp16 with a

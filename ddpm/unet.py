@@ -42,6 +42,11 @@ class UNetConfig:
     patch_size: int = 1          # fold p x p pixels into channels; resolutions below count patches
     magnitude_preserving: bool = False  # EDM2's layers (Karras et al. 2024; ddpm.unet_mp.MPUNet)
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W): the shape of one image the network denoises, so of one sample."""
+        return (self.in_channels, self.image_size, self.image_size)
+
     @classmethod
     def for_images(cls, in_channels: int, image_size: int, num_classes: int | None = None, *,
                    channel_mults: tuple[int, ...] | None = None,

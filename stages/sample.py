@@ -16,7 +16,7 @@ import time
 import torch
 
 from ddpm import atomic_save, generate, load_guide, load_model, resolve_device, sampler_settings
-from ddpm.sampling import METHODS
+from ddpm.samplers import METHODS
 
 from .pipeline.io import atomic_dir, save_grid, write_json
 from .pipeline.params import load_params, sections
@@ -68,12 +68,11 @@ def draw(a, p, tracker, out) -> list[dict]:
     grid = settings(a.method, p, diffusion.timesteps, k is not None)
     guide = load_guide(a.model, device) if any(s.autoguidance for s in grid) else None
     labels = torch.arange(n) % k if k else None
-    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
     index = []
     for s in grid:
         start = time.perf_counter()
-        images = generate(s.model(model, guide, diffusion), diffusion, n, shape, seed=p.seed, method=s.method,
-                          steps=s.steps, eta=s.eta, labels=labels, batch_size=p.sample.batch_size,
+        images = generate(s.model(model, guide, diffusion), diffusion, n, model.config.sample_shape, seed=p.seed,
+                          method=s.method, steps=s.steps, eta=s.eta, labels=labels, batch_size=p.sample.batch_size,
                           clip_x0=p.sample.clip_x0, spacing=s.spacing, progress=True)
         seconds = time.perf_counter() - start
         atomic_save({"images": images, "labels": labels if k else torch.zeros(0, dtype=torch.long)},

@@ -107,7 +107,7 @@ def grid_due(trainer: Trainer, epoch: int, grids: int) -> bool:
 def epoch_grid(trainer: Trainer, p, unet) -> torch.Tensor:
     """train.grid_size images from the EMA weights with DDIM, labels cycling through the classes."""
     n, k = p.train.grid_size, unet.num_classes
-    return generate(trainer.ema.module, trainer.diffusion, n, (unet.in_channels, unet.image_size, unet.image_size),
+    return generate(trainer.ema.module, trainer.diffusion, n, unet.sample_shape,
                     seed=p.seed, steps=p.train.grid_ddim_steps, labels=torch.arange(n) % k if k else None,
                     batch_size=min(n, p.train.batch_size))  # the images do not depend on it
 

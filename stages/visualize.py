@@ -14,16 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm import (
-    ImageGenerator,
-    generate,
-    guidance_interval,
-    guided,
-    interval_text,
-    load_guide,
-    load_model,
-    resolve_device,
-)
+from ddpm import ImageGenerator, SamplerSetting, generate, load_guide, load_model, resolve_device
 from ddpm.pictures import Picture, interpolation, reverse_strip, sampler_comparison, schedule_figure
 
 from .pipeline.io import atomic_dir, save_figure
@@ -37,21 +28,18 @@ def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> 
     v, seed, n = p.visualize, p.seed, p.visualize.num_images
     model, diffusion, meta = load_model(model_path, device)
     k, T = model.config.num_classes, diffusion.timesteps
-    shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+    shape = model.config.sample_shape
     steps = min(v.steps, T)
     names = [str(c) for c in meta.get("class_names") or range(k or 0)]
     y = torch.arange(n) % k if k else None
     rows = [names[i] for i in y] if k else None
-    tag = f"{variant} model" + (f", w = {v.guidance:g}" if k else "")
-    interval = p.sample.guidance_interval if k else p.sample.autoguidance_interval  # as the sample stages guide
-    active = guidance_interval(diffusion, *interval) if interval else None
-    if k:  # every picture below from the guided model
-        model = guided(model, cfg=v.guidance, active=active)
-    elif v.autoguidance:  # guided by its early EMA snapshot
-        model = guided(model, autoguidance=v.autoguidance, guide=load_guide(model_path, device), active=active)
-        tag += f", autoguidance w = {v.autoguidance:g}"
-    if active is not None and (v.guidance if k else v.autoguidance):
-        tag += f" in {interval_text(interval)}"
+    # every picture below from the guided model: the conditional model with classifier-free guidance, the
+    # unconditional one autoguided by its early EMA snapshot, each in its interval as the sample stages guide
+    interval = p.sample.guidance_interval if k else p.sample.autoguidance_interval
+    setting = SamplerSetting("ddim", steps, cfg=v.guidance if k else None, autoguidance=0.0 if k else v.autoguidance,
+                             interval=interval if (v.guidance if k else v.autoguidance) else None)
+    model = setting.model(model, load_guide(model_path, device) if setting.autoguidance else None, diffusion)
+    tag = ", ".join(filter(None, [f"{variant} model", setting.guidance_label]))
 
     if k:  # one row per class
         labels = torch.arange(k).repeat_interleave(v.per_class)

@@ -124,14 +124,15 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
 @pytest.mark.parametrize("args, message", [
     (["-S", "diffusion.prediction=x0"], "diffusion.prediction = 'x0' is out of range"),
     (["-S", "train.lr"], "error: -S train.lr: expected KEY=VALUE, e.g. train.lr=1e-3"),
-    (["--guidance", "1", "-0.5"], "error: --guidance: weights must be >= 0, got [1.0, -0.5]"),
+    (["--guidance", "1", "-0.5"], "error: --guidance -0.5 is out of range; allowed: a finite number >= 0"),
+    (["--guidance", "inf"], "error: --guidance inf is out of range; allowed: a finite number >= 0"),
     (["--autoguidance", "1", "-S", "train_uncond.guide_at=0", "-S", "sample.autoguidance=[0]", "-S",
       "visualize.autoguidance=0"],
      "error: --autoguidance: the model needs a guide model; set -S train_uncond.guide_at=F"),
     (["--autoguidance", "1", "--guidance", "1"], "error: --autoguidance: the unconditional model's; the "
                                                  "class-conditional one takes --guidance"),
     (["--guidance", "1", "--guidance-interval", "3", "0.3"],
-     "error: --guidance-interval: needs 0 <= LOW < HIGH, got [3.0, 0.3]"),
+     "error: --guidance-interval 3 0.3 is out of range; allowed: [low, high] with 0 <= low < high"),
 ])
 def test_budget_benchmark_refuses_bad_input_before_training(tmp_path, args, message):
     proc = run([sys.executable, "-m", "benchmarks.budget", "--results", str(tmp_path / "r.csv"), *args],

@@ -18,9 +18,10 @@ from ddpm import Diffusion, Trainer, UNet, UNetConfig, generate
 from ddpm.classifier import fit_classifier
 from ddpm.data import floor_subset
 from ddpm.metrics import metrics_from_features
+from ddpm.request import MAX_SEED
 from stages import prepare
 from stages.pipeline import bounds
-from stages.pipeline.params import MAX_SEED, ParamsError, train_config, validate
+from stages.pipeline.params import ParamsError, train_config, validate
 from stages.pipeline.run import NotWritableError, check_writable, run, seed_everything
 from stages.pipeline.store import TrackingError
 from stages.pipeline.tracking import Tracker, stage_run
@@ -52,10 +53,11 @@ CASES = [  # (section, key, bad value, expected message fragment)
     ("train", "precision", "fp8", "train.precision = 'fp8' is out of range; allowed: one of fp32, tf32, bf16, fp16, "
                                   "auto"),
     ("train", "compile", "yes", "train.compile must be bool, got 'yes'"),
-    ("sample", "guidance", [-1.0], "sample.guidance = (-1.0,) is out of range; allowed: a list of values >= 0"),
+    ("sample", "guidance", [-1.0], "sample.guidance = (-1.0,) is out of range; allowed: a non-empty list, each a "
+                                   "finite number >= 0"),
     ("train_uncond", "guide_at", 0, "sample.autoguidance = (1.0,) is out of range; allowed: [0] while "
                                     "train_uncond.guide_at is 0 (the unconditional model has no guide model"),
-    ("visualize", "autoguidance", -1.0, "visualize.autoguidance = -1.0 is out of range; allowed: >= 0"),
+    ("visualize", "autoguidance", -1.0, "visualize.autoguidance = -1.0 is out of range; allowed: a finite number >= 0"),
     ("sample", "guidance_interval", [5.42, 0.28], "sample.guidance_interval = (5.42, 0.28) is out of range; allowed: "
                                                   "[low, high] with 0 <= low < high"),
     ("sample", "autoguidance_interval", [1.0], "sample.autoguidance_interval = (1.0,) is out of range; allowed: "

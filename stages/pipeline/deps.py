@@ -102,7 +102,7 @@ def bindings(stmt: ast.Import | ast.ImportFrom, package: str) -> dict[str, tuple
 
 
 class References(ast.NodeVisitor):
-    """The dotted names (`x`, `ddpm.sampling.generate` as [ddpm, sampling, generate]) a definition reads,
+    """The dotted names (`x`, `ddpm.samplers.generate` as [ddpm, samplers, generate]) a definition reads,
     and the names its own (local) imports bind. Function annotations are skipped: they run nothing."""
 
     def __init__(self, package: str):
@@ -203,7 +203,7 @@ class Walk:
                      or ((module.name, first) if first in module.defs else None))
             if found is not None and found[1] is not None:
                 found = self.resolve(*found)
-            while found is not None and found[1] is None and rest:  # a module's attribute: ddpm.sampling.generate
+            while found is not None and found[1] is None and rest:  # a module's attribute: ddpm.samplers.generate
                 found = self.resolve(found[0], rest.pop(0))
             if found is not None:
                 self.todo.append((*found, where))

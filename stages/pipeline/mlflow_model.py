@@ -6,14 +6,18 @@ The network is never pickled: `load_context` reads the logged model files with `
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from ddpm import SamplerSetting, default_steps, generate, load_model
+from ddpm import NonFiniteImages, SamplerSetting, default_steps, generate, load_model
+from ddpm.request import MAX_IMAGES, RequestError, check, check_request, max_images
 
 COLUMNS = {"num": "long", "seed": "long", "class": "long", "method": "string", "steps": "long",
            "eta": "double", "spacing": "string", "guidance": "double", "interval_low": "double",
            "interval_high": "double"}
+# the column of each field a sampler request checks (ddpm.request) where it is not the field's name
+NAMES = {"cfg": "guidance", "autoguidance": "guidance", "interval": "interval_low, interval_high"}
 
 
 class DiffusionSampler(PythonModel):
@@ -21,18 +25,22 @@ class DiffusionSampler(PythonModel):
     with the images of every input row one after the other.
 
     Each row of the input (a pandas DataFrame, or a dict of columns) asks for one set of images:
-      num       number of images (required)
-      seed      noise seed (default 0); image i depends only on (seed, i), so a row is reproducible
-      class     the class of every image, for a class-conditional model (default: the classes in turn,
-                0, 1, ..., k-1, 0, ...); an unconditional model takes none
+      num       number of images (required; at most MAX_IMAGES = 10,000 over all rows of a request, fewer for
+                images above 1 GB, ddpm.request)
+      seed      noise seed in [0, 2**63 - 1] (default 0); image i depends only on (seed, i), so a row is reproducible
+      class     the class of every image, in [0, k), for a class-conditional model of k classes (default: the
+                classes in turn, 0, 1, ..., k-1, 0, ...); an unconditional model takes none
       method    ddpm | ddim | dpmsolver (default ddim)
-      steps     sampling steps (default 50; ddpm: all T steps, or fewer on a strided chain)
-      eta       DDIM's eta (default 0)
+      steps     sampling steps in [1, T] (default 50; ddpm: all T steps, or fewer on a strided chain)
+      eta       DDIM's eta, finite and >= 0 (default 0)
       spacing   uniform | trailing | quadratic | logsnr (default uniform)
-      guidance  the guidance weight w (default 0): classifier-free guidance for a class-conditional model,
-                autoguidance by the logged guide model for an unconditional one
+      guidance  the guidance weight w, finite and >= 0 (default 0): classifier-free guidance for a
+                class-conditional model, autoguidance by the logged guide model for an unconditional one
       interval_low, interval_high  guide only at noise levels sigma in (low, high] (both or neither;
                 default: every step; see ddpm.guidance_interval)
+    A column that is given needs a value in every row: a missing one (NaN) is refused, never taken as the default.
+    Every row is checked before any image is drawn; a bad one is an MlflowException (HTTP 400 when served) of
+    one line naming the row and the column, and so are images that come out NaN.
     model_config {"device": "cuda"} samples on that device (default cpu).
     """
 
@@ -43,31 +51,46 @@ class DiffusionSampler(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         rows = pd.DataFrame(model_input).to_dict("records")
-        return np.concatenate([self._draw(row) for row in rows]) if rows else np.zeros((0,), np.uint8)
+        requests = [self._request(i, row) for i, row in enumerate(rows)]
+        most, total = max_images(self.net.config.sample_shape), sum(num for _, num, _, _ in requests)
+        if total > most:
+            raise MlflowException.invalid_parameter_value(
+                f"num: {total} images over all rows; a request makes at most {most} (MAX_IMAGES = {MAX_IMAGES})")
+        try:
+            images = [self._draw(*request) for request in requests]
+        except NonFiniteImages as e:
+            raise MlflowException(str(e)) from None
+        return np.concatenate(images) if images else np.zeros((0,), np.uint8)
 
-    def _draw(self, row: dict) -> np.ndarray:
-        def get(name, default):
-            value = row.get(name)
-            return default if value is None or pd.isna(value) else value
-
-        config, k = self.net.config, self.net.config.num_classes
-        num, w = int(row["num"]), float(get("guidance", 0.0))
-        if get("class", None) is not None and not k:
-            raise ValueError("an unconditional model takes no class")
-        labels = None if not k else (torch.full((num,), int(get("class", 0))) if get("class", None) is not None
-                                     else torch.arange(num) % k)
-        method = get("method", "ddim")
-        steps = int(get("steps", default_steps(method, self.diffusion.timesteps)))
-        low, high = get("interval_low", None), get("interval_high", None)
+    def _request(self, i: int, row: dict) -> tuple[SamplerSetting, int, torch.Tensor | None, int]:
+        """Row `i` as (setting, num, labels, seed), checked as every sampler request is (ddpm.request)."""
+        for name, value in row.items():
+            if pd.isna(value):
+                raise MlflowException.invalid_parameter_value(
+                    f"row {i}: {name} has no value (NaN); give one in every row, or leave the column out")
+        k, T = self.net.config.num_classes, self.diffusion.timesteps
+        num, w, klass = int(row["num"]), float(row.get("guidance", 0.0)), row.get("class")
+        low, high = row.get("interval_low"), row.get("interval_high")
         if (low is None) != (high is None):
-            raise ValueError("a guidance interval needs both interval_low and interval_high")
-        setting = SamplerSetting(method, steps, float(get("eta", 0.0)), get("spacing", "uniform"),
-                                 cfg=w if k else None, autoguidance=0.0 if k else w,
-                                 interval=None if low is None else (low, high))
+            raise MlflowException.invalid_parameter_value(
+                f"row {i}: a guidance interval needs both interval_low and interval_high")
+        method = row.get("method", "ddim")
+        try:
+            check("seed", int(row.get("seed", 0)))
+            setting = SamplerSetting(method, int(row.get("steps", default_steps(method, T))),
+                                     float(row.get("eta", 0.0)), row.get("spacing", "uniform"),
+                                     cfg=w if k else None, autoguidance=0.0 if k else w,
+                                     interval=None if low is None else (low, high))
+            check_request(setting, num, self.net.config.sample_shape, T, k, klass, self.guide is not None)
+        except RequestError as e:
+            raise MlflowException.invalid_parameter_value(f"row {i}: {e.named(NAMES.get(e.field, e.field))}") from None
+        labels = None if not k else torch.full((num,), klass) if klass is not None else torch.arange(num) % k
+        return setting, num, labels, int(row.get("seed", 0))
+
+    def _draw(self, setting: SamplerSetting, num: int, labels: torch.Tensor | None, seed: int) -> np.ndarray:
         images = generate(setting.model(self.net, self.guide, self.diffusion), self.diffusion, num,
-                          (config.in_channels, config.image_size, config.image_size), seed=int(get("seed", 0)),
-                          method=setting.method, steps=setting.steps, eta=setting.eta, labels=labels,
-                          spacing=setting.spacing)
+                          self.net.config.sample_shape, seed=seed, method=setting.method, steps=setting.steps,
+                          eta=setting.eta, labels=labels, spacing=setting.spacing)
         return images.numpy()
 
 

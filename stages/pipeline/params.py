@@ -17,7 +17,8 @@ import yaml
 
 from ddpm import DiffusionConfig, TrainConfig, UNetConfig
 from ddpm.diffusion import PREDICTIONS
-from ddpm.sampling import METHODS, SPACINGS
+from ddpm.request import RULES, valid
+from ddpm.samplers import METHODS
 from ddpm.training import LR_SCHEDULES, PRECISIONS
 
 from .bounds import device_checks, size_checks
@@ -30,11 +31,6 @@ class ParamsError(ValueError):
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "glyphs", "imagefolder")
 SCHEDULES = ("linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-# The largest int64 (the served model's seed column is one, stages/pipeline/mlflow_model.py). Every use takes it:
-# torch's generators take seeds below 2**64 (seed + 2, + rank, + epoch included), python's random any int, and
-# the seeds derived from it that do not fit are folded (ddpm.sampling.fold_seed: training's per-step seeds, the
-# per-image noise, the metrics' numpy draws), which leaves them unchanged for every seed below 2**24.
-MAX_SEED = 2**63 - 1
 EXTRACTORS = ("classifier", "inception")  # ddpm.metrics.EXTRACTORS
 
 
@@ -252,7 +248,7 @@ def _checks(p: Params):
     profiles = list(yaml.safe_load(Path("profiles.yaml").read_text())) if Path("profiles.yaml").is_file() else []
     yield from [
         ("profile", not profiles or p.profile in profiles, "one of " + ", ".join(profiles)),
-        ("seed", 0 <= p.seed <= MAX_SEED, f"in [0, {MAX_SEED}] (2**63 - 1, the largest signed 64-bit integer)"),
+        ("seed", valid("seed", p.seed), RULES["seed"][1]),
         ("device", p.device in DEVICES or p.device.startswith("cuda:"), "one of " + ", ".join(DEVICES)),
         ("data.name", p.data.name in DATASETS, "one of " + ", ".join(DATASETS)),
         ("data.root", p.data.name != "imagefolder" or p.data.root is not None,
@@ -311,17 +307,16 @@ def _checks(p: Params):
          f"a list of steps in [1, diffusion.timesteps = {T}]"),
         ("sample.ddim_steps", len(s.ddim_steps) >= 1 and all(1 <= k <= T for k in s.ddim_steps),
          f"a list of steps in [1, diffusion.timesteps = {T}]"),
-        ("sample.eta", len(s.eta) >= 1 and all(e >= 0 for e in s.eta), "a list of values >= 0"),
+        *((f"sample.{key}", len(values) >= 1 and all(valid(field, v) for v in values),
+           "a non-empty list, each " + RULES[field][1])
+          for key, field, values in (("eta", "eta", s.eta), ("guidance", "cfg", s.guidance),
+                                     ("autoguidance", "autoguidance", s.autoguidance))),
         ("sample.dpmsolver_steps", len(s.dpmsolver_steps) >= 1 and all(1 <= k <= T for k in s.dpmsolver_steps),
          f"a list of steps in [1, diffusion.timesteps = {T}]"),
-        ("sample.spacing", s.spacing in SPACINGS, "one of " + ", ".join(SPACINGS)),
-        ("sample.guidance", len(s.guidance) >= 1 and all(w >= 0 for w in s.guidance), "a list of values >= 0"),
-        ("sample.autoguidance", len(s.autoguidance) >= 1 and all(w >= 0 for w in s.autoguidance),
-         "a list of values >= 0"),
+        ("sample.spacing", valid("spacing", s.spacing), RULES["spacing"][1]),
         ("sample.autoguidance", guide_at > 0 or set(s.autoguidance) == {0},
          "[0] while train_uncond.guide_at is 0 (the unconditional model has no guide model to be guided by)"),
-        *((f"sample.{key}", interval is None or (len(interval) == 2 and 0 <= interval[0] < interval[1]),
-           "[low, high] with 0 <= low < high (noise levels sigma), or null (guided at every step)")
+        *((f"sample.{key}", valid("interval", interval), RULES["interval"][1] + ", or null (guided at every step)")
           for key, interval in (("guidance_interval", s.guidance_interval),
                                 ("autoguidance_interval", s.autoguidance_interval))),
         ("sample.grid_size", s.grid_size >= 1, ">= 1"),
@@ -333,8 +328,8 @@ def _checks(p: Params):
         ("visualize.num_images", v.num_images >= 1, ">= 1"),
         ("visualize.frames", v.frames >= 2, ">= 2"),
         ("visualize.steps", v.steps >= 1, ">= 1 (capped at diffusion.timesteps)"),
-        ("visualize.guidance", v.guidance >= 0, ">= 0"),
-        ("visualize.autoguidance", v.autoguidance >= 0, ">= 0"),
+        ("visualize.guidance", valid("cfg", v.guidance), RULES["cfg"][1]),
+        ("visualize.autoguidance", valid("autoguidance", v.autoguidance), RULES["autoguidance"][1]),
         ("visualize.autoguidance", guide_at > 0 or v.autoguidance == 0,
          "0 while train_uncond.guide_at is 0 (the unconditional model has no guide model to be guided by)"),
         ("visualize.compare_steps", len(v.compare_steps) >= 1 and min(v.compare_steps) >= 1,

@@ -55,7 +55,7 @@ def signature(model_file: Path) -> ModelSignature:
     """Input: the columns of `DiffusionSampler` (only `num` required); output: uint8 (N, C, H, W) images."""
     config = ddpm.load_model(model_file)[0].config
     inputs = Schema([ColSpec(t, name, required=name == "num") for name, t in mlflow_model.COLUMNS.items()])
-    shape = (-1, config.in_channels, config.image_size, config.image_size)
+    shape = (-1, *config.sample_shape)
     return ModelSignature(inputs, Schema([TensorSpec(np.dtype(np.uint8), shape)]))
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ddpm import CheckpointError
 from ddpm.metrics import MissingWeightsError, find_inception_weights, load_inception_weights
-from ddpm.sampling import METHODS
+from ddpm.samplers import METHODS
 
 from .io import save_figure, write_json, write_text
 from .plots import cfg_series, cfg_tradeoff, csv_text, fid_vs_steps, steps_series
