@@ -198,10 +198,11 @@ def default_steps(method: str, timesteps: int) -> int:
 def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int, int, int], *, seed: int,
              method: str = "ddim", steps: int | None = None, eta: float = 0.0, labels: torch.Tensor | None = None,
              batch_size: int = 250, clip_x0: bool = False, spacing: str = "uniform",
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, first: int = 0) -> torch.Tensor:
     """`num` images as uint8 (num, C, H, W) on the CPU, sampled in batches; image i's noise depends
-    only on (seed, i), so the result does not depend on `batch_size`. For guided images pass a guided
-    model (`SamplerSetting.model`, `ClassifierFree`, `Autoguided`). Raises NonFiniteImages (a
+    only on (seed, i), so the result does not depend on `batch_size`; `first` is the first image's index
+    (labels[k] is image first + k's), so shares of the images drawn apart join bit-identically. For guided
+    images pass a guided model (`SamplerSetting.model`, `ClassifierFree`, `Autoguided`). Raises NonFiniteImages (a
     FloatingPointError) when a batch is not finite.
 
     `steps`: default `default_steps`: DDIM's and DPM-Solver's 50; DDPM's all T steps (Algorithm 2), and fewer
@@ -216,7 +217,7 @@ def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int,
     out = []
     for start in tqdm(range(0, num, batch_size), desc=desc, disable=not progress, leave=False):
         idx = range(start, min(num, start + batch_size))
-        gen = ImageGenerator(seed, idx, device)
+        gen = ImageGenerator(seed, range(first + idx.start, first + idx.stop), device)
         x_T = gen.randn((len(idx), *shape))
         y = labels[start:start + len(idx)].to(device) if labels is not None else None
         if method == "ddpm":

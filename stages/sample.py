@@ -20,7 +20,8 @@ from ddpm.samplers import METHODS
 
 from .pipeline.io import atomic_dir, save_grid, write_json
 from .pipeline.params import load_params, sections
-from .pipeline.run import check_writable, path_parser, run, seed_everything
+from .pipeline.run import check_writable, init_distributed, join_or_relaunch, path_parser, run, seed_everything
+from .pipeline.shard import gather, share
 from .pipeline.tracking import stage_run
 
 
@@ -40,14 +41,21 @@ def main(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     p = load_params()
     check_writable(a.out)
+    join_or_relaunch(p.train, "stages.sample", argv)  # the images do not depend on the number of processes
+    rank, world_size, device = init_distributed(p.device)
+    if rank > 0:  # only rank 0 writes files and talks to MLflow
+        if a.method in p.sample.methods:
+            draw(a, p, None, device, rank, world_size)
+        return
     with stage_run(f"sample-{a.method}", a.variant, sections(p, "seed", "device", "sample")) as tracker:
-        sample(a, p, tracker)
+        sample(a, p, tracker, device, world_size)
 
 
-def sample(a, p, tracker) -> None:
+def sample(a, p, tracker, device=None, world_size: int = 1) -> None:
+    device = device or resolve_device(p.device)
     with atomic_dir(a.out) as tmp:
         if a.method in p.sample.methods:
-            index = draw(a, p, tracker, tmp)
+            index = draw(a, p, tmp, device, 0, world_size)
         else:  # nothing to sample, so the model is not even loaded
             print(f"{a.variant} {a.method}: not in sample.methods, nothing to sample")
             index = []
@@ -59,27 +67,32 @@ def sample(a, p, tracker) -> None:
     tracker.log_table(index, "samples/timings.json")
 
 
-def draw(a, p, tracker, out) -> list[dict]:
-    """Sample every setting of the method into `out` (<tag>.pt and <tag>.png); returns the index rows."""
+def draw(a, p, out, device, rank: int, world_size: int) -> list[dict]:
+    """Sample every setting of the method into `out` (<tag>.pt and <tag>.png); returns the index rows. With
+    several processes each draws its share of the images and rank 0 (`out` set) gathers and writes them."""
     seed_everything(p.seed)
-    device = resolve_device(p.device)
     model, diffusion, _ = load_model(a.model, device)
     k, n = model.config.num_classes, p.sample.num_samples
     grid = settings(a.method, p, diffusion.timesteps, k is not None)
     guide = load_guide(a.model, device) if any(s.autoguidance for s in grid) else None
     labels = torch.arange(n) % k if k else None
-    index = []
+    mine, index = share(n, rank, world_size), []
+    my_labels = labels[mine.start:mine.stop] if k else None
     for s in grid:
         start = time.perf_counter()
-        images = generate(s.model(model, guide, diffusion), diffusion, n, model.config.sample_shape, seed=p.seed,
-                          method=s.method, steps=s.steps, eta=s.eta, labels=labels, batch_size=p.sample.batch_size,
-                          clip_x0=p.sample.clip_x0, spacing=s.spacing, progress=True)
+        images = generate(s.model(model, guide, diffusion), diffusion, len(mine), model.config.sample_shape,
+                          seed=p.seed, method=s.method, steps=s.steps, eta=s.eta, labels=my_labels,
+                          batch_size=p.sample.batch_size, clip_x0=p.sample.clip_x0, spacing=s.spacing,
+                          progress=rank == 0, first=mine.start)
+        if (images := gather(images, world_size)) is None:
+            continue
         seconds = time.perf_counter() - start
         atomic_save({"images": images, "labels": labels if k else torch.zeros(0, dtype=torch.long)},
                     out / f"{s.tag}.pt")
         save_grid(images[:p.sample.grid_size], out / f"{s.tag}.png", nrow=k)
         index.append({**s.to_dict(), "variant": a.variant, "num_samples": n, "seed": p.seed,
-                      "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
+                      "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2),
+                      "processes": world_size})
         print(f"{a.variant} {s.tag}: {n} images in {seconds:.1f} s")
     return index
 

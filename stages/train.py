@@ -7,7 +7,6 @@ and code resumes from it and continues the same MLflow run.
 
 import math
 import os
-import sys
 import time
 
 import torch
@@ -16,10 +15,10 @@ from torch.nn.parallel import DistributedDataParallel
 from ddpm import Diffusion, Trainer, generate, make_unet
 
 from .pipeline.io import class_names, load_info, load_prepared, save_grid, write_json, write_text
-from .pipeline.params import load_params, sections, train_config
+from .pipeline.params import ParamsError, load_params, sections, train_config
 from .pipeline.registry import registered_name
 from .pipeline.resume import TrainState
-from .pipeline.run import barrier, check_writable, init_distributed, path_parser, relaunch, run, seed_everything
+from .pipeline.run import barrier, check_writable, init_distributed, join_or_relaunch, path_parser, run, seed_everything
 from .pipeline.store import mlflow_ui_command, mlflow_ui_url
 from .pipeline.tracking import Tracker, stage_run
 
@@ -30,8 +29,9 @@ def main(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     p = load_params()
     check_writable(a.checkpoints, a.out, a.metrics, a.plot)
-    if p.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        sys.exit(relaunch(p.train.nproc, "stages.train", argv))
+    if p.train.batch_size % join_or_relaunch(p.train, "stages.train", argv):
+        raise ParamsError(f"params.yaml: train.batch_size = {p.train.batch_size} is not divisible by the "
+                          f"launcher's {os.environ['WORLD_SIZE']} processes")
     info = load_info(a.data)
     num_classes = len(class_names(info, "conditional training")) if a.variant == "cond" else None
     unet, config = p.model.unet(info["shape"][0], info["shape"][1], num_classes), train_config(p, a.variant)

@@ -96,6 +96,8 @@ class TrainParams:
     channels_last: bool                  # channels-last memory format (CUDA convolutions)
     checkpoint_every: int                # steps between resumable checkpoints (and at every epoch end)
     nproc: int                           # data-parallel processes on this machine (torchrun)
+    nnodes: int                          # machines the pipeline's own torchrun spans (each runs nproc processes)
+    rdzv_endpoint: str | None            # host:port where the nodes meet (torchrun's c10d rendezvous); nnodes > 1
     grids: int                           # sample grids over training, at evenly spread epoch ends and the last
     grid_size: int                       # images in the per-epoch sample grid
     grid_ddim_steps: int                 # DDIM steps for the per-epoch grid
@@ -294,6 +296,10 @@ def _checks(p: Params):
         ("train_uncond.guide_at", 0 <= guide_at < 1, "in [0, 1) (0: no guide model)"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
         ("train.nproc", t.nproc >= 1 and t.batch_size % t.nproc == 0, ">= 1 and a divisor of train.batch_size"),
+        ("train.nnodes", t.nnodes >= 1 and t.batch_size % (t.nproc * t.nnodes) == 0,
+         ">= 1, with train.nproc x train.nnodes a divisor of train.batch_size"),
+        ("train.rdzv_endpoint", t.nnodes == 1 or _endpoint(t.rdzv_endpoint),
+         "host:port, which train.nnodes > 1 needs (where the nodes meet)"),
         ("train.nproc", t.nproc == 1 or not p.device.startswith("cuda:"),
          f"1 when device is {p.device} (one GPU); with device cuda or auto the processes use cuda:0 to cuda:<nproc-1>"),
         ("train.grids", t.grids >= 1, ">= 1"),
@@ -337,6 +343,11 @@ def _checks(p: Params):
     ]
     yield from device_checks(p)  # only once the values above are in range, which these rely on
     yield from size_checks(p)
+
+
+def _endpoint(value: str | None) -> bool:
+    host, _, port = (value or "").rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -4,6 +4,7 @@ that resumes check, and the data-parallel process group."""
 import argparse
 import ctypes
 import errno
+import hashlib
 import os
 import random
 import signal
@@ -91,7 +92,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def relaunch(nproc: int, module: str, argv: list[str]) -> int:
+def relaunch(nproc: int, module: str, argv: list[str], nnodes: int = 1, rdzv_endpoint: str | None = None) -> int:
     """Run `python -m module argv` as `nproc` data-parallel processes (torchrun) and wait; their exit code.
     Torchrun is bound to this process: should this one die, even by SIGKILL, torchrun gets SIGTERM and stops
     its processes, so a killed stage leaves none behind to write on into its outputs. Stopped (SIGTERM,
@@ -99,8 +100,7 @@ def relaunch(nproc: int, module: str, argv: list[str]) -> int:
     run has ended FAILED when the stage exits. Torchrun runs in a session of its own, so that a signal to the
     stage's process group reaches it once, from here, and quietly (stages/pipeline/torchrun.py)."""
     parent = os.getpid()
-    torchrun = subprocess.Popen([sys.executable, "-m", "stages.pipeline.torchrun", "--standalone",
-                                 f"--nproc_per_node={nproc}", "-m", module, *argv],
+    torchrun = subprocess.Popen(torchrun_command(nproc, nnodes, rdzv_endpoint, module, argv),
                                 start_new_session=True, preexec_fn=lambda: _die_with(parent))
     try:
         return torchrun.wait()
@@ -111,6 +111,49 @@ def relaunch(nproc: int, module: str, argv: list[str]) -> int:
         except subprocess.TimeoutExpired:
             torchrun.kill()
         raise
+
+
+def join_or_relaunch(t, module: str, argv: list[str]) -> int:
+    """The number of processes this stage runs as. Started by an external launcher (torchrun, or Slurm's
+    srun), it joins that job; else with train.nproc x train.nnodes > 1 it runs `module argv` under its own
+    torchrun and exits with its exit code."""
+    if launched():
+        return int(os.environ["WORLD_SIZE"])
+    if t.nproc * t.nnodes > 1:
+        sys.exit(relaunch(t.nproc, module, argv, t.nnodes, t.rdzv_endpoint))
+    return 1
+
+
+def launched() -> bool:
+    """Whether this process is a rank of a job an external launcher started: torchrun's (WORLD_SIZE set) or a
+    task of a Slurm job step (srun sets SLURM_STEP_ID; a batch script has none), whose torch.distributed
+    environment is then taken from Slurm's (MASTER_ADDR and MASTER_PORT exported by the batch script)."""
+    if "WORLD_SIZE" in os.environ:
+        return True
+    if "SLURM_STEP_ID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return False
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ParamsError(f"a Slurm task of {os.environ['SLURM_NTASKS']} needs {' and '.join(missing)} in its "
+                          "environment (export them in the batch script: stages/slurm.sbatch)")
+    os.environ.update(WORLD_SIZE=os.environ["SLURM_NTASKS"], RANK=os.environ["SLURM_PROCID"],
+                      LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    return True
+
+
+def torchrun_command(nproc: int, nnodes: int, endpoint: str | None, module: str, argv: list[str]) -> list[str]:
+    """One node: torchrun --standalone. Several: torchrun on each node meeting at `endpoint` (c10d), under a
+    rendezvous id the same on every node (from the command); inside a Slurm allocation, but not in one of its
+    tasks, srun starts that torchrun on each of the job's first `nnodes` nodes, so the pipeline runs once."""
+    torchrun = [sys.executable, "-m", "stages.pipeline.torchrun"]
+    if nnodes == 1:
+        return [*torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", module, *argv]
+    rdzv_id = hashlib.sha256(" ".join([module, *argv]).encode()).hexdigest()[:16]
+    command = [*torchrun, f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}", "-m", module, *argv]
+    if "SLURM_JOB_ID" in os.environ and "SLURM_STEP_ID" not in os.environ:
+        return ["srun", f"--nodes={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *command]
+    return command
 
 
 def _die_with(parent: int) -> None:
