@@ -2,12 +2,15 @@
 127.0.0.1, Slurm tasks joining through the environment srun sets, and sampling spread over processes
 (gloo on the CPU)."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import torch
 import yaml
 from helpers import TINY, make_repo, merge, run
 from test_cli import tiny_models
-from test_distributed import CONFIG, TRAIN, train_with
+from test_distributed import CONFIG, TRAIN, processes_in, train_with
 
 from stages.pipeline.run import torchrun_command
 from stages.pipeline.shard import share
@@ -119,3 +122,36 @@ def test_slurm_tasks_join_the_job_instead_of_relaunching(tmp_path_factory):
     run_together(TRAIN, repo, [{**slurm, "SLURM_PROCID": "0"}, {**slurm, "SLURM_PROCID": "1"}])
     w2, w_slurm = weights(two), weights(repo)
     assert all(torch.equal(w2[k], w_slurm[k]) for k in w2), "the Slurm tasks did not train as one job of two"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_killing_one_node_stops_the_job_and_the_rerun_resumes(tmp_path):
+    repo = make_repo(tmp_path / "repo", merge(TINY, {"train": {"epochs": 6, "nproc": 1, "nnodes": 2,  # 36 steps
+                                                               "rdzv_endpoint": f"127.0.0.1:{free_port()}"}}))
+    run([sys.executable, "-m", "stages.prepare", "data/prepared"], repo)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    nodes = [subprocess.Popen(TRAIN, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(2)]
+    try:
+        deadline = time.time() + 300
+        while not (repo / "ck/last.pt").exists() and all(n.poll() is None for n in nodes):
+            assert time.time() < deadline, "training never wrote a checkpoint"
+            time.sleep(0.05)
+        nodes[1].send_signal(signal.SIGKILL)
+        assert nodes[1].wait() == -signal.SIGKILL, "training ended before it could be killed"
+        assert nodes[0].wait(timeout=60) != 0, "the other node trained on alone"
+        deadline = time.time() + 30
+        while processes_in(repo) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not processes_in(repo), "processes of the killed job are still running"
+    finally:
+        for pid in processes_in(repo):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not (repo / "metrics.json").exists()
+    step = torch.load(repo / "ck/last.pt", weights_only=True)["step"]
+    assert 0 < step < 36
+    outs = run_together(TRAIN, repo, [{}, {}])
+    assert any(f"resuming from ck/last.pt at step {step}" in o.stdout for o in outs)
+    assert json.loads((repo / "metrics.json").read_text())["steps"] == 36
