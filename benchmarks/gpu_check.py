@@ -46,6 +46,7 @@ try:
     from benchmarks.project import copy_project, merge
     from benchmarks.throughput import matmul_gflops, timed
     from ddpm import ClassifierFree, Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, generate
+    from ddpm.files import write_text
     from stages.pipeline.profiles import read_profiles
 except ImportError as e:  # outside the project's venv: what is missing, not a traceback
     missing = [m for m in NEEDS if importlib.util.find_spec(m) is None] or [e.name]
@@ -171,8 +172,8 @@ class Report:
             if self.data[name]:
                 lines += ["", f"## {title}", "", *table(self.data[name])]
         lines += ["", "## params.yaml overrides", "", "```yaml", yaml.safe_dump(meta["params"], sort_keys=False), "```"]
-        write_atomic(self.out / "gpu_check.json", json.dumps(self.data, indent=1) + "\n")
-        write_atomic(self.out / "gpu_check.md", "\n".join(lines) + "\n")
+        write_text(self.out / "gpu_check.json", json.dumps(self.data, indent=1) + "\n")
+        write_text(self.out / "gpu_check.md", "\n".join(lines) + "\n")
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -180,12 +181,6 @@ def table(rows: list[dict]) -> list[str]:
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
             *("| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows)]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def unet_config(params: dict, num_classes: int | None) -> UNetConfig:

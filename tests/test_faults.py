@@ -152,19 +152,31 @@ def test_damaged_idx_file_is_one_line_naming_it(tmp_path, how):
 
 
 # The train stage with its checkpoint writes (TrainState.save -> atomic_save) patched: the second one either
-# fails half-way with a full disk, or pauses half-way so that a kill lands in the middle of it. The first
-# checkpoint (step 4 of 12 with TINY) is then the one that must survive.
+# fails half-way with a full disk (raising OSError, or in torch.save on a disk that fills up, which torch wraps
+# in a RuntimeError), or pauses half-way so that a kill lands in the middle of it. The first checkpoint (step 4
+# of 12 with TINY) is then the one that must survive.
 FAULTY_TRAIN = """
-import errno, io, sys, time
+import errno, io, os, sys, time
 import torch
+from ddpm import checkpoint
 from stages import train
 from stages.pipeline import resume
 from stages.pipeline.run import run
-from ddpm.checkpoint import atomic_write
+from ddpm.files import atomic_write
 mode, saves = sys.argv[1], []
+class FillingDisk(io.FileIO):  # 1,000 bytes free
+    free = 1000
+    def write(self, data):
+        if len(data) > FillingDisk.free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        FillingDisk.free -= len(data)
+        return super().write(data)
 def faulty_save(obj, path, save=resume.atomic_save):
     saves.append(path)
     if len(saves) < 2:
+        return save(obj, path)
+    if mode == "filling":
+        checkpoint.open = lambda file, mode: FillingDisk(file, "w")
         return save(obj, path)
     data = io.BytesIO()
     torch.save(obj, data)
@@ -200,13 +212,14 @@ def assert_resumes_from_step_4(repo: Path) -> None:
     assert [int(r.split(",")[0]) for r in (repo / "loss.csv").read_text().splitlines()[1:]] == list(range(1, 13))
 
 
-def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_is_one_line(prepared, tmp_path):
+@pytest.mark.parametrize("mode", ["full", "filling"])
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_is_one_line(prepared, tmp_path, mode):
     repo = copy_of(prepared, tmp_path)
-    proc = run([sys.executable, "-c", FAULTY_TRAIN, "full", *TRAIN[3:]], repo, check=False)
+    proc = run([sys.executable, "-c", FAULTY_TRAIN, mode, *TRAIN[3:]], repo, check=False)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[-1] == ("error: No space left on device; free some space and rerun (outputs are written whole or "
-                         "not at all, and training resumes from its last checkpoint)"), proc.stderr
+    assert lines[-1] == ("error: No space left on device writing ck/last.pt; free some space and rerun (outputs are "
+                         "written whole or not at all, and training resumes from its last checkpoint)"), proc.stderr
     assert not list((repo / "ck").glob(".last.tmp*")), "the half-written checkpoint was left behind"
     assert not any((repo / name).exists() for name in ("model", "metrics.json", "loss.csv"))
     assert_resumes_from_step_4(repo)
@@ -240,3 +253,4 @@ def test_a_run_starting_removes_the_temporaries_a_killed_run_left(tmp_path):
     assert not any(path.exists() for path in stale)
     assert all(path.read_bytes() == data for path, data in kept.items())
     assert json.loads((state.folder / "run.json").read_text()) == {"run_hash": "hash", "run_id": "run-id"}
+

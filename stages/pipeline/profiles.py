@@ -11,6 +11,8 @@ from pathlib import Path
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 
+from ddpm.files import atomic_write
+
 from .params import ParamsError
 from .tracking import flatten
 
@@ -83,8 +85,6 @@ def rewrite_params(path: str | Path, name: str, profiles_path: str | Path = "pro
     profiles = {q: {k: _flow(v) for k, v in values.items()} for q, values in read_profiles(profiles_path).items()}
     changed, kept = apply_profile(params, profiles, name)
     if changed:
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-        with open(tmp, "w") as f:
+        with atomic_write(path) as tmp, open(tmp, "w") as f:
             yaml.dump(params, f)
-        tmp.replace(path)
     return changed, kept

@@ -34,6 +34,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from tqdm import tqdm
 
+from ddpm.files import disk_full
+
 from .io import why_unwritable
 from .registry import describe_model_versions, log_pyfunc_model  # noqa: F401 -- evaluate's, from here
 
@@ -125,6 +127,8 @@ class Tracker:
         try:
             return fn(self.client, *args, **kwargs)
         except Exception as e:
+            if full := disk_full(e):  # the store's disk: its SQLite file, or the file MLflow was writing
+                raise OSError(full.errno, full.strerror, full.filename or _store_file()) from None
             if _answers(self.client):
                 if isinstance(e, OSError) and e.filename:  # the artifact store's folders refused a file
                     raise TrackingError(f"MLflow cannot store artifacts in {Path(e.filename).parent}: "
@@ -281,6 +285,11 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+def _store_file() -> str:
+    """The store's SQLite file, else its address."""
+    return str(_sqlite_path(tracking_uri()) or tracking_uri())
+
+
 def _check_sqlite(path: Path) -> None:
     """Refuse a SQLite store file that would start empty or fail at the first write, with what to do."""
     if path.is_file() and path.stat().st_size == 0:
@@ -309,6 +318,8 @@ def _connect() -> MlflowClient | None:
     for name in ("mlflow", "alembic"):  # keep table creation/migration chatter out of the stage's output
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # its thread's warnings: the store is down
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # the traceback of a failed query: the
+    # error reaches the stage, which reports it (a full disk as one line)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the model files copied as it is logged
