@@ -254,3 +254,45 @@ def test_a_run_starting_removes_the_temporaries_a_killed_run_left(tmp_path):
     assert all(path.read_bytes() == data for path, data in kept.items())
     assert json.loads((state.folder / "run.json").read_text()) == {"run_hash": "hash", "run_id": "run-id"}
 
+
+# A full disk under the MLflow store once the prepare stage's run is open: SQLite fails every write with
+# "database or disk is full" (injected where SQLAlchemy hands MLflow's statements to SQLite), reads still work.
+FULL_STORE = """
+import sqlite3, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from stages import prepare
+from stages.pipeline.run import run
+full = []
+@event.listens_for(Engine, "before_cursor_execute")
+def execute(conn, cursor, statement, *args):
+    if full and not statement.lstrip().upper().startswith(("SELECT", "PRAGMA")):
+        raise sqlite3.OperationalError("database or disk is full")
+def load_data(p, load=prepare.load_data):
+    full.append(True)
+    return load(p)
+prepare.load_data = load_data
+sys.argv = ["prepare", "data/prepared"]
+run(prepare.main)
+"""
+
+
+def stage_runs(repo: Path, stage: str) -> list:
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], f"tags.stage = '{stage}'",
+                              order_by=["attributes.start_time ASC"])
+
+
+def test_a_full_disk_under_the_mlflow_store_is_one_line_and_its_run_does_not_stay_running(tmp_path):
+    repo = make_repo(tmp_path / "repo", TINY)
+    proc = run([sys.executable, "-c", FULL_STORE], repo, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: No space left on device writing {(repo / 'mlflow.db').resolve()}; free some space and rerun "
+        "(outputs are written whole or not at all, and training resumes from its last checkpoint)"], proc.stderr
+    assert not list((repo / "data").glob("*prepared*")), "the stage left an output"
+    (full,) = stage_runs(repo, "prepare")
+    assert full.info.status == "RUNNING"  # the store could not record its end either
+
+    run(PREPARE, repo)  # space freed: the next stage ends the run its dead process left
+    assert [r.info.status for r in stage_runs(repo, "prepare")] == ["KILLED", "FINISHED"]
+

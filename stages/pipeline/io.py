@@ -5,7 +5,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -23,8 +25,8 @@ RAW_DIR = Path("data/raw")  # where the prepare stage looks for a dataset, and d
 def staged_files(paths, prefix: str):
     """Yield {path: a temporary path with the same name, in a hidden folder `prefix`.tmp<pid> beside it} to
     write each output (a file or a folder) to; when the block succeeds, move each into place in the order of
-    `paths` (a stage's outputs appear together, the metrics last); whatever happens, remove the temporaries.
-    Those a killed run left go first."""
+    `paths` (a stage's outputs appear together, the metrics last), with SIGTERM and Ctrl-C held back until all
+    are moved; whatever happens, remove the temporaries. Those a killed run left go first."""
     folders = {Path(p).parent / f"{prefix}.tmp{os.getpid()}" for p in paths}
     for folder in folders:
         remove_stale(folder.parent, f"{prefix}.tmp")
@@ -33,11 +35,30 @@ def staged_files(paths, prefix: str):
     try:
         with full_disk_named({t: p for p, t in tmp.items()}):
             yield tmp
-        for p in paths:
-            move_into_place(tmp[p], p)
+        with signals_held():
+            for p in paths:
+                move_into_place(tmp[p], p)
     finally:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_held(signums=(signal.SIGTERM, signal.SIGINT)):
+    """Hold back `signums` during the block (in the main thread; elsewhere nothing is held), then act on the
+    first that arrived, as it would have: a group of renames is not split by a stop request."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    saved = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -5,7 +5,8 @@ Where: MLFLOW_TRACKING_URI when set, else a SQLite store `mlflow.db` (artifacts 
 at the repository root, resolved so that `dvc exp run --temp/--queue` copies under .dvc/tmp/exps/
 log into the user's one store. Which experiment: MLFLOW_EXPERIMENT_NAME, else "ddpm", marked as one of
 model training; `mlflow_ui_url` is the address of its runs table in the MLflow UI. The parent run starts
-with the pipeline's first stage and ends with its last, FAILED while the last run of any stage failed.
+with the pipeline's first stage and ends with its last, FAILED while the last run of any stage failed. A stage
+run whose process died without ending it (SIGKILL) ends KILLED when the next stage on that machine starts.
 With MLflow's MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING on, each stage run gets system metrics too.
 If the store cannot be reached (or is an empty, read-only or corrupt SQLite file) a stage stops at once
 with one line, as it does when the store stops answering during the stage, unless DDPM_TRACKING=warn
@@ -17,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -262,6 +264,35 @@ def _settle_parent(client: MlflowClient, experiment_id: str, parent: str) -> Non
     client.set_terminated(parent, "FAILED" if statuses - {"FINISHED"} else "FINISHED", end_time=end)
 
 
+def _process() -> dict:
+    """The tags that say which process runs a stage run: the machine and the process id."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def _end_dead_runs(client: MlflowClient, experiment_id: str) -> None:
+    """End KILLED the stage runs still RUNNING whose process on this machine is gone (killed by SIGKILL, or
+    unable to end its run: a full disk under the store), and settle their pipeline runs."""
+    host = _process()["host"]
+    for r in client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and {_tag_equals('host', host)}"):
+        pid = r.data.tags.get("pid", "")
+        if r.data.tags.get("host") == host and pid.isdigit() and not _alive(int(pid)):
+            client.set_terminated(r.info.run_id, "KILLED")
+            if parent := r.data.tags.get("mlflow.parentRunId"):
+                _settle_parent(client, experiment_id, parent)
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill would end it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def _exists(client: MlflowClient, run_id: str) -> bool:
     try:
         return client.get_run(run_id).info.lifecycle_stage == "active"
@@ -378,7 +409,7 @@ def stage_run(stage: str, variant: str | None = None, params: dict | None = None
     resume = tracker.call("the stage run", _open, tracker, stage, variant, run_id)
     tags = {"stage": stage, "variant": variant or "", "git_commit": _git_commit(), **_dvc_tags(),
             "params_hash": hashlib.sha256(repr(sorted(flatten(params or {}).items())).encode()).hexdigest()[:16],
-            "data_hash": data_hash or "", "mlflow.parentRunId": tracker.parent_id}
+            "data_hash": data_hash or "", "mlflow.parentRunId": tracker.parent_id, **_process()}
     tracker.set_tags(tags)  # a resumed stage takes this invocation's: it joins the pipeline run resuming it
     tracker.log_params(params or {})
     monitor = _system_metrics(tracker.run_id, resume) if tracker.client else None
@@ -411,6 +442,7 @@ def _check_artifact_store(tracker: Tracker) -> None:
 def _open(client: MlflowClient, tracker: Tracker, stage: str, variant: str | None, run_id: str | None) -> bool:
     """Find or start the parent run and start (or reopen) the stage's run in `tracker`; whether it reopened."""
     tracker.experiment_id = _experiment_id(client)
+    _end_dead_runs(client, tracker.experiment_id)
     if run_id is not None and not _exists(client, run_id):  # e.g. mlflow.db was removed; checkpoints kept
         print(f"MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
         run_id = None
