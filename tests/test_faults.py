@@ -296,3 +296,61 @@ def test_a_full_disk_under_the_mlflow_store_is_one_line_and_its_run_does_not_sta
     run(PREPARE, repo)  # space freed: the next stage ends the run its dead process left
     assert [r.info.status for r in stage_runs(repo, "prepare")] == ["KILLED", "FINISHED"]
 
+
+# The train stage stopped while it publishes the model (Tracker.register_model, its longest step): the tracking
+# store stops answering there (every query fails), or the stage pauses there so that a kill lands in it.
+PUBLISH_FAULT = """
+import sqlite3, sys, time
+from pathlib import Path
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from stages import train
+from stages.pipeline.run import run
+from stages.pipeline.tracking import Tracker
+mode, down = sys.argv[1], []
+@event.listens_for(Engine, "before_cursor_execute")
+def execute(*args):
+    if down:
+        raise sqlite3.OperationalError("unable to open database file")
+def register_model(self, *args, register=Tracker.register_model):
+    if mode == "down":
+        down.append(True)
+    else:
+        Path("publishing").touch()
+        time.sleep(600)
+    return register(self, *args)
+Tracker.register_model = register_model
+sys.argv = ["train", *sys.argv[2:]]
+run(train.main)
+"""
+OUTPUTS = ("model", "loss.csv", "metrics.json")
+
+
+def train_temporaries(repo: Path) -> list[Path]:
+    return [p for p in repo.rglob("*") if ".tmp" in p.name and ".dvc" not in p.parts]
+
+
+def test_train_puts_its_outputs_in_place_only_once_published(prepared, tmp_path):
+    repo = copy_of(prepared, tmp_path)
+    proc = run([sys.executable, "-c", PUBLISH_FAULT, "down", *TRAIN[3:]], repo, check=False)
+    assert [name for name in OUTPUTS if (repo / name).exists()] == [], "outputs of a stage that failed"
+    assert train_temporaries(repo) == []
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.fullmatch(r"error: MLflow tracking store \S+ stopped answering .*", lines[-1]), lines[-1]
+
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISH_FAULT, "kill", *TRAIN[3:]], cwd=repo,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (repo / "publishing").exists() and proc.poll() is None:
+        assert time.time() < deadline, "training never started publishing"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training ended before it could be killed"
+    assert [name for name in OUTPUTS if (repo / name).exists()] == [], "outputs of a stage that was killed"
+
+    proc = run(TRAIN, repo)  # the rerun resumes at the end, publishes, and puts the outputs in place
+    assert "resuming from ck/last.pt at step 12" in proc.stdout, proc.stdout
+    assert all((repo / name).exists() for name in OUTPUTS) and (repo / "model/model.pt").is_file()
+    assert train_temporaries(repo) == []
+    assert [r.info.status for r in stage_runs(repo, "train")] == ["FINISHED"]  # one run, resumed twice
