@@ -3,7 +3,7 @@ runs: dvc.yaml's deps and the train stage's checkpoint hash both follow it, so n
 
 The walk follows names, not whole modules: a stage depends on the definitions its module uses, on those
 that these use, and so on; a file is a dependency when one of its definitions is reached (or, rarely, when
-importing it runs statements of its own). So a stage that calls `atomic_write` from ddpm/checkpoint.py does
+importing it runs statements of its own). So a stage that calls `atomic_save` from ddpm/checkpoint.py does
 not depend on the networks that `load_model` in the same file builds. Names imported from a package
 (`from ddpm import Trainer`) resolve through its `__init__`'s re-exports to the module that defines them.
 Only the project's own packages are followed; the installed libraries are pinned by requirements.txt.
@@ -39,6 +39,9 @@ NO_RERUN = {
     # choices) stop absurd params before any work or let the run go, and never change what it writes; the check
     # stage's output is that verdict.
     "stages/pipeline/params.py:_checks": ("stages.check",),
+    # Writing files: how an output is put in place (a temporary beside it, synced, then one rename) and how a full
+    # disk is reported, never what the output holds.
+    "ddpm/files.py": (),
 }
 
 
