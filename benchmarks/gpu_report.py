@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from ddpm.files import write_text
+
 MARGIN_S = 5  # left for writing the report when the budget runs out
 
 
@@ -80,8 +82,8 @@ class Report:
             if self.data[name]:
                 lines += ["", f"## {title}", "", *table(self.data[name])]
         lines += ["", "## params.yaml overrides", "", "```yaml", yaml.safe_dump(meta["params"], sort_keys=False), "```"]
-        write_atomic(self.out / "gpu_check.json", json.dumps(self.data, indent=1) + "\n")
-        write_atomic(self.out / "gpu_check.md", "\n".join(lines) + "\n")
+        write_text(self.out / "gpu_check.json", json.dumps(self.data, indent=1) + "\n")
+        write_text(self.out / "gpu_check.md", "\n".join(lines) + "\n")
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -89,10 +91,3 @@ def table(rows: list[dict]) -> list[str]:
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
             *("| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows)]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-

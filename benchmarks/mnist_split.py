@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 
 from ddpm.data import class_histogram, read_idx
+from ddpm.files import atomic_write
 from stages.pipeline.run import run
 
 
 def write_idx(path: Path, array: torch.Tensor) -> None:
     """A uint8 tensor as a gzipped idx file (magic 0x08 0x<ndim>, big-endian dims, then the bytes)."""
     raw = struct.pack(f">I{array.ndim}I", 0x800 + array.ndim, *array.shape) + array.to(torch.uint8).numpy().tobytes()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(gzip.compress(raw))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(gzip.compress(raw))
 
 
 def main(argv: list[str]) -> None:

@@ -8,7 +8,6 @@ The vocabulary (x0, x_t, t, eps, alpha_bar, y, w) is declared in `ddpm.diffusion
 from .checkpoint import (
     CheckpointError,
     atomic_save,
-    atomic_write,
     config_hash,
     guide_path,
     load_classifier,
@@ -20,6 +19,7 @@ from .checkpoint import (
 )
 from .diffusion import NULL_LABEL, Diffusion, DiffusionConfig, extract, to_model_range, to_uint8
 from .ema import EMA
+from .files import atomic_write
 from .guidance import Autoguided, ClassifierFree, guidance_interval, guided
 from .networks import make_unet
 from .noise import ImageGenerator

@@ -16,7 +16,6 @@ header, before the weights), and the weights finite.
 import contextlib
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .diffusion import Diffusion, DiffusionConfig
+from .files import atomic_write
 from .model_config import check_finite, check_shapes, model_configs
 from .networks import make_unet
 from .unet import UNet, UNetConfig
@@ -45,24 +45,8 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | Path):
-    """Yield a temporary path beside `path` (same suffix) to write to; on success it is synced to disk
-    and renamed over `path`, on failure removed: a crash mid-write leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def atomic_save(obj: dict, path: str | Path) -> None:
-    """torch.save through `atomic_write`."""
+    """torch.save through `atomic_write` (a full disk is one OSError naming `path`)."""
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
 

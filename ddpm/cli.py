@@ -13,12 +13,11 @@ weights: loading one runs no pickle), and samples them alike.
 Image i's starting noise depends only on (--seed, i), so the same seed on the same device writes the
 same picture. A picture is the raw image grid (white 2-pixel padding, torchvision's make_grid layout)
 or, with --labels, a figure with row and column labels. Every argument is checked before any sampling starts; a problem
-is one line `error: ...` on stderr and exit status 2.
+is one line `error: ...` on stderr and exit status 2; a full disk while writing is one line and exit status 1.
 """
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from . import pictures
 from .checkpoint import CheckpointError, guide_path, load_model
 from .diffusion import NULL_LABEL, Diffusion
 from .export import ExportError, check_folder, read_inputs, write_export
+from .files import FULL, atomic_write
 from .model_config import machine_memory
 from .noise import ImageGenerator
 from .request import MAX_IMAGES, RequestError, check, check_request, max_images
@@ -289,14 +289,10 @@ def prepare_output(path: Path | None) -> None:
         raise UsageError(f"cannot create the folder of {path}: {e.strerror}") from None
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp) to a temporary file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
+def write_output(path: Path, write) -> None:
+    """write(tmp) to the temporary of `atomic_write`, which puts it in place as `path`; say so."""
+    with atomic_write(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {path}")
 
 
@@ -304,10 +300,10 @@ def write_picture(args, picture: pictures.Picture) -> None:
     """The raw grid, or with --labels the figure with its labels and title."""
     if args.labels:
         fig = picture.figure()
-        atomic_write(args.out, lambda tmp: fig.savefig(tmp, dpi=100))
+        write_output(args.out, lambda tmp: fig.savefig(tmp, dpi=100))
         return
     image = pictures.grid_image(picture.images, picture.nrow)
-    atomic_write(args.out, lambda tmp: image.save(tmp))
+    write_output(args.out, lambda tmp: image.save(tmp))
 
 
 def cmd_sample(args, m: Loaded) -> None:
@@ -315,7 +311,7 @@ def cmd_sample(args, m: Loaded) -> None:
     write_picture(args, picture)
     if args.save_array:
         y = labels if labels is not None else torch.full((len(picture.images),), NULL_LABEL)
-        atomic_write(args.save_array, lambda tmp: np.savez(tmp, images=picture.images.numpy(), labels=y.numpy()))
+        write_output(args.save_array, lambda tmp: np.savez(tmp, images=picture.images.numpy(), labels=y.numpy()))
 
 
 def sample_picture(args, m: Loaded) -> tuple[pictures.Picture, torch.Tensor | None]:
@@ -371,7 +367,7 @@ def cmd_compare(args, m: Loaded) -> None:
 
 def cmd_schedule(args) -> None:
     fig = pictures.schedule_figure(args.timesteps)
-    atomic_write(args.out, lambda tmp: fig.savefig(tmp, dpi=100))
+    write_output(args.out, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 def training_params(params: dict | None, variant: str | None) -> dict | None:
@@ -412,4 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError, ExportError, NonFiniteImages) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in FULL:
+            raise
+        print(f"error: {e.strerror} writing {e.filename}; free some space and rerun", file=sys.stderr)
+        return 1
     return 0

@@ -2,13 +2,12 @@
 the folder's config.json and, when given, the params that trained the model and the evaluate stage's eval.json)."""
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from PIL import Image
 
 from .checkpoint import EXPORT_CONFIG, export_model
+from .files import atomic_dir
 
 
 class ExportError(ValueError):
@@ -105,15 +104,9 @@ def read_inputs(params: Path | None, metrics: Path | None) -> tuple[dict | None,
 
 def write_export(model_file: Path, out: Path, samples: Image.Image, sample_note: str, params: dict | None,
                  scores: dict | None) -> None:
-    """The folder `out`, written beside it and renamed into place when complete; `params` and `scores` as
-    `model_card` takes them."""
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    """The folder `out`, written beside it and renamed into place when complete (`atomic_dir`); `params` and
+    `scores` as `model_card` takes them."""
+    with atomic_dir(out) as tmp:
         config = export_model(model_file, tmp)
         samples.save(tmp / "samples.png")
         (tmp / "README.md").write_text(model_card(str(out), config, sample_note, params, scores))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -2,7 +2,9 @@
 
 usage: python -m stages.train VARIANT --data DIR --checkpoints DIR --out DIR --metrics FILE --plot FILE
 Work in progress lives in --checkpoints (stages/pipeline/resume.py): a rerun with the same params, data
-and code resumes from it and continues the same MLflow run.
+and code resumes from it and continues the same MLflow run. The outputs (--out, --plot, --metrics) are written
+to temporaries and moved into place only after the model is logged and registered in MLflow: a stage that
+fails or is killed before leaves the previous outputs as they were.
 """
 
 import math
@@ -14,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddpm import Diffusion, Trainer, generate, make_unet
 
-from .pipeline.io import class_names, load_info, load_prepared, save_grid, write_json, write_text
+from .pipeline.io import class_names, load_info, load_prepared, save_grid, staged_files, write_json, write_text
 from .pipeline.params import ParamsError, load_params, sections, train_config
 from .pipeline.registry import registered_name
 from .pipeline.resume import TrainState
@@ -89,12 +91,14 @@ def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, wor
     start = time.time()
     trainer.fit(on_step, on_epoch_end, progress=rank == 0)
     save(trainer)
-    if rank == 0:
+    if rank == 0:  # the outputs go in place only once published, the metrics last
         metrics = {**state.summary(config.batch_size), "wall_seconds": round(time.time() - start, 2)}
-        state.write_model(a.out, trainer, unet, p.diffusion, {"variant": a.variant, "class_names": info["class_names"]})
-        write_text(a.plot, state.loss_csv())
-        write_json(a.metrics, metrics)
-        state.publish(a.out, metrics, tracker, registered_name(a.variant))
+        with staged_files([a.out, a.plot, a.metrics], f".train-{a.variant}") as tmp:
+            state.write_model(tmp[a.out], trainer, unet, p.diffusion,
+                              {"variant": a.variant, "class_names": info["class_names"]})
+            write_text(tmp[a.plot], state.loss_csv())
+            write_json(tmp[a.metrics], metrics)
+            state.publish(tmp[a.out], metrics, tracker, registered_name(a.variant))
 
 
 def grid_due(trainer: Trainer, epoch: int, grids: int) -> bool:

@@ -49,7 +49,7 @@ def test_names_resolve_through_the_package_to_the_module_that_defines_them():
     train, prepare = code_deps("stages.train"), code_deps("stages.prepare")
     # `from ddpm import make_unet` is ddpm/networks.py, which builds the magnitude-preserving network
     assert {"ddpm/networks.py", "ddpm/unet_mp.py", "stages/pipeline/resume.py"} <= train
-    # prepare writes with ddpm/checkpoint.py's atomic_write but never builds a network
+    # prepare writes with ddpm/checkpoint.py's atomic_save but never builds a network
     assert "ddpm/checkpoint.py" in prepare and "ddpm/unet_mp.py" not in prepare
     # the re-export tables and what NO_RERUN allows are nobody's deps
     assert not {"ddpm/__init__.py", "stages/pipeline/tracking.py", "ddpm/pictures.py"} & (train | prepare)

@@ -4,9 +4,13 @@ agreement with torch-fidelity, and the reference + evaluate stages on a small wo
 import csv
 import dataclasses
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -392,3 +396,60 @@ def test_a_failure_before_the_end_leaves_the_previous_outputs_as_they_were(mnist
     after = {path: (root / path).read_bytes() if (root / path).exists() else None for path in OUTPUTS.values()}
     assert after == before
     assert not [p for p in root.rglob("*") if ".tmp" in p.name]
+
+
+# The evaluate stage paused between the renames that put its outputs in place (after the first), for PAUSE
+# seconds, so that a signal lands there.
+PAUSED_EVALUATE = """
+import os, sys, time
+from pathlib import Path
+from stages import evaluate
+from stages.pipeline.run import run
+real, moved = os.replace, []
+def replace(src, dst):
+    real(src, dst)
+    if Path(src).parent.name.startswith(".evaluate.tmp") and not Path(dst).parent.name.startswith(".evaluate.tmp"):
+        moved.append(dst)
+        if len(moved) == 1:
+            Path("moving").touch()
+            time.sleep(float(os.environ["PAUSE"]))
+os.replace = replace
+sys.argv = ["evaluate", *sys.argv[1:]]
+run(evaluate.main)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_signal_between_the_final_moves_leaves_no_temporaries_nor_a_running_run(mnist, classifier, workspace,
+                                                                                 tmp_path, monkeypatch, sig):
+    """SIGTERM (or Ctrl-C) waits for the renames: all outputs are new, nothing is left, the run FAILED. SIGKILL
+    cannot wait: its temporaries and its RUNNING run last until the rerun, which removes them and ends it KILLED."""
+    root = tmp_path / "ws"
+    shutil.copytree(workspace, root, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    argv = make_workspace(root, mnist, classifier)
+    for path in OUTPUTS.values():  # the previous outputs, told apart from the new ones
+        (root / path).write_bytes(b"old")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PAUSE": "600" if sig == signal.SIGKILL else "2"}
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_EVALUATE, *argv], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (root / "moving").exists() and proc.poll() is None:
+        assert time.time() < deadline, "evaluate never started moving its outputs"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    temporaries = lambda: [p for p in root.rglob("*") if ".tmp" in p.name]
+    old = lambda: [path for path in OUTPUTS.values() if (root / path).read_bytes() == b"old"]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    statuses = lambda: [r.info.status for r in client.search_runs(
+        [client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'evaluate'",
+        order_by=["attributes.start_time ASC"])]
+    if sig == signal.SIGTERM:
+        assert proc.wait() == 128 + signal.SIGTERM
+        assert old() == [] and temporaries() == [] and statuses() == ["FAILED"]
+        return
+    assert proc.wait() == -signal.SIGKILL
+    assert temporaries() and old() and statuses() == ["RUNNING"], "the kill did not land between the moves"
+    evaluate.main(argv)
+    assert old() == [] and temporaries() == [] and statuses() == ["KILLED", "FINISHED"]

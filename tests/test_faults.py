@@ -152,19 +152,31 @@ def test_damaged_idx_file_is_one_line_naming_it(tmp_path, how):
 
 
 # The train stage with its checkpoint writes (TrainState.save -> atomic_save) patched: the second one either
-# fails half-way with a full disk, or pauses half-way so that a kill lands in the middle of it. The first
-# checkpoint (step 4 of 12 with TINY) is then the one that must survive.
+# fails half-way with a full disk (raising OSError, or in torch.save on a disk that fills up, which torch wraps
+# in a RuntimeError), or pauses half-way so that a kill lands in the middle of it. The first checkpoint (step 4
+# of 12 with TINY) is then the one that must survive.
 FAULTY_TRAIN = """
-import errno, io, sys, time
+import errno, io, os, sys, time
 import torch
+from ddpm import checkpoint
 from stages import train
 from stages.pipeline import resume
 from stages.pipeline.run import run
-from ddpm.checkpoint import atomic_write
+from ddpm.files import atomic_write
 mode, saves = sys.argv[1], []
+class FillingDisk(io.FileIO):  # 1,000 bytes free
+    free = 1000
+    def write(self, data):
+        if len(data) > FillingDisk.free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        FillingDisk.free -= len(data)
+        return super().write(data)
 def faulty_save(obj, path, save=resume.atomic_save):
     saves.append(path)
     if len(saves) < 2:
+        return save(obj, path)
+    if mode == "filling":
+        checkpoint.open = lambda file, mode: FillingDisk(file, "w")
         return save(obj, path)
     data = io.BytesIO()
     torch.save(obj, data)
@@ -200,13 +212,14 @@ def assert_resumes_from_step_4(repo: Path) -> None:
     assert [int(r.split(",")[0]) for r in (repo / "loss.csv").read_text().splitlines()[1:]] == list(range(1, 13))
 
 
-def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_is_one_line(prepared, tmp_path):
+@pytest.mark.parametrize("mode", ["full", "filling"])
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_is_one_line(prepared, tmp_path, mode):
     repo = copy_of(prepared, tmp_path)
-    proc = run([sys.executable, "-c", FAULTY_TRAIN, "full", *TRAIN[3:]], repo, check=False)
+    proc = run([sys.executable, "-c", FAULTY_TRAIN, mode, *TRAIN[3:]], repo, check=False)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[-1] == ("error: No space left on device; free some space and rerun (outputs are written whole or "
-                         "not at all, and training resumes from its last checkpoint)"), proc.stderr
+    assert lines[-1] == ("error: No space left on device writing ck/last.pt; free some space and rerun (outputs are "
+                         "written whole or not at all, and training resumes from its last checkpoint)"), proc.stderr
     assert not list((repo / "ck").glob(".last.tmp*")), "the half-written checkpoint was left behind"
     assert not any((repo / name).exists() for name in ("model", "metrics.json", "loss.csv"))
     assert_resumes_from_step_4(repo)
@@ -240,3 +253,104 @@ def test_a_run_starting_removes_the_temporaries_a_killed_run_left(tmp_path):
     assert not any(path.exists() for path in stale)
     assert all(path.read_bytes() == data for path, data in kept.items())
     assert json.loads((state.folder / "run.json").read_text()) == {"run_hash": "hash", "run_id": "run-id"}
+
+
+# A full disk under the MLflow store once the prepare stage's run is open: SQLite fails every write with
+# "database or disk is full" (injected where SQLAlchemy hands MLflow's statements to SQLite), reads still work.
+FULL_STORE = """
+import sqlite3, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from stages import prepare
+from stages.pipeline.run import run
+full = []
+@event.listens_for(Engine, "before_cursor_execute")
+def execute(conn, cursor, statement, *args):
+    if full and not statement.lstrip().upper().startswith(("SELECT", "PRAGMA")):
+        raise sqlite3.OperationalError("database or disk is full")
+def load_data(p, load=prepare.load_data):
+    full.append(True)
+    return load(p)
+prepare.load_data = load_data
+sys.argv = ["prepare", "data/prepared"]
+run(prepare.main)
+"""
+
+
+def stage_runs(repo: Path, stage: str) -> list:
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], f"tags.stage = '{stage}'",
+                              order_by=["attributes.start_time ASC"])
+
+
+def test_a_full_disk_under_the_mlflow_store_is_one_line_and_its_run_does_not_stay_running(tmp_path):
+    repo = make_repo(tmp_path / "repo", TINY)
+    proc = run([sys.executable, "-c", FULL_STORE], repo, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: No space left on device writing {(repo / 'mlflow.db').resolve()}; free some space and rerun "
+        "(outputs are written whole or not at all, and training resumes from its last checkpoint)"], proc.stderr
+    assert not list((repo / "data").glob("*prepared*")), "the stage left an output"
+    (full,) = stage_runs(repo, "prepare")
+    assert full.info.status == "RUNNING"  # the store could not record its end either
+
+    run(PREPARE, repo)  # space freed: the next stage ends the run its dead process left
+    assert [r.info.status for r in stage_runs(repo, "prepare")] == ["KILLED", "FINISHED"]
+
+
+# The train stage stopped while it publishes the model (Tracker.register_model, its longest step): the tracking
+# store stops answering there (every query fails), or the stage pauses there so that a kill lands in it.
+PUBLISH_FAULT = """
+import sqlite3, sys, time
+from pathlib import Path
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from stages import train
+from stages.pipeline.run import run
+from stages.pipeline.tracking import Tracker
+mode, down = sys.argv[1], []
+@event.listens_for(Engine, "before_cursor_execute")
+def execute(*args):
+    if down:
+        raise sqlite3.OperationalError("unable to open database file")
+def register_model(self, *args, register=Tracker.register_model):
+    if mode == "down":
+        down.append(True)
+    else:
+        Path("publishing").touch()
+        time.sleep(600)
+    return register(self, *args)
+Tracker.register_model = register_model
+sys.argv = ["train", *sys.argv[2:]]
+run(train.main)
+"""
+OUTPUTS = ("model", "loss.csv", "metrics.json")
+
+
+def train_temporaries(repo: Path) -> list[Path]:
+    return [p for p in repo.rglob("*") if ".tmp" in p.name and ".dvc" not in p.parts]
+
+
+def test_train_puts_its_outputs_in_place_only_once_published(prepared, tmp_path):
+    repo = copy_of(prepared, tmp_path)
+    proc = run([sys.executable, "-c", PUBLISH_FAULT, "down", *TRAIN[3:]], repo, check=False)
+    assert [name for name in OUTPUTS if (repo / name).exists()] == [], "outputs of a stage that failed"
+    assert train_temporaries(repo) == []
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.fullmatch(r"error: MLflow tracking store \S+ stopped answering .*", lines[-1]), lines[-1]
+
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISH_FAULT, "kill", *TRAIN[3:]], cwd=repo,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (repo / "publishing").exists() and proc.poll() is None:
+        assert time.time() < deadline, "training never started publishing"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training ended before it could be killed"
+    assert [name for name in OUTPUTS if (repo / name).exists()] == [], "outputs of a stage that was killed"
+
+    proc = run(TRAIN, repo)  # the rerun resumes at the end, publishes, and puts the outputs in place
+    assert "resuming from ck/last.pt at step 12" in proc.stdout, proc.stdout
+    assert all((repo / name).exists() for name in OUTPUTS) and (repo / "model/model.pt").is_file()
+    assert train_temporaries(repo) == []
+    assert [r.info.status for r in stage_runs(repo, "train")] == ["FINISHED"]  # one run, resumed twice

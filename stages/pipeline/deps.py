@@ -3,7 +3,7 @@ runs: dvc.yaml's deps and the train stage's checkpoint hash both follow it, so n
 
 The walk follows names, not whole modules: a stage depends on the definitions its module uses, on those
 that these use, and so on; a file is a dependency when one of its definitions is reached (or, rarely, when
-importing it runs statements of its own). So a stage that calls `atomic_write` from ddpm/checkpoint.py does
+importing it runs statements of its own). So a stage that calls `atomic_save` from ddpm/checkpoint.py does
 not depend on the networks that `load_model` in the same file builds. Names imported from a package
 (`from ddpm import Trainer`) resolve through its `__init__`'s re-exports to the module that defines them.
 Only the project's own packages are followed; the installed libraries are pinned by requirements.txt.
@@ -45,6 +45,9 @@ NO_RERUN = {
     # The hold on the workspace lets a stage run or stops it, and changes nothing it writes; the profile stage
     # reads there which keys -S set, which decides the values it writes.
     "stages/pipeline/workspace.py": ("stages.profile",),
+    # Writing files: how an output is put in place (a temporary beside it, synced, then one rename) and how a full
+    # disk is reported, never what the output holds.
+    "ddpm/files.py": (),
 }
 
 

@@ -1,18 +1,20 @@
-"""The pipeline's files: every output written atomically (a temporary beside it, then one rename), and
-the prepared data read back."""
+"""The pipeline's files: every output written atomically (`ddpm.files`: a temporary beside it, then one
+rename), a stage's outputs put in place together (`staged_files`), and the prepared data read back."""
 
 import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
 from ddpm import safe_load
-from ddpm.checkpoint import atomic_write
 from ddpm.data import DataError, ImageData
+from ddpm.files import atomic_dir, atomic_write, full_disk_named, move_into_place, remove_stale, write_text  # noqa: F401
 from ddpm.images import load_images
 from ddpm.pictures import grid_image
 
@@ -20,53 +22,43 @@ RAW_DIR = Path("data/raw")  # where the prepare stage looks for a dataset, and d
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename,
-    on failure it is removed (with the folders made to hold it), so a failed stage never leaves a partial
-    output."""
-    path = Path(path)
-    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        made = []
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made:
-            with contextlib.suppress(OSError):  # not empty: something else was written there meanwhile
-                folder.rmdir()
-
-
-@contextlib.contextmanager
 def staged_files(paths, prefix: str):
-    """Yield {path: a temporary path with the same name, in a hidden folder `prefix`.tmp<pid> beside it}; when
-    the block succeeds, move each into place in the order of `paths` (a stage's outputs appear together, the
-    metrics last); whatever happens, remove the temporaries."""
+    """Yield {path: a temporary path with the same name, in a hidden folder `prefix`.tmp<pid> beside it} to
+    write each output (a file or a folder) to; when the block succeeds, move each into place in the order of
+    `paths` (a stage's outputs appear together, the metrics last), with SIGTERM and Ctrl-C held back until all
+    are moved; whatever happens, remove the temporaries. Those a killed run left go first."""
     folders = {Path(p).parent / f"{prefix}.tmp{os.getpid()}" for p in paths}
     for folder in folders:
-        for stale in folder.parent.glob(f"{prefix}.tmp*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_stale(folder.parent, f"{prefix}.tmp")
         folder.mkdir(parents=True)
     tmp = {p: Path(p).parent / f"{prefix}.tmp{os.getpid()}" / Path(p).name for p in paths}
     try:
-        yield tmp
-        for p in paths:
-            os.replace(tmp[p], p)
+        with full_disk_named({t: p for p, t in tmp.items()}):
+            yield tmp
+        with signals_held():
+            for p in paths:
+                move_into_place(tmp[p], p)
     finally:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
+@contextlib.contextmanager
+def signals_held(signums=(signal.SIGTERM, signal.SIGINT)):
+    """Hold back `signums` during the block (in the main thread; elsewhere nothing is held), then act on the
+    first that arrived, as it would have: a group of renames is not split by a stop request."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    saved = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 def write_json(path: str | Path, obj) -> None:

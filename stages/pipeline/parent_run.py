@@ -4,6 +4,7 @@ and ends with its last, FAILED while the last run of any stage failed."""
 
 import hashlib
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -65,3 +66,32 @@ def settle_parent(client: MlflowClient, experiment_id: str, parent: str) -> None
         return
     end = max((r.info.end_time or 0 for r in latest.values()), default=None) or None
     client.set_terminated(parent, "FAILED" if statuses - {"FINISHED"} else "FINISHED", end_time=end)
+
+
+def process_tags() -> dict:
+    """The tags that say which process runs a stage run: the machine and the process id."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def end_dead_runs(client: MlflowClient, experiment_id: str) -> None:
+    """End KILLED the stage runs still RUNNING whose process on this machine is gone (killed by SIGKILL, or
+    unable to end its run: a full disk under the store), and settle their pipeline runs."""
+    host = process_tags()["host"]
+    for r in client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and {_tag_equals('host', host)}"):
+        pid = r.data.tags.get("pid", "")
+        if r.data.tags.get("host") == host and pid.isdigit() and not _alive(int(pid)):
+            client.set_terminated(r.info.run_id, "KILLED")
+            if parent := r.data.tags.get("mlflow.parentRunId"):
+                settle_parent(client, experiment_id, parent)
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill would end it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True

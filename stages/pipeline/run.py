@@ -3,7 +3,6 @@ that resumes check, and the data-parallel process group."""
 
 import argparse
 import ctypes
-import errno
 import hashlib
 import os
 import random
@@ -17,6 +16,7 @@ import torch
 import ddpm
 from ddpm import CheckpointError
 from ddpm.data import DataError
+from ddpm.files import disk_full
 
 from .io import why_unwritable
 from .params import ParamsError
@@ -38,9 +38,9 @@ class Stopped(SystemExit):
 
 
 def run(main) -> None:
-    """Run a stage's main(argv); a user error is one line on stderr and exit code 1. SIGTERM (from `kill`
-    or a job scheduler) unwinds like Ctrl-C: partial outputs are removed, the MLflow run ends FAILED, and
-    the stage says so in one line."""
+    """Run a stage's main(argv); a user error, or a full disk (naming what was being written), is one line on
+    stderr and exit code 1. SIGTERM (from `kill` or a job scheduler) unwinds like Ctrl-C: partial outputs are
+    removed, the MLflow run ends FAILED, and the stage says so in one line."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
         hold_workspace()  # first: a second pipeline in this workspace stops here, before it reads anything
@@ -52,11 +52,11 @@ def run(main) -> None:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:
+        if (full := disk_full(e)) is None:
             raise
-        where = f" writing {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror}{where}; free some space and rerun (outputs are written whole or not at all, "
+        where = f" writing {full.filename}" if full.filename else ""
+        print(f"error: {full.strerror}{where}; free some space and rerun (outputs are written whole or not at all, "
               "and training resumes from its last checkpoint)", file=sys.stderr)
         sys.exit(1)
 

@@ -90,6 +90,11 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+def store_file() -> str:
+    """The store's SQLite file, else its address."""
+    return str(_sqlite_path(tracking_uri()) or tracking_uri())
+
+
 def _check_sqlite(path: Path) -> None:
     """Refuse a SQLite store file that would start empty or fail at the first write, with what to do."""
     if path.is_file() and path.stat().st_size == 0:
@@ -118,6 +123,8 @@ def connect() -> MlflowClient | None:
     for name in ("mlflow", "alembic"):  # keep table creation/migration chatter out of the stage's output
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # its thread's warnings: the store is down
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # the traceback of a failed query: the
+    # error reaches the stage, which reports it (a full disk as one line)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the model files copied as it is logged

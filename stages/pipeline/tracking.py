@@ -20,10 +20,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from tqdm import tqdm
 
+from ddpm.files import disk_full
+
 from .keys import flatten
-from .parent_run import dvc_tags, git_commit, parent_run, settle_parent
+from .parent_run import dvc_tags, end_dead_runs, git_commit, parent_run, process_tags, settle_parent
 from .registry import log_pyfunc_model
-from .store import TrackingError, answers, check_artifact_folder, connect, experiment_id, tracking_uri
+from .store import TrackingError, answers, check_artifact_folder, connect, experiment_id, store_file, tracking_uri
 from .system_metrics import start_monitor, stop_monitor
 
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -51,6 +53,8 @@ class Tracker:
         try:
             return fn(self.client, *args, **kwargs)
         except Exception as e:
+            if full := disk_full(e):  # the store's disk: its SQLite file, or the file MLflow was writing
+                raise OSError(full.errno, full.strerror, full.filename or store_file()) from None
             if answers(self.client):
                 if isinstance(e, OSError) and e.filename:  # the artifact store's folders refused a file
                     raise TrackingError(f"MLflow cannot store artifacts in {Path(e.filename).parent}: "
@@ -147,7 +151,7 @@ def stage_run(stage: str, variant: str | None = None, params: dict | None = None
     resume = tracker.call("the stage run", _open, tracker, stage, variant, run_id)
     tags = {"stage": stage, "variant": variant or "", "git_commit": git_commit(), **dvc_tags(),
             "params_hash": hashlib.sha256(repr(sorted(flatten(params or {}).items())).encode()).hexdigest()[:16],
-            "data_hash": data_hash or "", "mlflow.parentRunId": tracker.parent_id}
+            "data_hash": data_hash or "", "mlflow.parentRunId": tracker.parent_id, **process_tags()}
     tracker.set_tags(tags)  # a resumed stage takes this invocation's: it joins the pipeline run resuming it
     tracker.log_params(params or {})
     monitor = start_monitor(tracker.run_id, resume) if tracker.client else None
@@ -169,6 +173,7 @@ def stage_run(stage: str, variant: str | None = None, params: dict | None = None
 def _open(client: MlflowClient, tracker: Tracker, stage: str, variant: str | None, run_id: str | None) -> bool:
     """Find or start the parent run and start (or reopen) the stage's run in `tracker`; whether it reopened."""
     tracker.experiment_id = experiment_id(client)
+    end_dead_runs(client, tracker.experiment_id)
     if run_id is not None and not _exists(client, run_id):  # e.g. mlflow.db was removed; checkpoints kept
         print(f"MLflow run {run_id} is not in {tracking_uri()}: logging to a new run")
         run_id = None
