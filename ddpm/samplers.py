@@ -167,21 +167,27 @@ def dpm_solver_sample(model: nn.Module, diffusion: Diffusion, x_T: torch.Tensor,
 
 
 class NonFiniteImages(FloatingPointError):
-    """Sampling gave NaN or infinite values, which as images would be black or white pictures."""
+    """Sampling gave (or would give) NaN or infinite values, which as images would be black or white pictures."""
+
+
+def check_weights(model: nn.Module) -> None:
+    """Raise NonFiniteImages when `model`'s weights (a guided model's include its guide's) are not all finite:
+    every sample would be NaN."""
+    weights = model.parameters() if isinstance(model, nn.Module) else ()
+    if not all(torch.isfinite(w).all() for w in weights):
+        raise NonFiniteImages("the model's weights are not all finite (NaN or inf): the model file is damaged or "
+                              "its training diverged")
 
 
 def to_images(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """A sampler's result `x` (float, [-1, 1]) as uint8 images on the CPU, once checked finite: a NaN would
-    silently become a black pixel. The error names the likely cause: `model`'s weights (a guided model's
-    include its guide's) when they are not finite, else the guidance."""
+    """A sampler's result `x` (float, [-1, 1]) from `model` as uint8 images on the CPU, once checked finite: a NaN
+    would silently become a black pixel. The error names the likely cause: the weights when they are not finite,
+    else the guidance."""
     if torch.isfinite(x).all():
         return to_uint8(x).cpu()
-    weights = model.parameters() if isinstance(model, nn.Module) else ()
-    if not all(torch.isfinite(w).all() for w in weights):
-        cause = "the model's weights are not all finite (NaN or inf): the model file is damaged or training diverged"
-    else:
-        cause = "the model's predictions overflowed: a guidance weight too large for this model is the likely cause"
-    raise NonFiniteImages(f"sampling gave NaN or infinite values, not images; {cause}")
+    check_weights(model)
+    raise NonFiniteImages("sampling gave NaN or infinite values, not images: the model's predictions overflowed, "
+                          "most likely under a guidance weight too large for this model")
 
 
 def default_steps(method: str, timesteps: int) -> int:

@@ -2,6 +2,7 @@
 runs it, and the rest through `ddpm.cli.main` in this process (a fresh process costs a torch import)."""
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -77,8 +78,10 @@ def models(tmp_path_factory, tmp_path, monkeypatch) -> dict[str, Path]:
 
 
 def ddpm(*args, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m ddpm ARGS` in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "ddpm", *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    """`python -m ddpm ARGS` in a fresh process, of this checkout's ddpm (not whichever one is installed)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "ddpm", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env=env)
 
 
 def ok(*args, cwd: Path) -> subprocess.CompletedProcess:
@@ -266,6 +269,21 @@ BAD = {
                              ["--guidance-interval 3 1", "0 <= low < high"]),
     "negative interval": (["sample", "--model", "{cond}", "--guidance", "1", "--guidance-interval", "-1", "1"],
                           ["--guidance-interval -1 1", "0 <= low < high"]),
+    # every entry point as strict as params.yaml (ddpm.request): finite weights, eta and interval, bounded --num
+    "infinite guidance": (["sample", "--model", "{cond}", "--guidance", "inf"], ["--guidance inf", "finite"]),
+    "infinite eta": (["sample", "--model", "{uncond}", "--eta", "inf"], ["--eta inf", "finite"]),
+    "infinite autoguidance": (["sample", "--model", "{uncond}", "--autoguidance", "inf"],
+                              ["--autoguidance inf", "finite"]),
+    "infinite guidance in a picture": (["reverse", "--model", "{cond}", "--guidance", "inf"], ["--guidance inf"]),
+    "infinite interval": (["sample", "--model", "{cond}", "--guidance", "1", "--guidance-interval", "0", "inf"],
+                          ["--guidance-interval 0 inf", "finite"]),
+    "negative class": (["sample", "--model", "{cond}", "--class", "-1"], ["--class -1", "[0, 2]", "zero"]),
+    "num beyond the bound": (["sample", "--model", "{uncond}", "--num", "1000000000"],
+                             ["--num 1000000000", "10,000"]),
+    "num beyond the bound in a picture": (["compare", "--model", "{cond}", "--num", "1000000000"], ["--num"]),
+    "interpolation beyond the bound": (["interpolate", "--model", "{uncond}", "--num", "100", "--frames", "1000"],
+                                       ["--frames 1000", "10000"]),
+    "seed beyond 64 bits": (["sample", "--model", "{uncond}", "--seed", str(2**64)], ["--seed", "2**63 - 1"]),
 }
 
 
@@ -288,7 +306,8 @@ def test_bad_argument_is_one_error_line_before_any_work(models, tmp_path, capsys
     assert not (tmp_path / "out").exists(), "wrote an output despite the error"
 
 
-@pytest.mark.parametrize("case", ["text file as model", "steps 0", "steps above T"])
+@pytest.mark.parametrize("case", ["text file as model", "steps 0", "steps above T", "infinite guidance",
+                                  "num beyond the bound"])
 def test_bad_argument_in_a_real_process(models, tmp_path, case):
     """The process itself: exit status 2, the one line on stderr, no traceback."""
     args, words = bad_args(case, models, tmp_path)

@@ -16,9 +16,11 @@ import pandas as pd
 import pytest
 import torch
 from helpers import ROOT
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+import ddpm
 from ddpm import DiffusionConfig, UNet, UNetConfig, save_model
 from stages.pipeline.tracking import Tracker, describe_model_versions, mlflow_ui_url, stage_run
 
@@ -237,3 +239,67 @@ def test_describing_without_a_registered_model_does_nothing(store):
     describe_model_versions(Tracker(None, None, None), {"uncond": {"fid": 1.0}})  # tracking off
     assert not store.search_registered_models()
 
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> dict:
+    """Registered models loaded back through mlflow.pyfunc, as a user or a model server loads them: a 3-class
+    conditional one (its zero-initialised output layers perturbed, so that guidance changes its predictions) and an
+    unconditional one without a guide model."""
+    folder = tmp_path_factory.mktemp("served")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)  # where the stage runs log, as the `store` fixture has it
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DDPM_TRACKING", "DDPM_MODEL_NAME"):
+            mp.delenv(name, raising=False)
+        for name, k in (("cond", 3), ("uncond", None)):
+            model_folder = tiny_model(folder / name, num_classes=k)
+            if k:
+                model, _, _ = ddpm.load_model(model_folder / "model.pt")
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(0.1 * torch.randn_like(p))
+                save_model(model_folder / "model.pt", model, model.config, DiffusionConfig(timesteps=10))
+            with stage_run("train", name) as tracker:
+                tracker.register_model(model_folder, f"ddpm-{name}")
+        with tracking_at(f"sqlite:///{folder / 'mlflow.db'}"):
+            return {name: mlflow.pyfunc.load_model(f"models:/ddpm-{name}/latest") for name in ("cond", "uncond")}
+
+
+BAD_REQUESTS = {  # name: (model, request, words of the one-line error)
+    "infinite guidance": ("cond", {"guidance": [float("inf")]}, ["row 0: guidance = inf", "finite"]),
+    "infinite eta": ("cond", {"eta": [float("inf")]}, ["row 0: eta = inf", "finite"]),
+    "NaN guidance": ("cond", {"guidance": [float("nan")]}, ["row 0: guidance has no value (NaN)"]),
+    "infinite autoguidance": ("uncond", {"guidance": [float("inf")]}, ["row 0: guidance = inf", "finite"]),
+    "autoguidance without a guide": ("uncond", {"guidance": [1.0]}, ["guidance = 1.0", "no guide model"]),
+    "infinite interval": ("cond", {"guidance": [1.0], "interval_low": [0.0], "interval_high": [float("inf")]},
+                          ["interval_low, interval_high = (0.0, inf)", "finite"]),
+    "class k": ("cond", {"class": [3]}, ["row 0: class = 3", "[0, 2]"]),
+    "class -1": ("cond", {"class": [-1]}, ["row 0: class = -1", "[0, 2]"]),
+    "class -2": ("cond", {"class": [-2]}, ["row 0: class = -2", "[0, 2]"]),
+    "class of an unconditional model": ("uncond", {"class": [1]}, ["class = 1", "unconditional"]),
+    "num 0": ("cond", {"num": [0]}, ["row 0: num = 0", "[1, "]),
+    "num -5": ("cond", {"num": [-5]}, ["row 0: num = -5"]),
+    "num 10**9": ("cond", {"num": [10**9]}, ["row 0: num = 1000000000", "10,000"]),
+    "num summed over rows": ("cond", {"num": [6000, 6000], "steps": [1, 1]}, ["num: 12000 images over all rows"]),
+    "a bad second row": ("cond", {"num": [1, 1], "steps": [2, 2], "guidance": [1.0, float("inf")]},
+                         ["row 1: guidance = inf"]),
+    "steps above T": ("cond", {"steps": [11]}, ["row 0: steps = 11", "T = 10"]),
+    "seed below 0": ("cond", {"seed": [-1]}, ["row 0: seed = -1"]),
+    "guidance too large": ("cond", {"guidance": [1e30]}, ["sampling gave NaN", "guidance weight too large"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_a_bad_request_to_the_served_model_is_one_line(served, case):
+    """Every request is checked as params.yaml is (ddpm.request), before any image is drawn, and a NaN result is
+    an error, never black images."""
+    name, request, words = BAD_REQUESTS[case]
+    with pytest.raises(MlflowException) as error:
+        served[name].predict({"num": [2], "steps": [2], **request})
+    message = error.value.message
+    assert len(message.splitlines()) == 1 and all(w in message for w in words), message
+
+
+def test_the_served_model_draws_up_to_its_bound(served):
+    images = served["cond"].predict({"num": [3, 2], "class": [2, 0], "steps": [1, 1], "guidance": [1.0, 0.0]})
+    assert images.shape == (5, 1, 8, 8) and images.dtype == np.uint8

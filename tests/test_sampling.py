@@ -582,3 +582,29 @@ def test_sampler_setting_guides_only_in_its_interval():
     limited, everywhere, unguided = (generate(m, diffusion, 3, (1, 8, 8), seed=0, steps=4, labels=labels)
                                      for m in (cfg, ClassifierFree(net, 2.0), net))
     assert not torch.equal(limited, everywhere) and not torch.equal(limited, unguided)  # guided at some steps
+
+
+def test_a_non_finite_result_is_an_error_naming_its_likely_cause():
+    """A NaN sample would become a black picture: generate and the pictures refuse it instead, naming the weights
+    when they are not finite, else the guidance weight."""
+    from ddpm import NonFiniteImages
+    from ddpm.pictures import reverse_strip
+
+    net, labels = tiny_unet(num_classes=3), torch.arange(3)
+    diffusion = Diffusion(make_betas("linear", 20, beta_end=0.3))
+    assert generate(ClassifierFree(net, 1e10), diffusion, 3, (1, 8, 8), seed=0, steps=3, labels=labels).shape[0] == 3
+    with pytest.raises(NonFiniteImages, match="^sampling gave NaN .* guidance weight too large"):
+        generate(ClassifierFree(net, 1e30), diffusion, 3, (1, 8, 8), seed=0, steps=3, labels=labels)
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("nan"))
+    for draw in (lambda: generate(net, diffusion, 3, (1, 8, 8), seed=0, steps=3, labels=labels),
+                 lambda: reverse_strip(net, diffusion, torch.randn(1, 1, 8, 8), y=labels[:1], steps=3)):
+        with pytest.raises(NonFiniteImages, match="^the model's weights are not all finite"):
+            draw()
+
+
+def test_sampler_settings_refuse_values_that_are_not_finite():
+    for bad in ({"eta": float("inf")}, {"cfg": float("inf")}, {"cfg": float("nan")}, {"autoguidance": float("inf")},
+                {"interval": (0.0, float("inf"))}, {"interval": (float("nan"), 1.0)}):
+        with pytest.raises(ValueError, match=f"SamplerSetting.{next(iter(bad))} = .* finite"):
+            SamplerSetting(**{"method": "ddim", "steps": 10, **bad})
