@@ -198,6 +198,7 @@ def test_eval_table_scores_the_autoguided_unconditional_model_as_the_evaluate_st
     shutil.copy(repo / "models/uncond/model.pt", lone)
     for model, weights, words in (("models/cond/model.pt", ["1"], "--autoguidance needs an unconditional model"),
                                   (lone, ["1"], f"--autoguidance needs the guide model {tmp_path / 'model-guide.pt'}"),
-                                  ("models/uncond/model.pt", ["-1"], "--autoguidance: weights must be >= 0")):
+                                  ("models/uncond/model.pt", ["-1"],
+                                   "--autoguidance -1 is out of range; allowed: a finite number >= 0")):
         bad = run([*table, "--model", str(model), "--autoguidance", *weights], repo, check=False)
         assert bad.returncode == 2 and words in bad.stderr.splitlines()[-1] and not bad.stdout, bad.stderr
