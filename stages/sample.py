@@ -18,6 +18,7 @@ import torch
 from ddpm import atomic_save, generate, load_guide, load_model, resolve_device, sampler_settings
 from ddpm.samplers import METHODS
 
+from .pipeline.bounds import sample_batch_size
 from .pipeline.io import atomic_dir, save_grid, write_json
 from .pipeline.params import load_params, sections
 from .pipeline.run import check_writable, path_parser, run, seed_everything
@@ -70,16 +71,18 @@ def draw(a, p, tracker, out) -> list[dict]:
     labels = torch.arange(n) % k if k else None
     index = []
     for s in grid:
+        batch = p.sample.batch_size or sample_batch_size(model, device, n, bool(s.cfg or s.autoguidance))
+        print(f"{a.variant} {s.tag}: {n} images in batches of {batch} on {device}")
         start = time.perf_counter()
         images = generate(s.model(model, guide, diffusion), diffusion, n, model.config.sample_shape, seed=p.seed,
-                          method=s.method, steps=s.steps, eta=s.eta, labels=labels, batch_size=p.sample.batch_size,
+                          method=s.method, steps=s.steps, eta=s.eta, labels=labels, batch_size=batch,
                           clip_x0=p.sample.clip_x0, spacing=s.spacing, progress=True)
         seconds = time.perf_counter() - start
         atomic_save({"images": images, "labels": labels if k else torch.zeros(0, dtype=torch.long)},
                     out / f"{s.tag}.pt")
         save_grid(images[:p.sample.grid_size], out / f"{s.tag}.png", nrow=k)
         index.append({**s.to_dict(), "variant": a.variant, "num_samples": n, "seed": p.seed,
-                      "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
+                      "batch_size": batch, "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
         print(f"{a.variant} {s.tag}: {n} images in {seconds:.1f} s")
     return index
 
