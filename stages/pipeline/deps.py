@@ -45,6 +45,9 @@ NO_RERUN = {
     # The hold on the workspace lets a stage run or stops it, and changes nothing it writes; the profile stage
     # reads there which keys -S set, which decides the values it writes.
     "stages/pipeline/workspace.py": ("stages.profile",),
+    # How many images a sampling batch holds never changes them (each image's noise is its own); index.json
+    # records it beside the timings.
+    "stages/pipeline/bounds.py:sample_batch_size": (),
 }
 
 
