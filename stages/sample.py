@@ -18,7 +18,7 @@ import torch
 from ddpm import atomic_save, generate, load_guide, load_model, resolve_device, sampler_settings
 from ddpm.sampling import METHODS
 
-from .pipeline.io import atomic_dir, save_grid, write_json
+from .pipeline.io import atomic_dir, file_hash, save_grid, write_json
 from .pipeline.params import load_params, sections
 from .pipeline.run import check_writable, path_parser, run, seed_everything
 from .pipeline.tracking import stage_run
@@ -69,6 +69,7 @@ def draw(a, p, tracker, out) -> list[dict]:
     guide = load_guide(a.model, device) if any(s.autoguidance for s in grid) else None
     labels = torch.arange(n) % k if k else None
     shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+    model_hash = file_hash(a.model)  # which model version the scores of these samples belong to
     index = []
     for s in grid:
         start = time.perf_counter()
@@ -79,7 +80,7 @@ def draw(a, p, tracker, out) -> list[dict]:
         atomic_save({"images": images, "labels": labels if k else torch.zeros(0, dtype=torch.long)},
                     out / f"{s.tag}.pt")
         save_grid(images[:p.sample.grid_size], out / f"{s.tag}.png", nrow=k)
-        index.append({**s.to_dict(), "variant": a.variant, "num_samples": n, "seed": p.seed,
+        index.append({**s.to_dict(), "variant": a.variant, "num_samples": n, "seed": p.seed, "model_hash": model_hash,
                       "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
         print(f"{a.variant} {s.tag}: {n} images in {seconds:.1f} s")
     return index

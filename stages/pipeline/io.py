@@ -2,6 +2,7 @@
 the prepared data read back."""
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -69,6 +70,15 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def file_hash(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes: which model file a version, a sample set or a fine-tuning started from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
