@@ -12,7 +12,7 @@ from benchmarks.project import copy_project, merge  # noqa: F401 (merge: for the
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ALL_STAGES = {"profile", "check", "prepare", "classifier", "reference", "train@uncond", "train@cond",
+ALL_STAGES = {"profile", "check", "prepare", "classifier", "reference", "init-from", "train@uncond", "train@cond",
               "sample-ddpm@uncond", "sample-ddim@uncond", "sample-dpmsolver@uncond", "sample-ddpm@cond",
               "sample-ddim@cond", "sample-dpmsolver@cond", "evaluate", "visualize"}
 
