@@ -148,7 +148,7 @@ def test_damaged_idx_file_is_one_line_naming_it(tmp_path, how):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: cannot read idx file {bad}: "), lines[0]
-    assert not (repo / "data").exists()
+    assert not (repo / "data/prepared").exists()  # data/ holds the profile record, nothing else
 
 
 # The train stage with its checkpoint writes (TrainState.save -> atomic_save) patched: the second one either
