@@ -9,8 +9,10 @@ import yaml
 from helpers import ROOT
 from test_training import CPU, shapes, tiny_unet
 
-from ddpm import Diffusion, DiffusionConfig, TrainConfig, Trainer
-from stages.pipeline.params import CondTrainParams, TrainParams, UncondTrainParams, train_config, validate
+from ddpm import Diffusion, DiffusionConfig, TrainConfig, Trainer, safe_load
+from ddpm.posthoc_ema import reconstruct
+from stages.pipeline.params import CondTrainParams, ParamsError, TrainParams, UncondTrainParams, train_config, validate
+from stages.pipeline.resume import TrainState
 
 BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -66,3 +68,30 @@ def test_the_conditional_models_weights_do_not_depend_on_guide_at():
     a, b = trained(labels, guide_at=0.0), trained(labels, guide_at=0.5)
     assert same_weights(a.net, b.net) and same_weights(a.ema.module, b.ema.module)
     assert a.guide is None and b.guide is not None  # only the snapshot, which the stage runs without
+
+
+def test_the_model_folder_keeps_the_post_hoc_snapshots_that_reconstruct_the_tracked_emas(tmp_path):
+    """train.posthoc_sigma_rels/posthoc_snapshots: the finished model folder holds posthoc.pt, from which the
+    EMA of a tracked width at the last step is reconstructed to float precision; without them, no file."""
+    trainer = trained(None, posthoc_sigma_rels=(0.05, 0.10), posthoc_snapshots=3)
+    unet, diffusion = trainer.net.config, DiffusionConfig(timesteps=20)
+    state = TrainState(tmp_path / "ck", "hash")
+    state.grids.mkdir(parents=True)
+    state.write_model(tmp_path / "with", trainer, unet, diffusion, {"variant": "uncond"})
+    snapshots = safe_load(tmp_path / "with" / "posthoc.pt", required=("snapshots",))["snapshots"]
+    assert [(s["t"], s["sigma_rel"]) for s in snapshots] == [(t, w) for t in (2, 4, 6) for w in (0.05, 0.10)]
+    for width, tracked in zip((0.05, 0.10), trainer.posthoc.modules):
+        weights = reconstruct(snapshots, width)
+        assert all(torch.allclose(weights[k], v, atol=1e-6) for k, v in tracked.state_dict().items())
+    state.write_model(tmp_path / "without", trained(None), unet, diffusion, {})
+    assert (tmp_path / "without" / "model.pt").exists() and not (tmp_path / "without" / "posthoc.pt").exists()
+
+
+def test_post_hoc_keys_are_checked_before_any_work():
+    params = yaml.safe_load(yaml.safe_dump(BASE))
+    params["train"]["posthoc_sigma_rels"], params["train"]["posthoc_snapshots"] = [0.05, 0.3], 4
+    with pytest.raises(ParamsError, match=r"^params.yaml: train.posthoc_sigma_rels = .* widths in \(0, 0.2887\)"):
+        validate(params)
+    params["train"]["posthoc_sigma_rels"], params["train"]["posthoc_snapshots"] = [0.05], 0
+    with pytest.raises(ParamsError, match=r"^params.yaml: train.posthoc_snapshots = 0 .* allowed: >= 1 when"):
+        validate(params)

@@ -79,8 +79,9 @@ def classifier_bytes(p, training: bool) -> int:
 
 def weight_copies(p) -> int:
     """The float32 copies of the network's weights that training keeps: the weights, their gradients, AdamW's
-    two moments, the EMA weights, and the guide model's when train_uncond.guide_at keeps one."""
-    return 5 + (p.train_uncond.guide_at > 0)
+    two moments, the EMA weights, the guide model's when train_uncond.guide_at keeps one, and one per post-hoc
+    EMA width (train.posthoc_sigma_rels; its snapshots go to host memory)."""
+    return 5 + (p.train_uncond.guide_at > 0) + len(p.train.posthoc_sigma_rels)
 
 
 def parameters(p, base_channels: int | None = None) -> int | None:
@@ -118,7 +119,9 @@ def _weights_fit(p, memory: int, where: str, processes: int):
     return ("model.base_channels", False, f"at most {_round_down(_largest_base_channels(p, memory // each))}",
             f"needs about {_gb(n * each)} for the network's weights in training ({n:.2g} parameters, "
             f"{weight_copies(p)} float32 copies: weights, gradients, AdamW's two moments, EMA"
-            f"{', guide' if weight_copies(p) > 5 else ''}{f'; {processes} processes' if processes > 1 else ''}); "
+            f"{', guide' if p.train_uncond.guide_at > 0 else ''}"
+            f"{', post-hoc EMAs' if p.train.posthoc_sigma_rels else ''}"
+            f"{f'; {processes} processes' if processes > 1 else ''}); "
             f"{where} has {_gb(memory)}")
 
 

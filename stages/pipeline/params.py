@@ -89,6 +89,8 @@ class TrainParams:
     weight_decay: float
     grad_clip: float
     ema_decay: float
+    posthoc_sigma_rels: tuple[float, ...]  # power-function EMA widths kept for post-hoc EMA (EDM2); (): none
+    posthoc_snapshots: int               # snapshots of each, evenly spaced, saved as models/<variant>/posthoc.pt
     min_snr_gamma: float
     logsnr_normal: tuple[float, ...] | None
     precision: str                       # fp32 | tf32 | bf16 | fp16 | auto (ddpm.training.resolve_precision)
@@ -289,6 +291,10 @@ def _checks(p: Params):
         ("train.weight_decay", t.weight_decay >= 0, ">= 0"),
         ("train.grad_clip", t.grad_clip >= 0, ">= 0 (0 disables clipping)"),
         ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
+        ("train.posthoc_sigma_rels", all(0 < w < 12 ** -0.5 for w in t.posthoc_sigma_rels),
+         "widths in (0, 0.2887), e.g. [0.05, 0.10], or [] (none)"),
+        ("train.posthoc_snapshots", t.posthoc_snapshots >= (1 if t.posthoc_sigma_rels else 0),
+         ">= 1 when train.posthoc_sigma_rels lists widths, else >= 0"),
         ("train_cond.p_uncond", 0 <= p.train_cond.p_uncond <= 1, "in [0, 1]"),
         ("train.min_snr_gamma", t.min_snr_gamma >= 0, ">= 0 (0: the plain loss)"),
         ("train.logsnr_normal", t.logsnr_normal is None or (len(t.logsnr_normal) == 2 and t.logsnr_normal[1] > 0),

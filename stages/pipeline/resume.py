@@ -117,7 +117,8 @@ class TrainState:
 
     def write_model(self, out: Path, trainer: Trainer, unet, diffusion, meta: dict) -> None:
         """The finished model folder: model.pt (the EMA weights), model-guide.pt (the guide, if any),
-        config.json, the per-epoch grids and loss.png."""
+        config.json, the per-epoch grids, loss.png, and posthoc.pt (the post-hoc EMA snapshots, if any: records of
+        ddpm.posthoc_ema.PowerEMA.snapshot, for ddpm.posthoc_ema.reconstruct)."""
         meta = {**meta, "run_hash": self.run_hash}
         with atomic_dir(out) as tmp:
             save_model(tmp / "model.pt", trainer.ema.module, unet, diffusion, {**meta, "steps": trainer.step})
@@ -125,6 +126,8 @@ class TrainState:
                 save_model(guide_path(tmp / "model.pt"), trainer.guide, unet, diffusion,
                            {**meta, "steps": trainer.guide_step})
             write_json(tmp / "config.json", {"unet": asdict(unet), "diffusion": asdict(diffusion)})
+            if trainer.snapshots:
+                atomic_save({"snapshots": trainer.snapshots, "meta": meta}, tmp / "posthoc.pt")
             shutil.copytree(self.grids, tmp / "grids")
             save_figure(loss_curve([h[0] for h in self.history], [h[1] for h in self.history]), tmp / "loss.png")
 
