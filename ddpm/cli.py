@@ -7,8 +7,10 @@
     ddpm schedule    --timesteps 1000 --out schedule.png
     ddpm export      --model models/cond/model.pt --out exported/cond --params params.yaml --metrics metrics/eval.json
 
---model takes a model file written by the train stage or a folder written by `ddpm export` (safetensors
-weights: loading one runs no pickle), and samples them alike.
+--model takes a model file written by the train stage, a folder written by `ddpm export` (safetensors
+weights: loading one runs no pickle), or a model that MLflow holds: models:/ddpm-cond@champion,
+models:/ddpm-cond/3 or runs:/<run id>/model, looked up in MLFLOW_TRACKING_URI's store (default: mlflow.db
+here); each samples alike.
 
 Image i's starting noise depends only on (--seed, i), so the same seed on the same device writes the
 same picture. A picture is the raw image grid (white 2-pixel padding, torchvision's make_grid layout)
@@ -17,6 +19,7 @@ is one line `error: ...` on stderr and exit status 2; a full disk while writing 
 """
 
 import argparse
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ from .noise import ImageGenerator
 from .request import MAX_IMAGES, RequestError, check, check_request, max_images
 from .samplers import DEFAULT_STEPS, METHODS, SPACINGS, NonFiniteImages, default_steps, generate
 from .settings import SamplerSetting
+from .sources import ModelSourceError, check_model_uri, is_model_uri, local_model
 from .training import resolve_device
 
 DEFAULT_COMPARE_STEPS = (5, 10, 20, 50)
@@ -90,6 +94,17 @@ def file_with_suffix(suffix: str):
     return check
 
 
+def model_source(text: str) -> str | Path:
+    """An argparse type: a model URI (kept as text, checked for its form) or a path."""
+    if not is_model_uri(text):
+        return Path(text)
+    try:
+        check_model_uri(text)
+    except ModelSourceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> Parser:
     ap = Parser(prog="ddpm", description="Sample a trained DDPM model file and draw pictures of it.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -100,8 +115,9 @@ def build_parser() -> Parser:
             p.add_argument("--out", type=file_with_suffix(".png"), default=Path(out), help=f"PNG to write ({out})")
         if num is None:
             return p
-        p.add_argument("--model", type=Path, required=True,
-                       help="a model file written by the train stage, or a folder written by `ddpm export`")
+        p.add_argument("--model", type=model_source, required=True,
+                       help="a model file written by the train stage, a folder written by `ddpm export`, or "
+                       "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH (MLflow)")
         p.add_argument("--num", type=at_least(None), default=num, help=f"{num_help} ({num}; at most {MAX_IMAGES:,})")
         p.add_argument("--class", dest="klass", metavar="K", help="class index or name (conditional models); "
                        "without it a conditional model cycles through its classes")
@@ -220,7 +236,7 @@ def load(args) -> Loaded:
     """Load --model and check the request against it (ddpm.request: the sampler setting, --num, --class, --steps,
     --seed), so that a bad value is one line naming its flag before any sampling."""
     device = pick_device(args.device)
-    model, diffusion, meta = load_model(args.model, device)
+    model, diffusion, meta = load_model(args.model_path, device)
     k, T = model.config.num_classes, diffusion.timesteps
     if k is None and (args.klass is not None or args.guidance is not None):
         flag = "--class" if args.klass is not None else "--guidance"
@@ -231,9 +247,10 @@ def load(args) -> Loaded:
         if k is not None:
             raise UsageError(f"--autoguidance needs an unconditional model, but {args.model} is class-conditional "
                              "(use --guidance)")
-        guide_file = guide_path(args.model)
+        guide_file = guide_path(args.model_path)
         if not guide_file.is_file():
-            raise UsageError(f"--autoguidance needs the guide model {guide_file}; train with train_uncond.guide_at > 0")
+            where = guide_file if args.model_path == args.model else f"{guide_file.name} beside {args.model}'s model"
+            raise UsageError(f"--autoguidance needs the guide model {where}; train with train_uncond.guide_at > 0")
         guide = load_model(guide_file, device)[0]
     klass = class_index(args.klass, names)
     try:
@@ -386,14 +403,22 @@ def cmd_export(args, m: Loaded) -> None:
         f" --{flag} {value}" for flag, value in (("steps", args.steps), ("guidance", args.guidance),
                                                  ("class", args.klass)) if value is not None)
     note = f"`{command}`: {picture.title}" + (", one row per class." if picture.row_labels else ".")
-    write_export(args.model, args.out, pictures.grid_image(picture.images, picture.nrow), note,
+    write_export(args.model_path, args.out, pictures.grid_image(picture.images, picture.nrow), note,
                  training_params(params, m.meta.get("variant")), scores)
     print(f"wrote {args.out}: {', '.join(sorted(p.name for p in args.out.iterdir()))}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    with contextlib.ExitStack() as stack:
+        return run_command(argv, stack)
+
+
+def run_command(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
+    """main's work; `stack` holds a model URI's download until the command is done."""
     try:
         args = build_parser().parse_args(argv)
+        if hasattr(args, "model"):
+            args.model_path = stack.enter_context(local_model(args.model))
         loaded = None if args.command == "schedule" else load(args)
         if args.command == "export":
             check_folder(args.out)
