@@ -49,7 +49,8 @@ def main(argv: list[str]) -> None:
             tracker.log_dict(results, "eval.json")
             describe_model_versions(tracker, {v: {"sampler": h["best"], "fid": h["fid"],
                                                   "fid_over_floor": h["fid_over_floor"]}
-                                              for v, h in summary.items() if v != "floor"})
+                                              for v, h in summary.items() if v != "floor"},
+                                    results["protocol"], model_hashes(a.samples))
             for f in outputs:
                 tracker.log_artifact(tmp[f])
 
@@ -85,6 +86,12 @@ def evaluate(a, p, weights) -> tuple[dict, list[dict]]:
                            **scorer.settings(), "dataset": info["dataset"], "data_hash": info["content_hash"],
                            "samplers": samplers}
     return results, rows
+
+
+def model_hashes(folders: list[Path]) -> dict[str, str | None]:
+    """Per model, the hash of the model file that its samples were drawn from (None where they do not say)."""
+    index = [s for folder in folders for s in json.loads((folder / "index.json").read_text())]
+    return {s["variant"]: s.get("model_hash") for s in index}
 
 
 if __name__ == "__main__":

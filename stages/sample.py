@@ -18,7 +18,7 @@ import torch
 from ddpm import atomic_save, generate, load_guide, load_model, resolve_device, sampler_settings
 from ddpm.samplers import METHODS
 
-from .pipeline.io import atomic_dir, save_grid, write_json
+from .pipeline.io import atomic_dir, file_hash, save_grid, write_json
 from .pipeline.params import load_params, sections
 from .pipeline.run import check_writable, init_distributed, join_or_relaunch, path_parser, run, seed_everything
 from .pipeline.shard import gather, share
@@ -77,6 +77,7 @@ def draw(a, p, out, device, rank: int, world_size: int) -> list[dict]:
     guide = load_guide(a.model, device) if any(s.autoguidance for s in grid) else None
     labels = torch.arange(n) % k if k else None
     mine, index = share(n, rank, world_size), []
+    model_hash = file_hash(a.model)  # which model version the scores of these samples belong to
     my_labels = labels[mine.start:mine.stop] if k else None
     for s in grid:
         start = time.perf_counter()
@@ -90,7 +91,7 @@ def draw(a, p, out, device, rank: int, world_size: int) -> list[dict]:
         atomic_save({"images": images, "labels": labels if k else torch.zeros(0, dtype=torch.long)},
                     out / f"{s.tag}.pt")
         save_grid(images[:p.sample.grid_size], out / f"{s.tag}.png", nrow=k)
-        index.append({**s.to_dict(), "variant": a.variant, "num_samples": n, "seed": p.seed,
+        index.append({**s.to_dict(), "variant": a.variant, "num_samples": n, "seed": p.seed, "model_hash": model_hash,
                       "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2),
                       "processes": world_size})
         print(f"{a.variant} {s.tag}: {n} images in {seconds:.1f} s")

@@ -22,6 +22,7 @@ from PIL import Image
 
 import ddpm
 from ddpm import DiffusionConfig, UNet, UNetConfig, save_model
+from stages.pipeline.io import file_hash
 from stages.pipeline.registry import describe_model_versions, registered_name
 from stages.pipeline.store import mlflow_ui_url
 from stages.pipeline.tracking import Tracker, stage_run
@@ -223,11 +224,13 @@ def test_registered_model_loads_through_mlflow_and_is_described(store, tmp_path)
         describe_model_versions(evaluate, {"cond": {"fid": 12.5, "fid_over_floor": 2.25, "sampler": "ddim5_eta0_w1"}})
     (version,) = store.search_model_versions("name = 'ddpm-cond'")
     assert version.run_id == tracker.run_id
+    assert version.tags["model_hash"] == file_hash(folder / "model.pt")  # which model file it is, for evaluate
     assert {k: version.tags[k] for k in ("fid", "fid_over_floor", "sampler")} == \
         {"fid": "12.5", "fid_over_floor": "2.25", "sampler": "ddim5_eta0_w1"}
     assert "fid 12.5" in version.description and "ddim5_eta0_w1" in version.description
     with tracking_at(store.tracking_uri):
         model = mlflow.pyfunc.load_model("models:/ddpm-cond/latest")
+    assert model.input_example.to_dict("list") == {"num": [4], "seed": [0]}  # shown in the MLflow UI
     request = {"num": [4], "seed": [3], "steps": [2], "guidance": [1.0]}
     images = model.predict(request)
     assert images.shape == (4, 1, 8, 8) and images.dtype == np.uint8

@@ -125,6 +125,30 @@ def test_registered_model_loads_and_samples_through_mlflow(tiny_repo):
     assert cond.metadata.get_input_schema().required_input_names() == ["num"]
 
 
+def test_versions_carry_their_data_and_the_best_is_the_champion(tiny_repo):
+    """Each train run logs the prepared data as its input dataset and its version the data's hash; evaluate tags
+    the versions it scored with their score and protocol, and ddpm-<variant>@champion is the best of those
+    scored like it (experiments may have scored more since)."""
+    repo, _ = tiny_repo
+    client = client_for(repo)
+    runs = runs_of(client, first_parent(client).info.run_id)
+    info = yaml.safe_load((repo / "data/prepared/info.json").read_text())
+    for variant in ("uncond", "cond"):
+        train = client.get_run(runs[f"train-{variant}"].info.run_id)
+        (dataset,) = [d.dataset for d in train.inputs.dataset_inputs]
+        assert (dataset.name, dataset.digest) == ("glyphs", info["content_hash"][:32])
+        versions = client.search_model_versions(f"name = 'ddpm-{variant}'")
+        (first,) = [v for v in versions if v.run_id == train.info.run_id]
+        assert first.tags["data_hash"] == info["content_hash"] and first.tags["comparability_key"]
+        champion = client.get_model_version_by_alias(f"ddpm-{variant}", "champion")
+        peers = [float(v.tags["fid"]) for v in versions if v.tags.get("comparability_key") ==
+                 champion.tags["comparability_key"]]
+        assert float(champion.tags["fid"]) == min(peers)
+    with tracking_at(client.tracking_uri):
+        model = mlflow.pyfunc.load_model("models:/ddpm-cond@champion")
+    assert model.predict({"num": [2], "steps": [2]}).shape[:2] == (2, 1)
+
+
 def test_parent_run_spans_the_pipeline(tiny_repo):
     repo, _ = tiny_repo
     client = client_for(repo)

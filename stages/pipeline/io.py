@@ -2,6 +2,7 @@
 rename), a stage's outputs put in place together (`staged_files`), and the prepared data read back."""
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -63,6 +64,15 @@ def signals_held(signums=(signal.SIGTERM, signal.SIGINT)):
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def file_hash(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes: which model file a version, a sample set or a fine-tuning started from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
