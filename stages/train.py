@@ -1,24 +1,27 @@
 """train: fit the unconditional or the class-conditional model, resumably, tracked in MLflow.
 
-usage: python -m stages.train VARIANT --data DIR --checkpoints DIR --out DIR --metrics FILE --plot FILE
+usage: python -m stages.train VARIANT --data DIR --checkpoints DIR --out DIR --metrics FILE --plot FILE [--init DIR]
 Work in progress lives in --checkpoints (stages/pipeline/resume.py): a rerun with the same params, data
 and code resumes from it and continues the same MLflow run. The outputs (--out, --plot, --metrics) are written
 to temporaries and moved into place only after the model is logged and registered in MLflow: a stage that
-fails or is killed before leaves the previous outputs as they were.
+fails or is killed before leaves the previous outputs as they were. --init: the folder the init-from
+stage wrote, whose model (train_<variant>.init_from) training starts from (stages/pipeline/finetune.py).
 """
 
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpm import Diffusion, Trainer, generate, make_unet
 
+from .pipeline.finetune import InitSource
 from .pipeline.io import class_names, load_info, load_prepared, save_grid, staged_files, write_json, write_text
 from .pipeline.params import ParamsError, load_params, sections, train_config
-from .pipeline.registry import registered_name
+from .pipeline.registry import record_lineage, registered_name
 from .pipeline.resume import TrainState
 from .pipeline.run import barrier, check_writable, init_distributed, join_or_relaunch, path_parser, run, seed_everything
 from .pipeline.store import mlflow_ui_command, mlflow_ui_url
@@ -28,6 +31,7 @@ from .pipeline.tracking import Tracker, stage_run
 def main(argv: list[str]) -> None:
     ap = path_parser("--data", "--checkpoints", "--out", "--metrics", "--plot")
     ap.add_argument("variant", choices=("uncond", "cond"))
+    ap.add_argument("--init", type=Path, help="the init-from stage's folder for this model")
     a = ap.parse_args(argv)
     p = load_params()
     check_writable(a.checkpoints, a.out, a.metrics, a.plot)
@@ -37,24 +41,32 @@ def main(argv: list[str]) -> None:
     info = load_info(a.data)
     num_classes = len(class_names(info, "conditional training")) if a.variant == "cond" else None
     unet, config = p.model.unet(info["shape"][0], info["shape"][1], num_classes), train_config(p, a.variant)
-    state = TrainState.of(a.checkpoints, unet, p.diffusion, config, p.seed, info["content_hash"])
+    key = f"train_{a.variant}.init_from"
+    init = InitSource.of(a.init, getattr(p, f"train_{a.variant}").init_from, key)
+    weights = init.weights(unet, key)  # a model of another architecture stops here, before any work
+    state = TrainState.of(a.checkpoints, unet, p.diffusion, config, p.seed, info["content_hash"], init.model_hash)
     rank, world_size, device = init_distributed(p.device)
     if rank > 0:  # only rank 0 writes files and talks to MLflow
         barrier()
-        return train(a, p, unet, config, state, Tracker(None, None, None), device, rank, world_size)
+        return train(a, p, unet, config, state, Tracker(None, None, None), device, rank, world_size, weights)
     run_id = state.previous_run_id()
     barrier()
     params = sections(p, "seed", "device", "diffusion", "model", "train", f"train_{a.variant}")
     with stage_run("train", a.variant, params, info["content_hash"], run_id) as tracker:
         state.begin(tracker.run_id)
-        train(a, p, unet, config, state, tracker, device, rank, world_size)
+        record_lineage(tracker, info, a.data, init)
+        train(a, p, unet, config, state, tracker, device, rank, world_size, weights)
 
 
-def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, world_size: int) -> None:
+def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, world_size: int,
+          weights: dict | None = None) -> None:
     seed_everything(p.seed)  # the same initial weights on every rank
     images, labels, info = load_prepared(a.data, "train", mmap=True)
     memory_format = torch.channels_last if config.channels_last else torch.preserve_format
-    model = make_unet(unet).to(device, memory_format=memory_format)
+    model = make_unet(unet)
+    if weights is not None:  # fine-tuning: the source model's weights (a resumed run then loads its own)
+        model.load_state_dict(weights)
+    model = model.to(device, memory_format=memory_format)
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         seed_everything(p.seed + rank)  # each rank its own dropout

@@ -17,7 +17,7 @@ from benchmarks.project import TINY, copy_project, merge  # noqa: F401 (TINY, me
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ALL_STAGES = {"profile", "check", "prepare", "classifier", "reference", "train@uncond", "train@cond",
+ALL_STAGES = {"profile", "check", "prepare", "classifier", "reference", "init-from", "train@uncond", "train@cond",
               "sample-ddpm@uncond", "sample-ddim@uncond", "sample-dpmsolver@uncond", "sample-ddpm@cond",
               "sample-ddim@cond", "sample-dpmsolver@cond", "evaluate", "visualize"}
 

@@ -78,6 +78,6 @@ def test_unlabelled_folder_trains_and_samples_unconditionally(tmp_path):
     repo = make_repo(tmp_path / "repo", folder_config(root))
     samplers = ["sample-ddpm@uncond", "sample-ddim@uncond", "sample-dpmsolver@uncond"]
     proc = run(["dvc", "repro", *samplers], repo)  # what the refusal suggests
-    assert stages_run(proc.stdout) == {"profile", "check", "prepare", "train@uncond", *samplers}
+    assert stages_run(proc.stdout) == {"profile", "check", "prepare", "init-from", "train@uncond", *samplers}
     images = torch.load(repo / "samples/uncond/ddim/ddim5_eta0.pt", weights_only=True)["images"]
     assert images.shape == (12, 3, 32, 32)

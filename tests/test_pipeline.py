@@ -91,14 +91,17 @@ def test_eval_metrics_cover_every_sampler(tiny_repo):
 
 
 def test_second_repro_runs_nothing(tiny_repo):
+    """Nothing but init-from, which looks whether the model a train stage starts from changed outside DVC's view
+    (here: none), and changes nothing."""
     repo, _ = tiny_repo
     proc = run(["dvc", "repro"], repo)
-    assert stages_run(proc.stdout) == set()
-    assert "changed" not in run(["dvc", "status"], repo).stdout
+    assert stages_run(proc.stdout) == {"init-from"}
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {"init-from": ["always changed"]}
 
 
 def test_changing_eta_reruns_only_the_ddim_stages_and_evaluation(tiny_experiments):
-    assert stages_run(tiny_experiments["eta-half"]) == {"check", "sample-ddim@uncond", "sample-ddim@cond", "evaluate"}
+    assert stages_run(tiny_experiments["eta-half"]) == {"check", "init-from", "sample-ddim@uncond", "sample-ddim@cond",
+                                                        "evaluate"}
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
@@ -122,7 +125,7 @@ def test_a_key_that_one_model_reads_changes_only_that_models_stages(tiny_repo, s
         status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
     finally:
         params.write_text(original)
-    assert set(status) == changed | {"check"}, status
+    assert set(status) == changed | {"check", "init-from"}, status  # init-from: always
 
 
 def exp_params(repo, name: str) -> dict:
@@ -244,9 +247,10 @@ def test_the_models_are_dvc_artifacts_that_a_version_tag_registers(tiny_repo, tm
     try:
         for tag in tags:
             run(["git", "tag", "-a", tag, "-m", "registered"], repo)
-        for name, path in (("ddpm-uncond", "models/uncond/model.pt"), ("ddpm-cond", "models/cond/model.pt")):
-            run(["dvc", "artifacts", "get", ".", name, "-o", str(tmp_path / f"{name}.pt")], repo)
-            assert (tmp_path / f"{name}.pt").read_bytes() == (repo / path).read_bytes()
+        for name, path in (("ddpm-uncond", "models/uncond"), ("ddpm-cond", "models/cond")):
+            run(["dvc", "artifacts", "get", ".", name, "-o", str(tmp_path / name)], repo)
+            assert (tmp_path / name / "model.pt").read_bytes() == (repo / path / "model.pt").read_bytes()
             assert dvc.api.artifacts_show(name, repo=str(repo)) == {"rev": head, "path": path}
+        assert (tmp_path / "ddpm-uncond/model-guide.pt").is_file()  # autoguidance needs it
     finally:
         run(["git", "tag", "-d", *tags], repo, check=False)

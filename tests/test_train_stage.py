@@ -25,11 +25,12 @@ def test_train_stage_depends_on_the_shared_section_and_its_own(variant):
 
 
 def test_every_training_key_is_in_exactly_one_section():
-    """A key is shared (train) or each model's own (train_uncond, train_cond; only the step budget is in both)."""
+    """A key is shared (train) or each model's own (train_uncond, train_cond; only the step budget and the model it
+    starts from are in both)."""
     shared, uncond, cond = [{f.name for f in dataclasses.fields(c)}
                             for c in (TrainParams, UncondTrainParams, CondTrainParams)]
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= shared | uncond | cond
-    assert not shared & (uncond | cond) and uncond & cond == {"steps"}
+    assert not shared & (uncond | cond) and uncond & cond == {"steps", "init_from"}
 
 
 def test_train_config_turns_the_other_models_key_off():

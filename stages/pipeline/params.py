@@ -16,9 +16,11 @@ from pathlib import Path
 import yaml
 
 from ddpm import DiffusionConfig, TrainConfig, UNetConfig
+from ddpm.checkpoint import EXPORT_CONFIG
 from ddpm.diffusion import PREDICTIONS
 from ddpm.request import RULES, valid
 from ddpm.samplers import METHODS
+from ddpm.sources import URI_FORMS, ModelSourceError, check_model_uri, is_model_uri
 from ddpm.training import LR_SCHEDULES, PRECISIONS
 
 from .bounds import device_checks, size_checks
@@ -109,12 +111,14 @@ class TrainParams:
 class UncondTrainParams:
     steps: int | None                    # optimizer steps to train; null: train.epochs
     guide_at: float                      # keep the EMA weights at this fraction of training as the guide; 0: none
+    init_from: str | None                # fine-tune from this model (file, export folder, MLflow URI); null: scratch
 
 
 @dataclass(frozen=True)
 class CondTrainParams:
     steps: int | None                    # optimizer steps to train; null: train.epochs
     p_uncond: float                      # label drop rate, for classifier-free guidance
+    init_from: str | None                # fine-tune from this model (file, export folder, MLflow URI); null: scratch
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,8 @@ class Params:
 
 VARIANTS = ("uncond", "cond")
 RENAMED = {"train.bf16": "train.precision: fp32 | tf32 | bf16 | fp16 | auto (bf16: true is precision: bf16)",
-           "train.guide_at": "train_uncond.guide_at", "train.p_uncond": "train_cond.p_uncond"}
+           "train.guide_at": "train_uncond.guide_at", "train.p_uncond": "train_cond.p_uncond",
+           "train.init_from": "train_uncond.init_from and train_cond.init_from (each model starts from its own)"}
 
 
 def train_config(p: Params, variant: str) -> TrainConfig:
@@ -300,6 +305,8 @@ def _checks(p: Params):
         ("train.logsnr_normal", t.logsnr_normal is None or (len(t.logsnr_normal) == 2 and t.logsnr_normal[1] > 0),
          "[mean, std] with std > 0, or null (uniform timesteps)"),
         ("train_uncond.guide_at", 0 <= guide_at < 1, "in [0, 1) (0: no guide model)"),
+        *((f"train_{model}.init_from", *_init_from_check(source))
+          for model, source in (("uncond", p.train_uncond.init_from), ("cond", p.train_cond.init_from))),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
         ("train.nproc", t.nproc >= 1 and t.batch_size % t.nproc == 0, ">= 1 and a divisor of train.batch_size"),
         ("train.nnodes", t.nnodes >= 1 and t.batch_size % (t.nproc * t.nnodes) == 0,
@@ -354,6 +361,26 @@ def _checks(p: Params):
 def _endpoint(value: str | None) -> bool:
     host, _, port = (value or "").rpartition(":")
     return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def _init_from_check(source: str | None) -> tuple[bool, str, str]:
+    """(ok, what is allowed, what is wrong) for a train_<variant>.init_from: null, a model file or export folder
+    that exists, or a model URI of a valid form (whether it resolves, the init-from stage finds out)."""
+    allowed = f"null, a model file (.pt), a `ddpm export` folder, or an MLflow model URI ({URI_FORMS})"
+    if source is None:
+        return True, allowed, ""
+    if is_model_uri(source):
+        try:
+            check_model_uri(source)
+        except ModelSourceError:
+            return False, allowed, "is not a model URI of those forms"
+        return True, allowed, ""
+    path = Path(source)
+    if not path.exists():
+        return False, allowed, "is not there (no such file or folder)"
+    if path.is_dir() and not (path / EXPORT_CONFIG).is_file():
+        return False, allowed, f"is a folder without {EXPORT_CONFIG}, not a `ddpm export` folder"
+    return True, allowed, ""
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -41,10 +41,13 @@ class TrainState:
         self.pending: list[tuple[int, float, float, float]] = []
 
     @classmethod
-    def of(cls, folder: Path, unet, diffusion, config, seed: int, data_hash: str) -> "TrainState":
-        """The state of the run that these configs, seed, data and the library's code define."""
-        return cls(folder, config_hash({"unet": asdict(unet), "diffusion": asdict(diffusion), "train": asdict(config),
-                                        "seed": seed, "data": data_hash, "code": source_hash()}))
+    def of(cls, folder: Path, unet, diffusion, config, seed: int, data_hash: str,
+           init_hash: str | None = None) -> "TrainState":
+        """The state of the run that these configs, seed, data, the library's code and, when fine-tuning, the
+        weights it starts from (`init_hash`) define."""
+        run = {"unet": asdict(unet), "diffusion": asdict(diffusion), "train": asdict(config), "seed": seed,
+               "data": data_hash, "code": source_hash()}
+        return cls(folder, config_hash(run | ({"init": init_hash} if init_hash else {})))
 
     def previous_run_id(self) -> str | None:
         """The MLflow run id of this exact run if it was started before; otherwise clear the folder."""
