@@ -182,6 +182,8 @@ def build_parser() -> Parser:
     p.add_argument("--steps", type=at_least(1), help=f"DDIM steps of samples.png ({DEFAULT_STEPS}, at most T)")
     p.add_argument("--params", type=Path, help="the pipeline's params.yaml, for the card's training section")
     p.add_argument("--metrics", type=Path, help="the evaluate stage's metrics/eval.json, for the card's FID table")
+    p.add_argument("--license", default="unknown", help="the card's license, a Hugging Face Hub id such as mit or "
+                   "apache-2.0 (unknown)")
     p.set_defaults(run=cmd_export)
     return ap
 
@@ -404,7 +406,7 @@ def cmd_export(args, m: Loaded) -> None:
                                                  ("class", args.klass)) if value is not None)
     note = f"`{command}`: {picture.title}" + (", one row per class." if picture.row_labels else ".")
     write_export(args.model_path, args.out, pictures.grid_image(picture.images, picture.nrow), note,
-                 training_params(params, m.meta.get("variant")), scores)
+                 training_params(params, m.meta.get("variant")), scores, args.license)
     print(f"wrote {args.out}: {', '.join(sorted(p.name for p in args.out.iterdir()))}")
 
 

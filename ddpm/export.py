@@ -1,5 +1,7 @@
 """`ddpm export`: a model file as a folder to share (`write_export`), with a model card (`model_card`, built from
-the folder's config.json and, when given, the params that trained the model and the evaluate stage's eval.json)."""
+the folder's config.json and, when given, the params that trained the model and the evaluate stage's eval.json)
+that opens with the YAML front matter model hubs read (`front_matter`: license, tags, datasets, and the scores in
+Hugging Face's model-index form)."""
 
 import json
 from pathlib import Path
@@ -13,16 +15,19 @@ from .files import atomic_dir
 class ExportError(ValueError):
     """An --out folder or a --params/--metrics file that `ddpm export` cannot use."""
 
+# the datasets' ids on the Hugging Face Hub, for the card's `datasets`; others go by their own name
+HUB_DATASETS = {"mnist": "ylecun/mnist", "fashion_mnist": "zalando-datasets/fashion_mnist",
+                "cifar10": "uoft-cs/cifar10"}
 FILES = {"model.safetensors": "the UNet's EMA weights (safetensors: tensors only, nothing runs when loaded)",
          "config.json": "UNet and diffusion configs, class names, training meta, the guide model",
          "samples.png": "a sample grid drawn by `ddpm export` (see below)"}
 
 
 def model_card(folder: str, config: dict, sample_note: str, params: dict | None = None,
-               scores: dict | None = None) -> str:
-    """Markdown: what the model is, its files, how to sample it (from `folder`), its configs, the params that
-    trained it (`params`, as the caller picks them: data.name names the dataset) and the FID/floor table of its
-    variant (`scores`: the evaluate stage's eval.json)."""
+               scores: dict | None = None, license: str = "unknown") -> str:
+    """Markdown: the front matter (`front_matter`), what the model is, its files, how to sample it (from
+    `folder`), its configs, the params that trained it (`params`, as the caller picks them: data.name names the
+    dataset) and the FID/floor table of its variant (`scores`: the evaluate stage's eval.json)."""
     meta, unet, guide = config["meta"], config["unet"], config.get("guide")
     variant, conditional = meta.get("variant", "?"), bool(unet.get("num_classes"))
     dataset = (params or {}).get("data", {}).get("name") or (scores or {}).get("protocol", {}).get("dataset")
@@ -37,8 +42,8 @@ def model_card(folder: str, config: dict, sample_note: str, params: dict | None 
         files[guide["weights"]] = "the guide model for autoguidance: the EMA weights " + (
             f"at step {guide['steps']}" if guide.get("steps") is not None else "of an earlier step")
     flag = " --autoguidance 1" if guide else " --guidance 0.5" if conditional else ""
-    lines = [f"# ddpm-{variant}", "", "; ".join(about) + ".", "", "## Files", "", "| file | what |", "| --- | --- |",
-             *(f"| `{f}` | {what} |" for f, what in files.items()),
+    lines = [front_matter(config, dataset, scores, license), f"# ddpm-{variant}", "", "; ".join(about) + ".", "",
+             "## Files", "", "| file | what |", "| --- | --- |", *(f"| `{f}` | {what} |" for f, what in files.items()),
              "", "## Use", "", "With this project installed (`pip install -e .`):", "", "```",
              f"ddpm sample --model {folder}{flag} --out samples.png", "```", "",
              "or in Python: `model, diffusion, meta = ddpm.load_model(FOLDER)`, then `ddpm.generate`.", "",
@@ -47,6 +52,39 @@ def model_card(folder: str, config: dict, sample_note: str, params: dict | None 
              *training(params), *evaluation(scores, variant),
              "## Samples", "", sample_note, "", "![samples](samples.png)", ""]
     return "\n".join(lines)
+
+
+def front_matter(config: dict, dataset: str | None, scores: dict | None, license: str) -> str:
+    """The card's YAML header, as the Hugging Face Hub reads it: license, tags, datasets, pipeline_tag and, with
+    `scores` (eval.json), model-index: the best sampler setting's FID, FID over the floor, IS and conditional
+    accuracy on the test split (https://huggingface.co/docs/hub/model-cards#evaluation-results)."""
+    import yaml
+
+    variant, conditional = config["meta"].get("variant", "model"), bool(config["unet"].get("num_classes"))
+    task = "image-generation" if conditional else "unconditional-image-generation"
+    header = {"license": license, "library_name": "pytorch",
+              "tags": ["diffusion", "ddpm", "class-conditional" if conditional else "unconditional", task,
+                       "safetensors"]}
+    if dataset:
+        header["datasets"] = [HUB_DATASETS.get(dataset, dataset)]
+    if not conditional:
+        header["pipeline_tag"] = task
+    best = min((scores or {}).get(variant, {}).items(), key=lambda item: item[1]["fid"], default=None)
+    if best is not None:
+        tag, entry = best
+        names = {"fid": ("fid", f"FID (domain-classifier features; {tag})"),
+                 "fid_over_floor": ("fid_over_floor", "FID over the real-data floor"),
+                 "is_mean": ("inception_score", "IS (domain classifier)"),
+                 "cond_accuracy": ("accuracy", "Accuracy on the class asked for")}
+        metrics = [{"type": kind, "value": round(float(entry[k]), 4), "name": name}
+                   for k, (kind, name) in names.items() if k in entry]
+        header["model-index"] = [{"name": f"ddpm-{variant}", "results": [{
+            "task": {"type": task, "name": "Class-conditional image generation" if conditional else
+                     "Unconditional image generation"},
+            "dataset": {"type": header.get("datasets", [dataset or "unknown"])[0], "name": dataset or "unknown",
+                        "split": "test"},
+            "metrics": metrics}]}]
+    return "---\n" + yaml.safe_dump(header, sort_keys=False, width=110) + "---\n"
 
 
 def training(params: dict | None) -> list[str]:
@@ -103,10 +141,10 @@ def read_inputs(params: Path | None, metrics: Path | None) -> tuple[dict | None,
 
 
 def write_export(model_file: Path, out: Path, samples: Image.Image, sample_note: str, params: dict | None,
-                 scores: dict | None) -> None:
-    """The folder `out`, written beside it and renamed into place when complete (`atomic_dir`); `params` and
-    `scores` as `model_card` takes them."""
+                 scores: dict | None, license: str = "unknown") -> None:
+    """The folder `out`, written beside it and renamed into place when complete (`atomic_dir`); `params`,
+    `scores` and `license` as `model_card` takes them."""
     with atomic_dir(out) as tmp:
         config = export_model(model_file, tmp)
         samples.save(tmp / "samples.png")
-        (tmp / "README.md").write_text(model_card(str(out), config, sample_note, params, scores))
+        (tmp / "README.md").write_text(model_card(str(out), config, sample_note, params, scores, license))

@@ -88,6 +88,29 @@ def test_the_card_gives_the_params_and_the_fid_table_when_given(models, tmp_path
     assert "## Evaluation" not in card and "Params not given" in card
 
 
+def test_the_card_opens_with_the_metadata_a_model_hub_reads(models, tmp_path):
+    """Parsed by the Hugging Face Hub's own reader: license, tags, datasets and the best setting's scores."""
+    from huggingface_hub import ModelCard
+
+    scores = {"uncond": {"ddim5_ag1": {"fid": 9.0, "fid_over_floor": 4.5, "is_mean": 2.5},
+                         "dpmsolver5_ag1": {"fid": 5.0, "fid_over_floor": 2.5, "is_mean": 2.75}},
+              "floor": {"classifier": {"fid": 2.0}}, "protocol": {"dataset": "fashion_mnist"}}
+    (tmp_path / "eval.json").write_text(json.dumps(scores))
+    export(models["uncond"], "scored", "--metrics", "eval.json", "--license", "mit")
+    card = ModelCard((tmp_path / "scored/README.md").read_text())
+    assert card.data.license == "mit" and card.data.datasets == ["zalando-datasets/fashion_mnist"]
+    assert {"diffusion", "ddpm", "unconditional", "safetensors"} <= set(card.data.tags)
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert {k: r.metric_value for k, r in results.items()} == {"fid": 5.0, "fid_over_floor": 2.5,
+                                                                 "inception_score": 2.75}
+    assert "dpmsolver5_ag1" in results["fid"].metric_name and results["fid"].dataset_split == "test"
+    assert card.text.lstrip().startswith("# ddpm-uncond")
+    export(models["cond"], "plain")
+    card = ModelCard((tmp_path / "plain/README.md").read_text())
+    assert card.data.license == "unknown" and "class-conditional" in card.data.tags and not card.data.eval_results
+
+
 def corrupt(folder, case: str) -> None:
     weights = folder / "model.safetensors"
     if case == "truncated":
