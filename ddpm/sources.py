@@ -86,8 +86,9 @@ def resolve(uri: str, tracking_uri: str | None = None) -> Resolved:
         if registered:
             name, alias, number = registered.groups()
             v = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+            logged = v.model_id or (v.source.removeprefix("models:/") if v.source.startswith("models:/m-") else None)
             return Resolved(f"models:/{name}/{v.version}", client.get_model_version_download_uri(name, v.version),
-                            v.run_id, v.model_id)
+                            v.run_id, logged)
         if uri.startswith("runs:/"):  # downloaded as it is: a runs:/ URI resolves in the store given
             return Resolved(uri, uri, client.get_run(uri.split("/")[1]).info.run_id, None)
         model = client.get_logged_model(uri.removeprefix("models:/"))

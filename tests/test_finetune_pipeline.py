@@ -76,10 +76,10 @@ def test_training_starts_from_the_source_and_reruns_when_it_changes(repo):
     set_params(repo, train_cond={"init_from": "models:/ddpm-cond@champion"})
     assert "train@cond" in stages_run(run(["dvc", "repro", "train@cond"], repo).stdout)
     _, second = train_run(repo)
-    v1 = client.get_model_version("ddpm-cond", "1")
+    v1 = client.get_model_version("ddpm-cond", "1")  # its source is its logged model, models:/<model id>
     assert second.data.tags["init_from_resolved"] == "models:/ddpm-cond/1" and second.data.tags["init_from_run"] == \
         first.info.run_id
-    assert [m.model_id for m in second.inputs.model_inputs] == [v1.model_id]
+    assert ["models:/" + m.model_id for m in client.get_run(second.info.run_id).inputs.model_inputs] == [v1.source]
     assert stages_run(run(["dvc", "repro", "train@cond"], repo).stdout) == {"init-from"}
     client.set_registered_model_alias("ddpm-cond", "champion", "2")
     assert "train@cond" in stages_run(run(["dvc", "repro", "train@cond"], repo).stdout)
@@ -97,12 +97,14 @@ def test_a_killed_fine_tune_resumes_to_the_same_result(repo):
     run(["dvc", "repro", "init-from"], repo)
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     killed = [*TRAIN, "--checkpoints", "ck", "--out", "killed"]
-    proc = subprocess.Popen(killed, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (repo / "ck/last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with open(repo / "killed.log", "w") as log:
+        proc = subprocess.Popen(killed, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while not (repo / "ck/last.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (repo / "ck/last.pt").exists(), (repo / "killed.log").read_text()[-2000:]
     at_kill = torch.load(repo / "ck/last.pt", weights_only=True)["step"]
     assert 0 < at_kill < 30 and not (repo / "killed").exists()
     assert f"resuming from ck/last.pt at step {at_kill}" in run(killed, repo).stdout
