@@ -86,5 +86,6 @@ def test_editing_the_magnitude_preserving_network_reruns_the_stages_that_build_i
     finally:
         path.write_text(original)
     samples = {f"sample-{m}@{v}" for m in ("ddpm", "ddim", "dpmsolver") for v in ("uncond", "cond")}
-    # and the check stage, whose size bounds count the network's parameters (built on the meta device)
-    assert set(status) == {"check", "train@uncond", "train@cond", "visualize"} | samples, status
+    # and the check stage, whose size bounds count the network's parameters (built on the meta device), and
+    # init-from, which loads the model a train stage starts from (and is always changed: it looks at its source)
+    assert set(status) == {"check", "init-from", "train@uncond", "train@cond", "visualize"} | samples, status
