@@ -8,6 +8,23 @@ from helpers import TINY, make_repo, run
 
 from benchmarks.project import TRACKING_VARIABLES
 
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:  # the workers share the cores: their threads, and those of the processes tests start, too
+    import torch
+
+    THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    torch.set_num_threads(THREADS)
+
+
+def pytest_collection_modifyitems(items):
+    """The groups pytest-xdist keeps in one worker (--dist loadgroup): every test on the tiny project's one
+    reproduction (tiny_repo), so that it is built once, and otherwise each file's tests, so that a module's
+    fixtures are built once."""
+    for item in items:
+        group = "tiny_repo" if "tiny_repo" in item.fixturenames else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(autouse=True)
 def hermetic_environment():
