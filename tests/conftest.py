@@ -17,6 +17,7 @@ if WORKERS > 1:  # the workers share the cores: their threads, and those of the 
     torch.set_num_threads(THREADS)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(items):
     """The groups pytest-xdist keeps in one worker (--dist loadgroup): every test on the tiny project's one
     reproduction (tiny_repo), so that it is built once, and otherwise each file's tests, so that a module's
