@@ -5,10 +5,8 @@ Two feature extractors, both torch-fidelity `FeatureExtractorBase` modules:
 - "classifier": the domain classifier (ddpm.classifier), registered with torch-fidelity as `EXTRACTOR_NAME`.
   Its layers are "features" (the penultimate layer: FID, KID, precision/recall) and "logits" (IS).
 - "inception": torch-fidelity's Inception-v3 ("inception-v3-compat"), layers "2048" and "logits_unbiased",
-  built only from a local weights file (`find_inception_weights`); nothing is downloaded. The file is read
-  here as plain tensors (`load_inception_weights`), never unpickled by torch-fidelity, and under
-  torch-fidelity's published name it must have that file's hash. Grayscale images are repeated to 3
-  channels for it.
+  built from a local weights file checked by hash and read as plain tensors (ddpm.inception, which also
+  fetches the file when a caller asks it to). Grayscale images are repeated to 3 channels for it.
 
 `extract_features` turns uint8 images into {"features": (N, D), "logits": (N, K)} once, so a reference
 set's features can be stored and reused; `metrics_from_features` then calls torch-fidelity's own
@@ -22,16 +20,12 @@ with the same extractor and seed (input1 generated, input2 real, as torch-fideli
 """
 
 import copy
-import hashlib
-import io
-import textwrap
 import warnings
 from pathlib import Path
 
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.helpers import vassert
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
@@ -40,18 +34,23 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
-from ddpm.checkpoint import CheckpointError, safe_load
 from ddpm.classifier import Classifier, predict, to_unit_range
+from ddpm.inception import (  # noqa: F401 (the names callers of make_extractor meet)
+    INCEPTION_NAME,
+    INCEPTION_SHA256,
+    INCEPTION_WEIGHTS_FILE,
+    MissingWeightsError,
+    find_inception_weights,
+    inception_extractor,
+    load_inception_weights,
+)
 from ddpm.noise import fold_seed
 
 EXTRACTOR_NAME = "ddpm-classifier"
 EXTRACTORS = {  # our name -> (torch-fidelity's registered name, (layer for FID/KID/PRC, layer for IS))
     "classifier": (EXTRACTOR_NAME, ("features", "logits")),
-    "inception": ("inception-v3-compat", ("2048", "logits_unbiased")),
+    "inception": (INCEPTION_NAME, ("2048", "logits_unbiased")),
 }
-INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
-# 6726825d: how the published file's SHA-256 starts (torch.hub's naming; torch-fidelity itself never checks it)
-INCEPTION_SHA256 = torch.hub.HASH_REGEX.search(INCEPTION_WEIGHTS_FILE)[1]
 METRICS = ("fid", "isc", "kid", "prc")
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default, used whenever both sets are at least this large
 KID_SUBSETS, ISC_SPLITS, PRC_NEIGHBORHOOD = 100, 10, 3  # torch-fidelity's defaults
@@ -67,10 +66,6 @@ _KEYS = {  # torch-fidelity's result keys -> ours
     torch_fidelity.KEY_METRIC_RECALL: "recall",
     torch_fidelity.KEY_METRIC_F_SCORE: "f_score",
 }
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Inception-v3 was requested but its weights are not on this machine."""
 
 
 class UInt8Dataset(Dataset):
@@ -124,73 +119,18 @@ if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:  # a module reload must no
     torch_fidelity.register_feature_extractor(EXTRACTOR_NAME, ClassifierFeatureExtractor)
 
 
-def default_inception_weights() -> Path:
-    """Where torch-fidelity keeps the Inception-v3 weights it downloads: $TORCH_HOME/hub/checkpoints/."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
-
-
-def find_inception_weights(path: str | Path | None = None) -> Path:
-    """The local Inception-v3 weights file: `path` when given, else torch-fidelity's cache. Never downloads."""
-    found = Path(path).expanduser() if path else default_inception_weights()
-    if not found.is_file():
-        raise MissingWeightsError(
-            f"Inception-v3 weights not found at {found}: put torch-fidelity's {INCEPTION_WEIGHTS_FILE} "
-            f"({URL_INCEPTION_V3}) there{'' if path else ' or give its path'}; nothing is downloaded")
-    return found
-
-
-def load_inception_weights(path: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The Inception-v3 state dict in the local weights file (`find_inception_weights`), read as plain tensors
-    (CheckpointError for a file that holds anything else). Under torch-fidelity's published name the file
-    must start its SHA-256 with the name's INCEPTION_SHA256, as torch.hub checks a download."""
-    found = find_inception_weights(path)
-    if found.name == INCEPTION_WEIGHTS_FILE:
-        digest = hashlib.sha256()
-        with open(found, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if not digest.hexdigest().startswith(INCEPTION_SHA256):
-            raise CheckpointError(f"{found}: its SHA-256 starts {digest.hexdigest()[:8]}, not {INCEPTION_SHA256} as "
-                                  "torch-fidelity's published Inception-v3 weights do; a damaged or different file "
-                                  "under their name")
-    state = safe_load(found)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{found}: not Inception-v3 weights in torch-fidelity's format "
-                              f"(a {type(state).__name__}, not a state dict of tensors)")
-    return state
-
-
-def _inception(path: str | Path | None) -> torch_fidelity.FeatureExtractorBase:
-    """torch-fidelity's Inception-v3 with the weights of `load_inception_weights(path)`.
-
-    torch-fidelity builds it only by torch.load(weights_only=False) of its weights path: it is given the
-    verified tensors, saved again into memory, so no pickle from the file is ever run."""
-    found = find_inception_weights(path)
-    state = load_inception_weights(found)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    registered, layers = EXTRACTORS["inception"]
-    try:
-        return create_feature_extractor(registered, list(layers), cuda=False, verbose=False,
-                                        feature_extractor_weights_path=buffer)
-    except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors, one per line
-        first = next((line.strip() for line in str(e).splitlines()[1:]), str(e))
-        raise CheckpointError(f"{found}: not Inception-v3 weights in torch-fidelity's format "
-                              f"({textwrap.shorten(first, 160, placeholder=' ...')})") from None
-
-
 def make_extractor(name: str, *, classifier: Classifier | None = None, weights: str | Path | None = None,
+                   sha256: str | None = None,
                    device: str | torch.device = "cpu") -> torch_fidelity.FeatureExtractorBase:
     """torch-fidelity's extractor for `name` (a key of EXTRACTORS), frozen, in eval mode on `device`.
 
     "classifier" needs the trained `classifier` (copied, the caller's model is untouched); "inception"
-    reads `weights`, else the file in torch-fidelity's cache (MissingWeightsError if neither exists;
-    CheckpointError for a file that is not plain Inception-v3 weights: see `load_inception_weights`)."""
+    reads `weights`, else the file in torch-fidelity's cache, checked against `sha256` (MissingWeightsError if
+    neither exists; CheckpointError for a file that is not plain Inception-v3 weights: `load_inception_weights`)."""
     if name not in EXTRACTORS:
         raise ValueError(f"unknown feature extractor {name!r}; valid: {', '.join(EXTRACTORS)}")
     if name == "inception":
-        return _inception(weights).to(device)
+        return inception_extractor(weights, list(EXTRACTORS[name][1]), sha256).to(device)
     registered, layers = EXTRACTORS[name]
     extractor = create_feature_extractor(registered, list(layers), cuda=False, verbose=False,
                                          feature_extractor_classifier=classifier)
@@ -226,23 +166,35 @@ def _kid_subset_size(n_generated: int, n_reference: int, requested: int | None) 
     return min(smallest, KID_SUBSET_SIZE)
 
 
+def fid_statistics(features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """torch-fidelity's FID statistics of features (N, D) as tensors that store as plain tensors:
+    {"mu": (D,) float32, "sigma": (D, D) float64}, the dtypes of its own numpy statistics."""
+    return {k: torch.from_numpy(v) for k, v in fid_features_to_statistics(features).items()}
+
+
 def metrics_from_features(generated: dict, reference: dict | None = None, *, metrics=METRICS,
+                          reference_stats: dict | None = None, subset: int | None = None,
                           kid_subset_size: int | None = None, kid_subsets: int = KID_SUBSETS,
                           isc_splits: int = ISC_SPLITS, prc_neighborhood: int = PRC_NEIGHBORHOOD,
                           seed: int = 2020) -> dict[str, float]:
     """FID / IS / KID / precision-recall of `generated` against `reference`, by torch-fidelity's functions.
 
     generated, reference: {"features": (N, D), "logits": (N, K)} from `extract_features` (IS uses the
-    generated logits alone; `reference` is needed for fid, kid, prc). Returns the keys of the requested
-    `metrics`: fid; is_mean, is_std; kid_mean, kid_std; precision, recall, f_score. `seed` drives the IS
-    split shuffling and the KID subset draws; the KID subset size defaults to min(1000, N, M).
+    generated logits alone; `reference` is needed for kid, prc, and fid unless `reference_stats`, the
+    `fid_statistics` of a larger reference set, are given). `subset`: KID and precision/recall use the first
+    `subset` rows of each set (precision/recall costs N^2). Returns the keys of the requested `metrics`: fid;
+    is_mean, is_std; kid_mean, kid_std; precision, recall, f_score. `seed` drives the IS split shuffling and
+    the KID subset draws; the KID subset size defaults to min(1000, N, M).
     """
     gen, ref = generated["features"], reference["features"] if reference is not None else None
     seed, out = fold_seed(seed, 32), {}  # torch-fidelity draws with numpy's RandomState, which takes 32 bits
     if "fid" in metrics:
-        out.update(fid_statistics_to_metric(fid_features_to_statistics(gen), fid_features_to_statistics(ref), False))
+        stats = ({k: v.numpy() for k, v in reference_stats.items()} if reference_stats is not None
+                 else fid_features_to_statistics(ref))
+        out.update(fid_statistics_to_metric(fid_features_to_statistics(gen), stats, False))
     if "isc" in metrics:
         out.update(isc_features_to_metric(generated["logits"], splits=isc_splits, shuffle=True, rng_seed=seed))
+    gen, ref = (gen[:subset], ref[:subset]) if subset and ref is not None else (gen, ref)
     if "kid" in metrics:
         size = _kid_subset_size(len(gen), len(ref), kid_subset_size)
         out.update(kid_features_to_metric(gen, ref, kid_subsets=kid_subsets, kid_subset_size=size, rng_seed=seed,
@@ -303,15 +255,16 @@ def over_floor(scores: dict[str, float], floor: dict[str, float]) -> dict[str, f
     return out
 
 
-def reference_features(extractor: torch_fidelity.FeatureExtractorBase, test: tuple[torch.Tensor, torch.Tensor],
+def reference_features(extractor: torch_fidelity.FeatureExtractorBase, reference: tuple[torch.Tensor, torch.Tensor],
                        floor: tuple[torch.Tensor, torch.Tensor], *, batch_size: int = 256,
                        device: str | torch.device = "cpu") -> dict:
-    """The real data a sample set is scored against, as features: the reference set `test` and the floor set
-    `floor` (real images scored as if generated, as many as are generated), each (uint8 images, int64 labels).
+    """The real data a sample set is scored against, as features: the reference set `reference` and the floor set
+    `floor` (real images scored as if generated), each (uint8 images, int64 labels).
 
-    Returns {"test": features, "floor": features, "test_labels": (M,), "floor_labels": (N,)}."""
+    Returns {"reference": features, "floor": features, "reference_labels": (M,), "floor_labels": (N,)}; a
+    Scorer also takes "stats" (`fid_statistics` of a larger set the FID is computed against)."""
     out = {}
-    for name, (images, labels) in (("test", test), ("floor", floor)):
+    for name, (images, labels) in (("reference", reference), ("floor", floor)):
         out[name] = extract_features(extractor, images, batch_size=batch_size, device=device)
         out[f"{name}_labels"] = labels
     return out
@@ -321,18 +274,24 @@ class Scorer:
     """Scores uint8 image sets against stored reference features, once per extractor, next to the floor.
 
     extractors: {name: extractor from `make_extractor`}; references: {name: `reference_features` of that
-    extractor}. `floor[name]` holds the floor set's metrics (for "classifier" also its accuracy on the
-    reference set's labels, the best conditional accuracy to expect)."""
+    extractor, with "stats" where FID is against a larger set}; `subset`: as in `metrics_from_features`.
+    `floor[name]` holds the floor set's metrics (for "classifier" also its accuracy on the reference set's
+    labels, the best conditional accuracy to expect)."""
 
     def __init__(self, extractors: dict, references: dict[str, dict], *, seed: int = 2020, batch_size: int = 256,
-                 device: str | torch.device = "cpu"):
-        self.extractors, self.references = extractors, references
+                 subset: int | None = None, device: str | torch.device = "cpu"):
+        self.extractors, self.references, self.subset = extractors, references, subset
         self.seed, self.batch_size, self.device = seed, batch_size, device
-        self.floor = {e: metrics_from_features(r["floor"], r["test"], seed=seed) for e, r in references.items()}
+        self.floor = {e: self._metrics(e, r["floor"]) for e, r in references.items()}
         if "classifier" in references:
             ref = references["classifier"]
             self.floor["classifier"]["cond_accuracy"] = class_accuracy(
-                ref["test"]["logits"], ref["test_labels"], ref["test"]["logits"].shape[1])[0]
+                ref["reference"]["logits"], ref["reference_labels"], ref["reference"]["logits"].shape[1])[0]
+
+    def _metrics(self, e: str, features: dict) -> dict[str, float]:
+        r = self.references[e]
+        return metrics_from_features(features, r["reference"], reference_stats=r.get("stats"), subset=self.subset,
+                                     seed=self.seed)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, dict]:
         """{extractor: metrics with fid_over_floor} of uint8 images (N, C, H, W); with the requested `labels`
@@ -340,7 +299,7 @@ class Scorer:
         out = {}
         for e, extractor in self.extractors.items():
             feats = extract_features(extractor, images, batch_size=self.batch_size, device=self.device)
-            out[e] = over_floor(metrics_from_features(feats, self.references[e]["test"], seed=self.seed), self.floor[e])
+            out[e] = over_floor(self._metrics(e, feats), self.floor[e])
             if e == "classifier" and labels is not None:
                 overall, per_class = class_accuracy(feats["logits"], labels, feats["logits"].shape[1])
                 out[e] |= {"cond_accuracy": overall, "cond_accuracy_per_class": per_class}
@@ -349,5 +308,6 @@ class Scorer:
     def settings(self) -> dict:
         """The settings behind the numbers, to report with them (sizes of the classifier's sets)."""
         ref = self.references[next(iter(self.references))]
-        n_real, n_floor = len(ref["test_labels"]), len(ref["floor_labels"])
-        return {"num_real": n_real, "num_floor": n_floor, **metric_settings(n_floor, n_real)}
+        n_ref, n_floor = len(ref["reference_labels"]), len(ref["floor_labels"])
+        n_kid = min(n_ref, n_floor, self.subset or n_floor)
+        return {"num_real": int(ref.get("num_real", n_ref)), "num_floor": n_floor, **metric_settings(n_kid, n_kid)}

@@ -214,8 +214,8 @@ def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int,
     if method == "ddpm" and steps < diffusion.timesteps:
         method, eta = "ddim", 1.0
     device = diffusion.betas.device
-    out = []
-    for start in tqdm(range(0, num, batch_size), desc=desc, disable=not progress, leave=False):
+    out, bar = [], tqdm(total=num, desc=desc, unit="img", disable=not progress, leave=False)  # images/s, ETA
+    for start in range(0, num, batch_size):
         idx = range(start, min(num, start + batch_size))
         gen = ImageGenerator(seed, range(first + idx.start, first + idx.stop), device)
         x_T = gen.randn((len(idx), *shape))
@@ -229,4 +229,6 @@ def generate(model: nn.Module, diffusion: Diffusion, num: int, shape: tuple[int,
             x = dpm_solver_sample(model, diffusion, x_T, steps, y=y, clip_x0=clip_x0, spacing=spacing,
                                   progress=progress)
         out.append(to_images(x, model))
+        bar.update(len(idx))
+    bar.close()
     return torch.cat(out)

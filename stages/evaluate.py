@@ -1,28 +1,30 @@
 """evaluate: score every sample set against the stored real-data reference (the reference stage) with
-FID, IS, KID and precision/recall (torch-fidelity, on each extractor of evaluate.extractors), each next to
-its floor (real train images scored the same way), and, for the conditional model, the classifier's
-accuracy on the requested classes.
+FID, IS, KID and precision/recall (torch-fidelity, on each extractor the reference holds), each next to its
+floor (real images scored the same way; which ones, and what the reference is, evaluate.protocol says:
+stages/pipeline/protocol.py), and, for the conditional model, the classifier's accuracy on the requested classes.
 
 usage: python -m stages.evaluate --data DIR --classifier FILE --reference DIR --metrics FILE --details FILE
          --table CSV --plot CSV --figure PNG --cfg-plot CSV --cfg-figure PNG SAMPLE_DIR...
---metrics: the headline that DVC shows (`headline`). --details: results[variant][tag] = the classifier's
-metrics (+ fid_over_floor, cond_accuracy), with each other extractor's under its name; results["floor"][extractor];
-results["protocol"] (how the numbers were made). --table: one row per sample set.
-Every output is written to a temporary first and moved into place only when all are written and logged,
-the metrics last: a stage that fails or is killed leaves the previous outputs as they were.
+--metrics: the headline that DVC shows (`headline`), under the protocol's key (fast-1k, standard-50k).
+--details: results[variant][tag] = the classifier's metrics (+ fid_over_floor, cond_accuracy), with each other
+extractor's under its name; results["floor"][extractor]; results["protocol"] (how the numbers were made).
+--table: one row per sample set. Every output is written to a temporary first and moved into place only when
+all are written and logged, the metrics last: a stage that fails or is killed leaves the previous outputs as
+they were.
 """
 
 import json
 import warnings
 from pathlib import Path
 
-from ddpm import SamplerSetting, load_classifier, resolve_device, safe_load
-from ddpm.metrics import Scorer, make_extractor
+from ddpm import SamplerSetting, resolve_device, safe_load
 
+from .pipeline.inception import inception_weights
 from .pipeline.io import load_info, staged_files
 from .pipeline.params import load_params, sections
+from .pipeline.protocol import FLOOR_SPLIT, REFERENCE_SPLIT, protocol_key, scorer_for, subset
 from .pipeline.registry import describe_model_versions
-from .pipeline.results import headline, inception_weights, sampler_tags, write_results
+from .pipeline.results import headline, sampler_tags, write_results
 from .pipeline.run import check_writable, path_parser, run, seed_everything
 from .pipeline.tracking import stage_run
 
@@ -36,39 +38,38 @@ def main(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     p = load_params()
     check_writable(a.metrics, a.details, a.table, a.plot, a.figure, a.cfg_plot, a.cfg_figure)
-    weights = inception_weights(p)
+    inception = inception_weights(p)
     params = sections(p, "seed", "device", "evaluate", "sample.num_samples")
     with stage_run("evaluate", params=params, data_hash=load_info(a.data)["content_hash"]) as tracker:
-        results, rows = evaluate(a, p, weights)
+        results, rows = evaluate(a, p, inception)
         outputs = [getattr(a, name) for name in OUTPUTS]  # the metrics last
         with staged_files(outputs, ".evaluate") as tmp:
             write_results({name: tmp[getattr(a, name)] for name in OUTPUTS}, results, rows)
             tracker.set_tags(sampler_tags(results["protocol"]))
-            summary = headline(rows, results["floor"]["classifier"])
+            summary = headline(rows, results["floor"], results["protocol"])
             tracker.log_metrics(summary, parent=True)  # the headline; every number as one table artifact
             tracker.log_dict(results, "eval.json")
+            (numbers,) = summary.values()
             describe_model_versions(tracker, {v: {"sampler": h["best"], "fid": h["fid"],
                                                   "fid_over_floor": h["fid_over_floor"]}
-                                              for v, h in summary.items() if v != "floor"},
+                                              for v, h in numbers.items() if v not in ("floor", "inception")},
                                     results["protocol"], model_hashes(a.samples))
             for f in outputs:
                 tracker.log_artifact(tmp[f])
 
 
-def evaluate(a, p, weights) -> tuple[dict, list[dict]]:
+def evaluate(a, p, inception) -> tuple[dict, list[dict]]:
     seed_everything(p.seed)
-    device, info = resolve_device(p.device), load_info(a.data)
-    classifier = load_classifier(a.classifier, device)
-    refs = {e: safe_load(a.reference / f"{e}.pt", ("test", "floor", "test_labels", "floor_labels"))
-            for e in p.evaluate.extractors}
-    extractors = {e: make_extractor(e, classifier=classifier, weights=weights, device=device) for e in refs}
-    scorer = Scorer(extractors, refs, seed=p.seed, batch_size=p.evaluate.batch_size, device=device)
-    results, rows, samplers, n_floor = {}, [], {}, scorer.settings()["num_floor"]
+    device, info, protocol = resolve_device(p.device), load_info(a.data), p.evaluate.protocol
+    scorer, status = scorer_for(p, inception, data=a.data, reference=a.reference, classifier=a.classifier,
+                                device=device)
+    results, rows, samplers, n = {}, [], {}, p.sample.num_samples
     for folder in a.samples:
         for s in json.loads((folder / "index.json").read_text()):
             data = safe_load(folder / f"{s['tag']}.pt", ("images", "labels"))
-            if len(data["images"]) != n_floor:
-                warnings.warn(f"{folder}/{s['tag']}: {len(data['images'])} images, floor {n_floor}", stacklevel=1)
+            if len(data["images"]) != n:
+                warnings.warn(f"{folder}/{s['tag']}: {len(data['images'])} images, not sample.num_samples {n}",
+                              stacklevel=1)
             scores = scorer(data["images"], data["labels"] if len(data["labels"]) else None)
             entry = scores.pop("classifier")  # the classifier's numbers at the top level, the others nested
             if "cond_accuracy_per_class" in entry:
@@ -79,10 +80,13 @@ def evaluate(a, p, weights) -> tuple[dict, list[dict]]:
             others = {f"{e}.{k}": v for e, m in scores.items() for k, v in m.items() if isinstance(v, float)}
             rows.append({"variant": s["variant"]} | setting | entry | others)
             print(f"{s['variant']} {s['tag']}: FID {entry['fid']:.3f} ({entry['fid_over_floor']:.2f} x floor)  "
-                  f"IS {entry['is_mean']:.3f}  P {entry['precision']:.3f}  R {entry['recall']:.3f}")
+                  f"IS {entry['is_mean']:.3f}  P {entry['precision']:.3f}  R {entry['recall']:.3f}"
+                  + "".join(f"  {e} FID {m['fid']:.3f} IS {m['is_mean']:.3f}" for e, m in scores.items()))
     results["floor"] = scorer.floor
-    results["protocol"] = {"extractor": "classifier", "extractors": list(refs), "reference_split": "test",
-                           "floor_split": "train", "num_generated": p.sample.num_samples, "seed": p.seed,
+    results["protocol"] = {"name": protocol, "key": protocol_key(protocol, n), "extractor": "classifier",
+                           "extractors": list(scorer.extractors), "inception": status,
+                           "reference_split": REFERENCE_SPLIT[protocol], "floor_split": FLOOR_SPLIT[protocol],
+                           "kid_prc_subset": subset(protocol), "num_generated": n, "seed": p.seed,
                            **scorer.settings(), "dataset": info["dataset"], "data_hash": info["content_hash"],
                            "samplers": samplers}
     return results, rows

@@ -1,22 +1,22 @@
-"""reference: the real-data features every evaluation compares against, computed once per
-(dataset, extractor, N) instead of once per sample set.
+"""reference: the real-data features every evaluation compares against, computed once per (dataset, extractor,
+evaluate.protocol): the number of samples and the samplers are not among its params, so changing them never
+recomputes it.
 
 usage: python -m stages.reference --data DIR --classifier FILE --out DIR
-Writes OUT/<extractor>.pt for each of evaluate.extractors: the features and logits of the whole test
-split (the reference set) and of a class-stratified train subset of sample.num_samples images, the
-same N as each generated set (the floor: real data scored as if it were generated), with both sets'
-labels.
+Writes OUT/<extractor>.pt for each of evaluate.extractors that can be had (Inception-v3 is left out, with the
+reason, when its weights cannot be downloaded), and OUT/extractors.json naming them. Each holds the FID
+statistics of the whole reference split (fast: the test split; standard: the training split; see
+stages/pipeline/protocol.py), and the features, logits and labels of the images kept for KID and
+precision/recall (fast: all of them; standard: a class-stratified 10,000).
 """
 
-import warnings
-
 from ddpm import atomic_save, load_classifier, resolve_device
-from ddpm.data import floor_subset
-from ddpm.metrics import make_extractor, reference_features
+from ddpm.metrics import extract_features, fid_statistics, make_extractor
 
-from .pipeline.io import atomic_dir, load_prepared
+from .pipeline.inception import inception_weights
+from .pipeline.io import atomic_dir, load_prepared, write_json
 from .pipeline.params import load_params, sections
-from .pipeline.results import inception_weights
+from .pipeline.protocol import REFERENCE_SPLIT, reference_rows
 from .pipeline.run import check_writable, path_parser, run, seed_everything
 from .pipeline.tracking import stage_run
 
@@ -25,29 +25,32 @@ def main(argv: list[str]) -> None:
     a = path_parser("--data", "--classifier", "--out").parse_args(argv)
     p = load_params()
     check_writable(a.out)
-    weights = inception_weights(p)
-    params = sections(p, "seed", "device", "evaluate.batch_size", "evaluate.extractors", "evaluate.inception_weights",
-                      "sample.num_samples")
-    test_images, test_labels, info = load_prepared(a.data, "test")
+    inception = inception_weights(p)
+    extractors = [e for e in p.evaluate.extractors if e != "inception" or inception.path]
+    params = sections(p, "seed", "device", "evaluate.protocol", "evaluate.batch_size", "evaluate.extractors",
+                      "evaluate.inception_weights")
+    split = REFERENCE_SPLIT[p.evaluate.protocol]
+    images, labels, info = load_prepared(a.data, split)
     with stage_run("reference", params=params, data_hash=info["content_hash"]) as tracker:
         seed_everything(p.seed)
-        images, labels, _ = load_prepared(a.data, "train")
-        n = p.sample.num_samples
-        if n > len(images):
-            warnings.warn(f"the floor uses all {len(images)} train images, fewer than the {n} generated", stacklevel=1)
-        floor_images, floor_labels = floor_subset(images, labels, n, p.seed)
         device = resolve_device(p.device)
         classifier = load_classifier(a.classifier, device)
+        rows = reference_rows(p.evaluate.protocol, labels, p.seed)
         with atomic_dir(a.out) as tmp:
-            for name in p.evaluate.extractors:
-                extractor = make_extractor(name, classifier=classifier, weights=weights, device=device)
-                ref = reference_features(extractor, (test_images, test_labels), (floor_images, floor_labels),
-                                         batch_size=p.evaluate.batch_size, device=device)
-                atomic_save({"extractor": name, "dataset": info["dataset"], "data_hash": info["content_hash"],
-                             "floor_split": "train", "seed": p.seed, **ref}, tmp / f"{name}.pt")
-                print(f"reference {name}: {len(test_images)} test and {len(floor_images)} train images, "
-                      f"{ref['test']['features'].shape[1]} features")
-        tracker.log_metrics({"num_real": len(test_images), "num_floor": len(floor_images)})
+            for name in extractors:
+                extractor = make_extractor(name, classifier=classifier, weights=inception.path,
+                                           sha256=inception.sha256, device=device)
+                feats = extract_features(extractor, images, batch_size=p.evaluate.batch_size, device=device)
+                atomic_save({"extractor": name, "protocol": p.evaluate.protocol, "reference_split": split,
+                             "dataset": info["dataset"], "data_hash": info["content_hash"], "seed": p.seed,
+                             "num_real": len(images), "stats": fid_statistics(feats["features"]),
+                             "reference": {k: v[rows] for k, v in feats.items()}, "reference_labels": labels[rows]},
+                            tmp / f"{name}.pt")
+                print(f"reference {name}: FID statistics of {len(images)} {split} images, {len(rows)} kept for KID "
+                      f"and precision/recall, {feats['features'].shape[1]} features")
+            write_json(tmp / "extractors.json", {"extractors": extractors, "inception": inception.status()})
+        tracker.set_tags({"inception": inception.status()})
+        tracker.log_metrics({"num_real": len(images), "num_kept": len(rows)})
 
 
 if __name__ == "__main__":

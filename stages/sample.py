@@ -18,6 +18,7 @@ import torch
 from ddpm import atomic_save, generate, load_guide, load_model, resolve_device, sampler_settings
 from ddpm.samplers import METHODS
 
+from .pipeline.bounds import sample_batch_size
 from .pipeline.io import atomic_dir, file_hash, save_grid, write_json
 from .pipeline.params import load_params, sections
 from .pipeline.run import check_writable, init_distributed, join_or_relaunch, path_parser, run, seed_everything
@@ -80,10 +81,13 @@ def draw(a, p, out, device, rank: int, world_size: int) -> list[dict]:
     model_hash = file_hash(a.model)  # which model version the scores of these samples belong to
     my_labels = labels[mine.start:mine.stop] if k else None
     for s in grid:
+        batch = p.sample.batch_size or sample_batch_size(model, device, len(mine), bool(s.cfg or s.autoguidance))
+        if rank == 0:
+            print(f"{a.variant} {s.tag}: {n} images in batches of {batch} on {device} ({world_size} processes)")
         start = time.perf_counter()
         images = generate(s.model(model, guide, diffusion), diffusion, len(mine), model.config.sample_shape,
                           seed=p.seed, method=s.method, steps=s.steps, eta=s.eta, labels=my_labels,
-                          batch_size=p.sample.batch_size, clip_x0=p.sample.clip_x0, spacing=s.spacing,
+                          batch_size=batch, clip_x0=p.sample.clip_x0, spacing=s.spacing,
                           progress=rank == 0, first=mine.start)
         if (images := gather(images, world_size)) is None:
             continue
@@ -92,7 +96,7 @@ def draw(a, p, out, device, rank: int, world_size: int) -> list[dict]:
                     out / f"{s.tag}.pt")
         save_grid(images[:p.sample.grid_size], out / f"{s.tag}.png", nrow=k)
         index.append({**s.to_dict(), "variant": a.variant, "num_samples": n, "seed": p.seed, "model_hash": model_hash,
-                      "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2),
+                      "batch_size": batch, "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2),
                       "processes": world_size})
         print(f"{a.variant} {s.tag}: {n} images in {seconds:.1f} s")
     return index

@@ -1,10 +1,21 @@
-"""Shared fixtures: the tiny project reproduced once per test session, and two experiments on it."""
+"""Shared fixtures: the tiny project reproduced once per test session, two experiments on it, and a randomly
+initialised Inception-v3 weights file."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import TINY, make_repo, run
+from torch_fidelity import feature_extractor_inceptionv3
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+# Inception-v3's weights are downloaded on first use (stages/pipeline/inception.py): in the tests, and in every
+# stage and `dvc repro` they start, from a port of this machine where nothing listens (refused at once, so the
+# stages take their offline path), into a torch cache of their own (never the user's, which may hold the file).
+os.environ["DDPM_INCEPTION_URL"] = "http://127.0.0.1:9/weights-inception-2015-12-05-6726825d.pth"
+os.environ["TORCH_HOME"] = str(Path(tempfile.gettempdir()) / f"ddpm-tests-torch-home-{os.getpid()}")
 
 from benchmarks.project import TRACKING_VARIABLES
 
@@ -62,3 +73,16 @@ def tiny_experiments(tiny_repo) -> dict[str, str]:
         proc = run(["dvc", "exp", "run", "-n", name, *args], repo)
         out[name] = proc.stdout + proc.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def fake_inception(tmp_path_factory) -> Path:
+    """A randomly initialised Inception-v3 saved in torch-fidelity's weights format (the real ones are not here),
+    under another name: torch-fidelity's name promises its published file, checked by hash."""
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(feature_extractor_inceptionv3, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(model.state_dict(), path)
+    return path

@@ -162,7 +162,7 @@ def size_checks(p):
          f"needs about {_gb(count * c * size * size)} for {count} images of {c} x {size} x {size}; this machine "
          f"has {_gb(host)}"),
         _fits("sample.num_samples", s.num_samples, c * size * size, "its images", host, "this machine"),
-        _fits("sample.batch_size", s.batch_size, unet_bytes(p, False), "the UNet's activations (an estimate)",
+        _fits("sample.batch_size", s.batch_size or 1, unet_bytes(p, False), "the UNet's activations (an estimate)",
               dev, where),
         _picture("sample.grid_size", s.grid_size, 1, "a grid"),
         _fits("train.batch_size", per_process, unet_bytes(p, True), "the UNet's activations in training "
@@ -200,3 +200,27 @@ def device_checks(p) -> list:
         ("train.nproc", not on_gpus or p.train.nproc <= gpus, f"at most {gpus}, or device cpu",
          f"needs a GPU per process with device {p.device}; this machine has {have}"),
     ]
+
+
+CPU_SAMPLE_BATCH = 250  # images per sampling batch off a GPU: the value measured on 2 cores before it was automatic
+MAX_SAMPLE_BATCH = 4096
+PROBE = 8  # images of the one forward pass that measures a CUDA device's memory per image
+
+
+def sample_batch_size(model, device: torch.device, num: int, guided: bool) -> int:
+    """Images per sampling batch when sample.batch_size is null: on a CUDA GPU as many as half its free memory
+    holds, at the peak memory per image of one forward pass of PROBE images (twice that when guided:
+    classifier-free guidance runs both predictions in one batch); elsewhere CPU_SAMPLE_BATCH. At most `num`.
+    The images do not depend on it (per-image noise), so it may differ from machine to machine."""
+    if device.type != "cuda":
+        return max(1, min(num, CPU_SAMPLE_BATCH))
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    labels = torch.zeros(PROBE, dtype=torch.long, device=device) if model.config.num_classes else None
+    with torch.no_grad():
+        model(torch.zeros(PROBE, *model.config.sample_shape, device=device),
+              torch.zeros(PROBE, dtype=torch.long, device=device), labels)
+    per_image = (torch.cuda.max_memory_allocated(device) - before) / PROBE * (2 if guided else 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(num, MAX_SAMPLE_BATCH, int(free / 2 / max(per_image, 1))))

@@ -34,6 +34,7 @@ DATASETS = ("mnist", "fashion_mnist", "cifar10", "glyphs", "imagefolder")
 SCHEDULES = ("linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EXTRACTORS = ("classifier", "inception")  # ddpm.metrics.EXTRACTORS
+PROTOCOLS = ("fast", "standard")  # stages/reference.py: what the samples are scored against
 
 
 # No defaults here: params.yaml is the one place where the pipeline's values are set, and every key
@@ -125,7 +126,7 @@ class CondTrainParams:
 class SampleParams:
     methods: tuple[str, ...]             # the samplers the pipeline runs; the others' stages write no samples
     num_samples: int
-    batch_size: int
+    batch_size: int | None               # images per sampling batch; null: sized for the device (stages/sample.py)
     ddpm_steps: tuple[int, ...]          # DDPM: diffusion.timesteps (all, Ho et al. 2020) or fewer (a strided chain)
     ddim_steps: tuple[int, ...]
     eta: tuple[float, ...]
@@ -141,9 +142,11 @@ class SampleParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    protocol: str                        # fast | standard (PROTOCOLS; stages/reference.py)
     batch_size: int
     extractors: tuple[str, ...]          # feature extractors: classifier (always), inception
-    inception_weights: str | None        # Inception-v3 weights file (else torch-fidelity's cache)
+    inception_required: bool             # stop before any work when Inception-v3 cannot be had
+    inception_weights: str | None        # Inception-v3 weights file (else torch-fidelity's cache, downloaded)
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,7 @@ def _checks(p: Params):
         ("sample.methods", len(s.methods) >= 1 and set(s.methods) <= set(METHODS)
          and len(set(s.methods)) == len(s.methods), "a non-empty list of distinct names from " + ", ".join(METHODS)),
         ("sample.num_samples", s.num_samples >= 1, ">= 1"),
-        ("sample.batch_size", s.batch_size >= 1, ">= 1"),
+        ("sample.batch_size", s.batch_size is None or s.batch_size >= 1, ">= 1, or null (sized for the device)"),
         ("sample.ddpm_steps", len(s.ddpm_steps) >= 1 and all(1 <= k <= T for k in s.ddpm_steps),
          f"a list of steps in [1, diffusion.timesteps = {T}]"),
         ("sample.ddim_steps", len(s.ddim_steps) >= 1 and all(1 <= k <= T for k in s.ddim_steps),
@@ -339,10 +342,13 @@ def _checks(p: Params):
           for key, interval in (("guidance_interval", s.guidance_interval),
                                 ("autoguidance_interval", s.autoguidance_interval))),
         ("sample.grid_size", s.grid_size >= 1, ">= 1"),
+        ("evaluate.protocol", p.evaluate.protocol in PROTOCOLS, "one of " + ", ".join(PROTOCOLS)),
         ("evaluate.batch_size", p.evaluate.batch_size >= 1, ">= 1"),
         ("evaluate.extractors", "classifier" in p.evaluate.extractors and set(p.evaluate.extractors) <= set(EXTRACTORS)
          and len(set(p.evaluate.extractors)) == len(p.evaluate.extractors),
          "a list of distinct names from " + ", ".join(EXTRACTORS) + ", classifier included"),
+        ("evaluate.inception_required", not p.evaluate.inception_required or "inception" in p.evaluate.extractors,
+         "false while evaluate.extractors leaves out inception"),
         ("visualize.per_class", v.per_class >= 1, ">= 1"),
         ("visualize.num_images", v.num_images >= 1, ">= 1"),
         ("visualize.frames", v.frames >= 2, ">= 2"),

@@ -1,10 +1,6 @@
 """What the evaluate stage makes of its scores: the headline that DVC and the MLflow parent run show, the
 tags that name each sample set, and the details, table, plots and figures written beside them."""
 
-from pathlib import Path
-
-from ddpm import CheckpointError
-from ddpm.metrics import MissingWeightsError, find_inception_weights, load_inception_weights
 from ddpm.samplers import METHODS
 
 from .io import save_figure, write_json, write_text
@@ -13,17 +9,6 @@ from .plots import cfg_series, cfg_tradeoff, csv_text, fid_vs_steps, steps_serie
 SETTING = ("variant", "tag", "method", "steps", "eta", "spacing", "cfg", "autoguidance", "interval")
 SCORES = ("fid", "fid_over_floor", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "f_score",
           "cond_accuracy")
-
-
-def inception_weights(p) -> Path | None:
-    """The local Inception-v3 weights when evaluate.extractors asks for them, checked before any work."""
-    if "inception" not in p.evaluate.extractors:
-        return None
-    try:
-        load_inception_weights(p.evaluate.inception_weights)  # read as plain tensors: a file never runs code
-        return find_inception_weights(p.evaluate.inception_weights)
-    except (MissingWeightsError, CheckpointError) as e:
-        raise type(e)(f"{e} (params.yaml: evaluate.inception_weights)") from None
 
 
 def _text(value) -> str:
@@ -40,9 +25,12 @@ def sampler_tags(protocol: dict) -> dict:
     return out
 
 
-def headline(rows: list[dict], floor: dict) -> dict:
-    """The numbers to compare at a glance, per model: the setting with the lowest FID (its tag, FID, FID/floor,
-    IS and, for the conditional model, conditional accuracy) and each sampler's lowest FID; and the floor's FID."""
+def headline(rows: list[dict], floors: dict, protocol: dict) -> dict:
+    """The numbers to compare at a glance, under the protocol's key (fast-1k, standard-50k: numbers of two
+    protocols never share a name). Per model: the setting with the lowest FID (its tag, FID, FID/floor, IS and,
+    for the conditional model, conditional accuracy), each sampler's lowest FID and, with Inception-v3, the
+    setting with the lowest Inception FID (its tag, FID, IS); the floor's FIDs; and "inception": "available",
+    "off" or "unavailable (why)"."""
     out = {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
@@ -53,7 +41,13 @@ def headline(rows: list[dict], floor: dict) -> dict:
             fids = [r["fid"] for r in mine if r["method"] == method]
             if fids:
                 out[variant][method] = {"fid": round6(min(fids))}
-    return out | {"floor": {"fid": round6(floor["fid"])}}
+        if "inception.fid" in best:
+            top = min(mine, key=lambda r: r["inception.fid"])
+            out[variant]["inception"] = {"best": top["tag"], "fid": round6(top["inception.fid"]),
+                                         "is_mean": round6(top["inception.is_mean"])}
+    floor = {"fid": round6(floors["classifier"]["fid"])} | (
+        {"inception": {"fid": round6(floors["inception"]["fid"])}} if "inception" in floors else {})
+    return {protocol["key"]: out | {"floor": floor, "inception": protocol["inception"]}}
 
 
 def round6(x: float) -> float:
@@ -64,7 +58,7 @@ def write_results(paths: dict, results: dict, rows: list[dict]) -> None:
     """Every output of evaluate, each to paths[name]: metrics (the headline), details, table, plot, figure,
     cfg_plot and cfg_figure."""
     floor = results["floor"]["classifier"]
-    write_json(paths["metrics"], headline(rows, floor))
+    write_json(paths["metrics"], headline(rows, results["floor"], results["protocol"]))
     write_json(paths["details"], results)
     others = sorted({k for r in rows for k in r if "." in k})  # the other extractors' numbers
     write_text(paths["table"], csv_text(rows, (*SETTING, *SCORES, *others)))
