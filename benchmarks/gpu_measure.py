@@ -1,6 +1,6 @@
 """The GPU check's measurements: torch.mm rates, training steps (images/s and achieved GFLOP/s, FLOPs
 counted by torch.utils.flop_counter) per precision, compiled and channels-last, and sampling images/s per
-sampler, step count and guidance; each a row of the report."""
+sampler, step count and guidance; the cifar10 profile's network at 32x32x3; each a row of the report."""
 
 import time
 
@@ -8,6 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.gpu_report import Report
+from benchmarks.project import merge
 from benchmarks.throughput import matmul_gflops, timed
 from ddpm import ClassifierFree, Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, generate
 
@@ -26,9 +27,9 @@ TRAIN_VARIANTS = {  # name: (precision, other TrainConfig fields)
 }
 
 
-def unet_config(params: dict, num_classes: int | None) -> UNetConfig:
+def unet_config(params: dict, num_classes: int | None, channels: int = 1, size: int = 28) -> UNetConfig:
     model = {k: tuple(v) if isinstance(v, list) else v for k, v in params["model"].items()}
-    return UNetConfig(in_channels=1, image_size=28, num_classes=num_classes, **model)
+    return UNetConfig(in_channels=channels, image_size=size, num_classes=num_classes, **model)
 
 
 def training_speed(device, unet: UNetConfig, diffusion: Diffusion, batch: int, steps: int, precision: str,
@@ -58,15 +59,17 @@ def step_flops(unet: UNetConfig, diffusion: DiffusionConfig, batch: int) -> floa
 
 
 def sampling_speed(model, diffusion, n: int, method: str, steps: int, guided: bool, dtype=None) -> dict:
-    """Images/s of `generate` for n images in one batch, class-conditional, guided at w = 1 or not."""
-    labels = torch.arange(n) % model.config.num_classes
+    """Images/s of `generate` for n images in one batch, class-conditional (if the model is), guided at w = 1
+    or not."""
+    c = model.config
+    labels = torch.arange(n) % c.num_classes if c.num_classes else None
     options = {"seed": 0, "method": method, "labels": labels, "batch_size": n}
     net = ClassifierFree(model, 1.0) if guided else model
     device = diffusion.betas.device.type
     with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        generate(net, diffusion, n, (1, 28, 28), steps=2, **options)  # warm-up
+        generate(net, diffusion, n, c.sample_shape, steps=2, **options)  # warm-up
         start = time.perf_counter()
-        generate(net, diffusion, n, (1, 28, 28), steps=steps, **options)
+        generate(net, diffusion, n, c.sample_shape, steps=steps, **options)
     seconds = time.perf_counter() - start
     return {"images_per_s": n / seconds, "seconds": seconds}
 
@@ -119,3 +122,26 @@ def sample_rows(r: Report, device: torch.device, params: dict, s: dict) -> None:
         r.measure("sample", row, lambda m=method, k=steps, g=guided, d=dtype: sampling_speed(
             model, diffusion, s["images"], m, k, g, d), s["estimate_s"], s["pipeline_s"])
 
+
+def cifar10_rows(r: Report, device: torch.device, params: dict, s: dict, tiny: bool) -> None:
+    """The cifar10 profile's UNet (`params`: its values) unconditional at 32x32x3: training images/s in the
+    profile's precision and what its steps take per model; DDIM-100 images/s and what 50,000 images take.
+    --tiny: 8 channels, fp32, DDIM at the tiny sampler steps."""
+    if tiny:
+        params = merge(params, {"model": {"base_channels": 8}, "train": {"precision": "fp32"}})
+    unet, config = unet_config(params, None, 3, 32), DiffusionConfig(**params["diffusion"])
+    batch, steps = s["batch"] or params["train"]["batch_size"], params["train_uncond"]["steps"]
+    diffusion, sampling_steps = Diffusion.from_config(config).to(device), s["sample_steps"][1] if tiny else 100
+
+    def train():
+        row = training_speed(device, unet, diffusion, batch, s["train_steps"], params["train"]["precision"],
+                             step_flops(unet, config, batch))
+        return {**row, f"hours_for_{steps}_steps": row["step_ms"] * steps / 3.6e6}
+    r.measure("cifar10", {"run": f"train, batch {batch}"}, train, s["estimate_s"], s["pipeline_s"])
+    model = UNet(unet).to(device).eval()
+
+    def sample():
+        row = sampling_speed(model, diffusion, s["images"], "ddim", sampling_steps, False)
+        return {**row, "minutes_for_50000_images": 50_000 / row["images_per_s"] / 60}
+    r.measure("cifar10", {"run": f"sample DDIM-{sampling_steps}, {s['images']} images"}, sample, s["estimate_s"],
+              s["pipeline_s"])

@@ -38,6 +38,7 @@ class Report:
     """The results so far (sections of rows), rewritten to out/gpu_check.{json,md} after every row."""
 
     SECTIONS = {"matmul": "torch.mm, n x n", "train": "Training steps", "sample": "Sampling",
+                "cifar10": "The cifar10 profile (32x32x3)",
                 "stages": "Pipeline: `dvc repro`, seconds per stage", "fid": "Pipeline: FID over the floor"}
 
     def __init__(self, out: Path, seconds: float, meta: dict):

@@ -96,34 +96,41 @@ def download_inception_weights(dest: Path, url: str = INCEPTION_URL, sha256: str
     renamed into place (a sibling temporary until then); anything else is removed and raised as DownloadError
     naming `url` and `dest`. `timeout` bounds the connection and each read, `limit_s` the whole download."""
     sha256, dest = _check_digest(sha256), Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.partial")
-    start, digest, size = time.monotonic(), hashlib.sha256(), 0
+    tmp, received = dest.with_name(f".{dest.name}.partial"), [0]
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
-            expected_size = int(response.headers.get("Content-Length") or -1)
-            while block := response.read(CHUNK):
-                digest.update(block)
-                f.write(block)
-                size += len(block)
-                if time.monotonic() - start > limit_s:
-                    raise DownloadError(f"{url}: not downloaded within {limit_s:g} s ({size} bytes so far)")
-        if 0 <= size < expected_size:
-            raise DownloadError(f"{url}: truncated download ({size} of {expected_size} bytes); nothing was kept")
-        if not digest.hexdigest().startswith(sha256):
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            dest.parent.mkdir(parents=True, exist_ok=True)  # only once the server answers
+            digest, size, expected = _receive(response, tmp, url, limit_s, received)
+        if 0 <= size < expected:
+            raise DownloadError(f"{url}: truncated download ({size} of {expected} bytes); nothing was kept")
+        if not digest.startswith(sha256):
             raise DownloadError(f"{dest}: refused and removed: the file from {url} has a SHA-256 starting "
-                                f"{digest.hexdigest()[:8]}, not {sha256[:8]}")
+                                f"{digest[:8]}, not {sha256[:8]}")
         tmp.replace(dest)
         return dest
     except urllib.error.HTTPError as e:
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:  # socket.timeout is TimeoutError
         reason = getattr(e, "reason", None) or e
-        if size:
-            raise DownloadError(f"{url}: the download stopped after {size} bytes ({reason}); nothing kept") from None
+        if received[0]:
+            raise DownloadError(f"{url}: the download stopped after {received[0]} bytes ({reason})") from None
         raise DownloadError(f"{url}: cannot be reached ({reason}; timeout {timeout:g} s)", offline=True) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _receive(response, tmp: Path, url: str, limit_s: float, received: list[int]) -> tuple[str, int, int]:
+    """Write the response's body to `tmp`: (its SHA-256, its size, the size the server announced or -1);
+    received[0] counts the bytes as they arrive."""
+    start, digest = time.monotonic(), hashlib.sha256()
+    with open(tmp, "wb") as f:
+        while block := response.read(CHUNK):
+            digest.update(block)
+            f.write(block)
+            received[0] += len(block)
+            if time.monotonic() - start > limit_s:
+                raise DownloadError(f"{url}: not downloaded within {limit_s:g} s ({received[0]} bytes so far)")
+    return digest.hexdigest(), received[0], int(response.headers.get("Content-Length") or -1)
 
 
 def load_inception_weights(path: str | Path | None = None, sha256: str | None = None) -> dict[str, torch.Tensor]:

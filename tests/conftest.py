@@ -1,13 +1,15 @@
 """Shared fixtures: the tiny project reproduced once per test session, two experiments on it, and a randomly
 initialised Inception-v3 weights file."""
 
+import hashlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, make_repo, run
+from helpers import TINY, FileServer, make_repo, run
 from torch_fidelity import feature_extractor_inceptionv3
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -86,3 +88,15 @@ def fake_inception(tmp_path_factory) -> Path:
         model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture()
+def weights_server(fake_inception):
+    """A FileServer with `fake_inception` at /inception-random.pth; .data and .digest (its SHA-256) are the file's."""
+    server = FileServer({"/inception-random.pth": fake_inception.read_bytes()})
+    server.data = server.files["/inception-random.pth"]
+    server.digest = hashlib.sha256(server.data).hexdigest()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()

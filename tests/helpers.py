@@ -1,6 +1,7 @@
 """Helpers for end-to-end tests: a tiny copy of the project in a temporary git + DVC repo."""
 
 import contextlib
+import http.server
 import os
 import re
 import signal
@@ -89,3 +90,31 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
     proc.wait(timeout=30)
+
+
+class FileServer(http.server.ThreadingHTTPServer):
+    """A real HTTP server on 127.0.0.1 serving `files` {"/name": bytes}; "/truncated-<name>" promises the whole
+    file (its Content-Length) but sends half of it. `requests` lists the paths asked for."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.requests = files, []
+        super().__init__(("127.0.0.1", 0), _FileHandler)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+class _FileHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        body = self.server.files.get(self.path.replace("/truncated-", "/"))
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[:len(body) // 2] if self.path.startswith("/truncated-") else body)
+
+    def log_message(self, *args):
+        pass

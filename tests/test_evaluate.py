@@ -25,7 +25,6 @@ from ddpm.classifier import Classifier, ClassifierConfig, accuracy, train_classi
 from ddpm.data import read_idx
 from ddpm.metrics import (
     EXTRACTOR_NAME,
-    INCEPTION_WEIGHTS_FILE,
     PRC_BATCH_SIZE,
     Scorer,
     UInt8Dataset,
@@ -36,6 +35,7 @@ from ddpm.metrics import (
     reference_features,
 )
 from stages import evaluate, reference
+from stages.pipeline import protocol
 from stages.pipeline.results import sampler_tags
 from stages.pipeline.run import run
 
@@ -84,15 +84,16 @@ def ref(mnist, extractor) -> dict:
 
 
 def fid_kid(extractor, images, ref) -> tuple[float, float]:
-    m = metrics_from_features(extract_features(extractor, images), ref["test"], metrics=("fid", "kid"), kid_subsets=20)
+    m = metrics_from_features(extract_features(extractor, images), ref["reference"], metrics=("fid", "kid"),
+                              kid_subsets=20)
     return m["fid"], m["kid_mean"]
 
 
 def test_another_real_subset_scores_near_the_floor_and_the_reference_itself_zero(mnist, extractor, ref):
     images, _ = mnist
-    floor = metrics_from_features(ref["floor"], ref["test"], metrics=("fid",))["fid"]
+    floor = metrics_from_features(ref["floor"], ref["reference"], metrics=("fid",))["fid"]
     other = fid_kid(extractor, images[HELD][:500], ref)[0]
-    itself = metrics_from_features(ref["test"], ref["test"], metrics=("fid",))["fid"]
+    itself = metrics_from_features(ref["reference"], ref["reference"], metrics=("fid",))["fid"]
     mildly_noisy = fid_kid(extractor, corrupt(images[HELD][:500], noise=32), ref)[0]
     assert 0.5 < other / floor < 2, (other, floor)
     assert abs(itself) < 1e-6 * floor
@@ -135,7 +136,8 @@ def test_metrics_from_stored_features_equal_torch_fidelity_on_the_images(mnist, 
     generated = corrupt(images[HELD][:300], noise=24)
     atomic_save(ref, tmp_path / "reference.pt")
     stored = safe_load(tmp_path / "reference.pt")
-    ours = metrics_from_features(extract_features(extractor, generated), stored["test"], kid_subset_size=300, seed=7)
+    ours = metrics_from_features(extract_features(extractor, generated), stored["reference"], kid_subset_size=300,
+                                 seed=7)
     direct = torch_fidelity.calculate_metrics(
         input1=UInt8Dataset(generated), input2=UInt8Dataset(images[REF]), fid=True, isc=True, kid=True, prc=True,
         kid_subset_size=300, prc_batch_size=PRC_BATCH_SIZE, rng_seed=7, feature_extractor=EXTRACTOR_NAME,
@@ -162,35 +164,41 @@ OUTPUTS = {"--metrics": "metrics/eval_summary.json", "--details": "metrics/eval.
            "--cfg-plot": "plots/cfg_tradeoff.csv", "--cfg-figure": "plots/cfg_tradeoff.png"}
 
 
-def make_workspace(root: Path, mnist, classifier, extractors=("classifier",)) -> list[str]:
-    """Prepared data, classifier, sample sets and params.yaml in `root`; returns evaluate's argv."""
+def make_workspace(root: Path, mnist, classifier, extractors=("classifier",), protocol="fast", n=N, sets=None,
+                   test=slice(6000, 7000)) -> list[str]:
+    """Prepared data, classifier, sample sets (`sets`, default SETS, of `n` images each) and params.yaml in `root`;
+    returns evaluate's argv."""
     images, labels = mnist
+    sets = sets or SETS
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params.update(device="cpu", seed=0)
-    params["sample"]["num_samples"] = N
-    params["evaluate"]["extractors"] = list(extractors)
+    params["sample"]["num_samples"] = n
+    params["evaluate"].update(extractors=list(extractors), protocol=protocol)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())  # MLflow's parent run is keyed on it
     info = {"dataset": "mnist", "class_names": [str(c) for c in range(10)], "content_hash": "0" * 64}
     atomic_save({"images": images[TRAIN], "labels": labels[TRAIN]}, root / "data/prepared/train.pt")
-    atomic_save({"images": images[6000:7000], "labels": labels[6000:7000]}, root / "data/prepared/test.pt")
+    atomic_save({"images": images[test], "labels": labels[test]}, root / "data/prepared/test.pt")
     (root / "data/prepared/info.json").write_text(json.dumps(info))
     atomic_save({"config": dataclasses.asdict(classifier.config), "weights": classifier.state_dict()},
                 root / "models/classifier.pt")
-    for (variant, method), sets in SETS.items():
+    for (variant, method), settings in sets.items():
         folder, index = root / "samples" / variant / method, []
-        for tag, steps, eta, w, noise in sets:
-            held = slice(3000 + 10 * len(index), 3000 + 10 * len(index) + N)
+        for tag, steps, eta, w, noise in settings:
+            held = slice(3000 + 10 * len(index), 3000 + 10 * len(index) + n)
             atomic_save({"images": corrupt(images[held], noise=noise, seed=len(index)),
                          "labels": labels[held] if variant == "cond" else torch.zeros(0, dtype=torch.long)},
                         folder / f"{tag}.pt")
             setting = SamplerSetting(method, steps, eta, cfg=w if variant == "cond" else None)
             assert setting.tag == tag
-            index.append({**setting.to_dict(), "variant": variant, "num_samples": N, "seed": 0})
+            index.append({**setting.to_dict(), "variant": variant, "num_samples": n, "seed": 0})
         (folder / "index.json").write_text(json.dumps(index))
     return ["--data", "data/prepared", "--classifier", "models/classifier.pt", "--reference", "data/reference",
             *[a for flag, path in OUTPUTS.items() for a in (flag, path)],
-            *[f"samples/{v}/{m}" for v, m in SETS]]
+            *[f"samples/{v}/{m}" for v, m in sets]]
+
+
+REFERENCE_ARGV = ["--data", "data/prepared", "--classifier", "models/classifier.pt", "--out", "data/reference"]
 
 
 @pytest.fixture(scope="module")
@@ -202,21 +210,26 @@ def workspace(mnist, classifier, tmp_path_factory) -> Path:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.delenv("DDPM_TRACKING", raising=False)
-        reference.main(["--data", "data/prepared", "--classifier", "models/classifier.pt", "--out", "data/reference"])
+        reference.main(REFERENCE_ARGV)
         evaluate.main(argv)
     return root
 
 
-def test_reference_holds_the_test_split_and_a_balanced_train_subset_of_n(workspace):
+def test_the_fast_reference_holds_the_test_split_and_the_floor_is_a_balanced_train_subset_of_n(workspace):
     ref = safe_load(workspace / "data/reference/classifier.pt")
-    assert ref["test"]["features"].shape == (1000, 32) and ref["test"]["logits"].shape == (1000, 10)
-    assert ref["floor"]["features"].shape == (N, 32) and torch.bincount(ref["floor_labels"]).tolist() == [20] * 10
-    assert ref["extractor"] == "classifier" and ref["floor_split"] == "train"
+    assert ref["reference"]["features"].shape == (1000, 32) and ref["reference"]["logits"].shape == (1000, 10)
+    assert ref["num_real"] == 1000 and ref["stats"]["sigma"].shape == (32, 32)
+    assert ref["extractor"] == "classifier" and ref["reference_split"] == "test" and ref["protocol"] == "fast"
+    assert json.loads((workspace / "data/reference/extractors.json").read_text()) == {
+        "extractors": ["classifier"], "inception": "off"}
+    protocol = json.loads((workspace / "metrics/eval.json").read_text())["protocol"]
+    assert protocol["floor_split"] == "train" and protocol["num_floor"] == N
 
 
 def test_eval_json_puts_every_number_next_to_its_floor_and_protocol(workspace):
     ev = json.loads((workspace / "metrics/eval.json").read_text())
     assert set(ev) == {"uncond", "cond", "floor", "protocol"}
+    assert set(ev["floor"]) == {"classifier"}
     floor = ev["floor"]["classifier"]
     assert set(floor) == {"fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "f_score",
                           "cond_accuracy"}
@@ -232,6 +245,7 @@ def test_eval_json_puts_every_number_next_to_its_floor_and_protocol(workspace):
     protocol = ev["protocol"]
     assert protocol["num_real"] == 1000 and protocol["num_generated"] == N and protocol["num_floor"] == N
     assert protocol["extractors"] == ["classifier"] and protocol["reference_split"] == "test"
+    assert protocol["name"] == "fast" and protocol["key"] == "fast-200" and protocol["inception"] == "off"
     assert protocol["kid_subset_size"] == N
     assert protocol["samplers"]["cond"]["ddim5_eta0_w3"] == {
         "method": "ddim", "steps": 5, "eta": 0.0, "spacing": "uniform", "cfg": 3.0, "autoguidance": 0.0,
@@ -258,18 +272,20 @@ def test_mlflow_run_carries_the_protocol_and_the_floor(workspace):
     (run_,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'evaluate'")
     tags, metrics = run_.data.tags, run_.data.metrics
     assert tags["protocol.extractors"] == "classifier" and tags["protocol.num_real"] == "1000"
+    assert (tags["protocol.name"], tags["protocol.key"], tags["protocol.inception"]) == ("fast", "fast-200", "off")
     assert tags["sampler.cond.ddim5_eta0_w3"] == ("method=ddim steps=5 eta=0.0 spacing=uniform cfg=3.0 "
                                                   "autoguidance=0.0 tag=ddim5_eta0_w3 seed=0 "
                                                   "num_samples=200")
     assert run_.data.params["evaluate.extractors"] == '["classifier"]'
     # the headline as metrics, at most a screen of them; every number as one JSON artifact
-    assert {"floor.fid", "cond.fid_over_floor", "cond.ddpm.fid", "uncond.ddim.fid"} <= set(metrics)
-    assert len(metrics) <= 25, sorted(metrics)
+    assert {"fast-200.floor.fid", "fast-200.cond.fid_over_floor", "fast-200.cond.ddpm.fid",
+            "fast-200.uncond.ddim.fid"} <= set(metrics)
+    assert all(k.startswith("fast-200.") for k in metrics) and len(metrics) <= 25, sorted(metrics)
     parent = client.get_run(tags["mlflow.parentRunId"]).data.metrics
-    assert parent["floor.fid"] == metrics["floor.fid"]
+    assert parent["fast-200.floor.fid"] == metrics["fast-200.floor.fid"]
     full = json.loads((workspace / "metrics/eval.json").read_text())
     assert "eval.json" in {a.path for a in client.list_artifacts(run_.info.run_id)}
-    assert metrics["cond.fid"] == pytest.approx(min(e["fid"] for e in full["cond"].values()), rel=1e-5)
+    assert metrics["fast-200.cond.fid"] == pytest.approx(min(e["fid"] for e in full["cond"].values()), rel=1e-5)
 
 
 def test_sampler_tags_name_the_fields_a_setting_sets():
@@ -284,27 +300,56 @@ def test_sampler_tags_name_the_fields_a_setting_sets():
                     "autoguidance=0.0 tag=dpmsolver20"}
 
 
-def test_inception_without_weights_stops_the_stages_with_one_line(mnist, classifier, tmp_path, monkeypatch, capsys):
-    def offline(*args, **kwargs):
-        raise AssertionError("tried to open a network connection")
-    monkeypatch.setattr(socket, "getaddrinfo", offline)
-    monkeypatch.setattr(socket.socket, "connect", offline)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+SMALL = {("uncond", "ddim"): [("ddim5_eta0", 5, 0.0, 0.0, 48)], ("cond", "ddim"): [("ddim5_eta0_w1", 5, 0.0, 1.0, 16)]}
+
+
+def small_run(root: Path, mnist, classifier, monkeypatch, n: int = 40, tests: int = 100) -> dict:
+    """Reference and evaluate with both extractors, `n` images a set, `tests` test digits; the headline."""
+    (root / "ws").mkdir()
+    argv = make_workspace(root / "ws", mnist, classifier, extractors=("classifier", "inception"), n=n, sets=SMALL,
+                          test=slice(6000, 6000 + tests))
+    monkeypatch.chdir(root / "ws")
     monkeypatch.setenv("DDPM_TRACKING", "off")
-    (tmp_path / "ws").mkdir()
-    argv = make_workspace(tmp_path / "ws", mnist, classifier, extractors=("classifier", "inception"))
-    monkeypatch.chdir(tmp_path / "ws")
-    expected = tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
-    for stage, args in [(reference, ["--data", "data/prepared", "--classifier", "models/classifier.pt", "--out",
-                                     "data/reference"]), (evaluate, argv)]:
-        monkeypatch.setattr(sys, "argv", ["stage", *args])
-        with pytest.raises(SystemExit) as stop:
-            run(stage.main)
-        err = capsys.readouterr().err.strip().splitlines()
-        assert stop.value.code == 1 and len(err) == 1, err
-        assert err[0].startswith(f"error: Inception-v3 weights not found at {expected}: put torch-fidelity's "
-                                 f"{INCEPTION_WEIGHTS_FILE}") and "evaluate.inception_weights" in err[0]
-    assert not (tmp_path / "ws/data/reference").exists() and not (tmp_path / "torch").exists()
+    monkeypatch.setenv("TORCH_HOME", str(root / "torch"))
+    reference.main(REFERENCE_ARGV)
+    evaluate.main(argv)
+    return json.loads(Path("metrics/eval_summary.json").read_text())[f"fast-{n}"]
+
+
+def test_offline_the_stages_go_on_with_the_classifier_and_say_why(mnist, classifier, tmp_path, monkeypatch, capsys):
+    connect = socket.socket.connect
+
+    def local_only(sock, address):
+        assert address[0] == "127.0.0.1", f"tried to connect to {address}"
+        return connect(sock, address)
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+    summary = small_run(tmp_path, mnist, classifier, monkeypatch)  # tests/conftest.py: a refused download URL
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("inception:")]
+    assert len(said) == 2 and all(line.startswith("inception: unavailable (offline): http://127.0.0.1:9/")
+                                  for line in said), said  # once per stage
+    assert summary["inception"] == "unavailable (offline)" and "inception" not in summary["cond"]
+    ev = json.loads((tmp_path / "ws/metrics/eval.json").read_text())
+    assert ev["protocol"]["extractors"] == ["classifier"] and ev["protocol"]["inception"] == "unavailable (offline)"
+    assert not (tmp_path / "torch").exists()
+
+
+def test_with_the_weights_downloadable_inception_numbers_stand_beside_the_classifiers(mnist, classifier, tmp_path,
+                                                                                       weights_server, monkeypatch):
+    server = weights_server
+    monkeypatch.setenv("DDPM_INCEPTION_URL", server.url("inception-random.pth"))
+    monkeypatch.setenv("DDPM_INCEPTION_SHA256", server.digest)
+    summary = small_run(tmp_path, mnist, classifier, monkeypatch, n=10, tests=20)  # Inception: slow on a CPU
+    assert server.requests == ["/inception-random.pth"]  # downloaded once, by the reference stage
+    ev = json.loads((tmp_path / "ws/metrics/eval.json").read_text())
+    assert ev["protocol"]["extractors"] == ["classifier", "inception"] and summary["inception"] == "available"
+    for variant, tag in (("uncond", "ddim5_eta0"), ("cond", "ddim5_eta0_w1")):
+        inception = ev[variant][tag]["inception"]
+        assert inception["fid"] > 0 and inception["is_mean"] >= 1 - 1e-6 and "precision" in inception
+        assert summary[variant]["inception"] == {"best": tag, "fid": pytest.approx(inception["fid"], rel=1e-5),
+                                                 "is_mean": pytest.approx(inception["is_mean"], rel=1e-5)}
+    assert summary["floor"]["inception"]["fid"] == pytest.approx(ev["floor"]["inception"]["fid"], rel=1e-5)
+    ref = safe_load(tmp_path / "ws/data/reference/inception.pt")
+    assert ref["reference"]["features"].shape == (20, 2048) and ref["stats"]["sigma"].shape == (2048, 2048)
 
 
 def test_a_sweep_list_reruns_only_sampling_and_evaluation():
@@ -346,7 +391,8 @@ def leaves(tree) -> list:
 
 def test_the_metrics_file_is_the_headline_and_every_number_is_in_the_details_and_the_table(workspace):
     ev = json.loads((workspace / "metrics/eval.json").read_text())
-    summary = json.loads((workspace / "metrics/eval_summary.json").read_text())
+    (key, summary), = json.loads((workspace / "metrics/eval_summary.json").read_text()).items()
+    assert key == "fast-200" and summary["inception"] == "off"  # numbers of another protocol or N: another key
     for variant in ("uncond", "cond"):
         best = min(ev[variant], key=lambda tag: ev[variant][tag]["fid"])
         assert summary[variant]["best"] == best
@@ -359,7 +405,7 @@ def test_the_metrics_file_is_the_headline_and_every_number_is_in_the_details_and
     assert summary["cond"]["cond_accuracy"] == pytest.approx(ev["cond"][summary["cond"]["best"]]["cond_accuracy"])
     assert "cond_accuracy" not in summary["uncond"]
     assert summary["floor"] == {"fid": pytest.approx(ev["floor"]["classifier"]["fid"], rel=1e-5)}
-    assert len(leaves(summary)) == 7 + 6 + 1 and sum(isinstance(v, str) for v in leaves(summary)) == 2
+    assert len(leaves(summary)) == 7 + 6 + 1 + 1 and sum(isinstance(v, str) for v in leaves(summary)) == 3
     table = list(csv.DictReader((workspace / "metrics/eval.csv").open()))
     assert [(r["variant"], r["tag"]) for r in table] == [(v, tag) for (v, _), sets in SETS.items() for tag, *_ in sets]
     for r in table:
@@ -453,3 +499,42 @@ def test_a_signal_between_the_final_moves_leaves_no_temporaries_nor_a_running_ru
     assert temporaries() and old() and statuses() == ["RUNNING"], "the kill did not land between the moves"
     evaluate.main(argv)
     assert old() == [] and temporaries() == [] and statuses() == ["KILLED", "FINISHED"]
+
+
+def test_the_reference_stage_never_depends_on_the_samples():
+    """A new N or sampler reuses the reference: its params hold no sample key, and the protocol's name."""
+    params = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["reference"]["params"]
+    assert "evaluate.protocol" in params and not [k for k in params if str(k).split(".")[0] == "sample"]
+
+
+def test_the_standard_protocol_is_torch_fidelitys_fid_against_the_whole_training_split(mnist, classifier, tmp_path,
+                                                                                      monkeypatch):
+    """FID against the statistics of all 3000 training digits, and the floor (the test split) likewise, equal
+    torch-fidelity's calculate_metrics on the same images; KID and precision/recall use a stratified subset."""
+    monkeypatch.setattr(protocol, "SUBSET", 600)
+    monkeypatch.setenv("DDPM_TRACKING", "off")
+    argv = make_workspace(tmp_path, mnist, classifier, protocol="standard", sets=SMALL, test=slice(6000, 6300))
+    monkeypatch.chdir(tmp_path)
+    reference.main(REFERENCE_ARGV)
+    evaluate.main(argv)
+    ref = safe_load(tmp_path / "data/reference/classifier.pt")
+    assert ref["reference_split"] == "train" and ref["num_real"] == 3000
+    assert torch.bincount(ref["reference_labels"]).tolist() == [60] * 10
+    images, _ = mnist
+    ev = json.loads((tmp_path / "metrics/eval.json").read_text())
+
+    def direct(generated):
+        return torch_fidelity.calculate_metrics(
+            input1=UInt8Dataset(generated), input2=UInt8Dataset(images[TRAIN]), fid=True, isc=True, rng_seed=0,
+            feature_extractor=EXTRACTOR_NAME, feature_extractor_classifier=classifier, cuda=False, cache=False,
+            save_cpu_ram=True, verbose=False)
+    generated = safe_load(tmp_path / "samples/uncond/ddim/ddim5_eta0.pt")["images"]
+    for ours, theirs in ((ev["uncond"]["ddim5_eta0"], direct(generated)),
+                         (ev["floor"]["classifier"], direct(images[6000:6300]))):
+        assert ours["fid"] == pytest.approx(theirs[torch_fidelity.KEY_METRIC_FID], rel=1e-6)
+        assert ours["is_mean"] == pytest.approx(theirs[torch_fidelity.KEY_METRIC_ISC_MEAN], rel=1e-6)
+    p = ev["protocol"]
+    assert (p["name"], p["key"], p["reference_split"], p["floor_split"]) == ("standard", "standard-200", "train",
+                                                                             "test")
+    assert (p["num_real"], p["num_floor"], p["kid_prc_subset"], p["isc_splits"]) == (3000, 300, 600, 10)
+    assert set(json.loads((tmp_path / "metrics/eval_summary.json").read_text())) == {"standard-200"}

@@ -1,4 +1,5 @@
-"""Your own images end to end: a folder of RGB PNGs of odd sizes through the whole pipeline at 32 px."""
+"""Your own images end to end: a folder of RGB PNGs of odd sizes through the whole pipeline at 32 px, with the
+cifar10 profile (its network layout and the standard protocol) at toy size."""
 
 import json
 
@@ -27,7 +28,7 @@ def folder_config(root) -> dict:
 def folder_repo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("imagefolder")
     root = make_image_folder(tmp / "shapes", per_class=30)
-    repo = make_repo(tmp / "repo", folder_config(root))
+    repo = make_repo(tmp / "repo", merge(folder_config(root), {"profile": "cifar10"}))  # the toy sizes are kept
     proc = run(["dvc", "repro"], repo)
     return repo, proc.stdout + proc.stderr
 
@@ -39,13 +40,19 @@ def test_every_stage_runs_on_rgb_images_at_32px(folder_repo):
     assert info["shape"] == [3, 32, 32] and info["class_names"] == ["circle", "square"]
     assert info["train_count"] == 54 and info["test_count"] == 6
     model, _, meta = load_model(repo / "models/cond/model.pt")
-    assert model.config.attention_resolutions == (8,) and model.config.num_classes == 2
+    assert "profile cifar10:" in output and "kept model.base_channels = 8" in output
+    assert model.config.channel_mults == (1, 2, 2, 2) and model.config.attention_resolutions == (16,)
+    assert model.config.num_classes == 2 and model.config.num_res_blocks == 2
     assert meta["class_names"] == ["circle", "square"]
     for variant, tag in [("uncond", "ddim5_eta0"), ("cond", "ddim5_eta0_w1")]:
         images = torch.load(repo / f"samples/{variant}/ddim/{tag}.pt", weights_only=True)["images"]
         assert images.shape == (12, 3, 32, 32) and images.dtype == torch.uint8
     scores = json.loads((repo / "metrics/eval.json").read_text())
     assert scores["cond"]["ddim5_eta0_w1"]["fid"] >= 0
+    protocol = scores["protocol"]  # FID against the statistics of all 54 training images; the 6 test ones the floor
+    assert (protocol["name"], protocol["num_real"], protocol["num_floor"]) == ("standard", 54, 6)
+    summary = json.loads((repo / "metrics/eval_summary.json").read_text())
+    assert set(summary) == {"standard-12"} and summary["standard-12"]["inception"] == "unavailable (offline)"
     assert (repo / "plots/pictures/cond_classes.png").is_file()
 
 

@@ -4,10 +4,8 @@ or wrong file refused by name and removed (and a retry works), a silent server g
 offline the stages go on with the domain classifier, and evaluate.inception_required stops the run first."""
 
 import hashlib
-import http.server
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,50 +22,8 @@ from stages.pipeline.params import load_params
 from stages.pipeline.run import run
 
 
-class Server(http.server.ThreadingHTTPServer):
-    """Serves `files` {"/name": bytes}; "/truncated-..." paths promise the whole file but send half of it."""
-
-    def __init__(self, files: dict[str, bytes]):
-        self.files, self.requests = files, []
-        super().__init__(("127.0.0.1", 0), Handler)
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.server.requests.append(self.path)
-        body = self.server.files.get(self.path.replace("/truncated-", "/"))
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body[:len(body) // 2] if self.path.startswith("/truncated-") else body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def weights(fake_inception) -> tuple[bytes, str]:
-    data = fake_inception.read_bytes()
-    return data, hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture()
-def server(weights):
-    srv = Server({"/inception-random.pth": weights[0]})
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
-def test_a_download_is_kept_only_whole_and_verified_and_then_builds_inception(server, weights, tmp_path):
-    data, digest = weights
+def test_a_download_is_kept_only_whole_and_verified_and_then_builds_inception(weights_server, tmp_path):
+    server, data, digest = weights_server, weights_server.data, weights_server.digest
     dest = tmp_path / "cache" / "inception-random.pth"
     assert download_inception_weights(dest, server.url("inception-random.pth"), digest) == dest
     assert dest.read_bytes() == data and list(dest.parent.iterdir()) == [dest]
@@ -76,19 +32,20 @@ def test_a_download_is_kept_only_whole_and_verified_and_then_builds_inception(se
     assert features["features"].shape == (2, 2048)
 
 
-def test_a_truncated_download_is_refused_and_nothing_is_kept(server, weights, tmp_path):
-    dest = tmp_path / "inception-random.pth"
+def test_a_truncated_download_is_refused_and_nothing_is_kept(weights_server, tmp_path):
+    server, dest = weights_server, tmp_path / "inception-random.pth"
     with pytest.raises(DownloadError) as error:
-        download_inception_weights(dest, server.url("truncated-inception-random.pth"), weights[1])
+        download_inception_weights(dest, server.url("truncated-inception-random.pth"), server.digest)
     message = str(error.value)
     assert message.startswith(server.url("truncated-inception-random.pth") + ": truncated download (")
-    assert f"of {len(weights[0])} bytes" in message and "\n" not in message and not error.value.offline
+    assert f"of {len(server.data)} bytes" in message and "\n" not in message and not error.value.offline
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_wrong_file_is_refused_by_name_and_removed_and_a_retry_works(server, weights, tmp_path, monkeypatch):
+def test_a_wrong_file_is_refused_by_name_and_removed_and_a_retry_works(weights_server, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    url, data, digest = server.url("inception-random.pth"), *weights
+    server = weights_server
+    url, data, digest = server.url("inception-random.pth"), server.data, server.digest
     cached = tmp_path / "hub" / "checkpoints" / "inception-random.pth"
     wrong = hashlib.sha256(b"another file").hexdigest()
     with pytest.raises(DownloadError) as error:
@@ -150,14 +107,14 @@ def test_inception_required_stops_the_check_stage_with_one_line(tmp_path, monkey
     assert not (tmp_path / "data").exists()
 
 
-def test_inception_required_passes_the_check_stage_once_the_weights_download(server, weights, tmp_path,
+def test_inception_required_passes_the_check_stage_once_the_weights_download(weights_server, tmp_path,
                                                                               monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("DDPM_INCEPTION_URL", server.url("inception-random.pth"))
-    monkeypatch.setenv("DDPM_INCEPTION_SHA256", weights[1])
+    monkeypatch.setenv("DDPM_INCEPTION_URL", weights_server.url("inception-random.pth"))
+    monkeypatch.setenv("DDPM_INCEPTION_SHA256", weights_server.digest)
     write_params(tmp_path, inception_required=True)
     check.main(["data/params-checked.txt"])
     cached = tmp_path / "torch/hub/checkpoints/inception-random.pth"
-    assert (tmp_path / "data/params-checked.txt").is_file() and cached.read_bytes() == weights[0]
-    assert load_inception_weights(cached, weights[1]).keys() == torch.load(cached, weights_only=True).keys()
+    assert (tmp_path / "data/params-checked.txt").is_file() and cached.read_bytes() == weights_server.data
+    assert load_inception_weights(cached, weights_server.digest).keys() == torch.load(cached, weights_only=True).keys()

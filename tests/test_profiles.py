@@ -31,7 +31,7 @@ def with_values(params: dict, values: dict) -> dict:
 
 def test_params_yaml_holds_the_laptop_profile_it_names_and_the_committed_record_says_so():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert params["profile"] == "laptop" and set(PROFILES) == {"laptop", "gpu", "paper"}
+    assert params["profile"] == "laptop" and set(PROFILES) == {"laptop", "gpu", "paper", "cifar10"}
     flat = flatten(params)
     assert {k: flat[k] for k in PROFILES["laptop"]} == PROFILES["laptop"]
     # the record a fresh clone starts from: laptop's values written, none of them a user's
@@ -107,7 +107,7 @@ def test_hand_values_that_equal_another_profiles_are_yours_both_ways():
     params.update({"train.lr": 0.001, "sample.guidance_interval": None})  # both are gpu's values
     to_gpu = switch(params, PROFILES, "gpu", LAPTOP)
     assert to_gpu.yours == {"train.lr": 0.001, "sample.guidance_interval": None}
-    assert to_gpu.set["model.base_channels"] == 128 and len(to_gpu.set) == 15
+    assert to_gpu.set["model.base_channels"] == 128 and len(to_gpu.set) == 17
     params.update(to_gpu.set)
     back = switch(params, PROFILES, "laptop", to_gpu.record)
     assert back.yours == to_gpu.yours and back.set["model.base_channels"] == 32
@@ -162,10 +162,11 @@ def test_a_name_that_is_not_a_profile_is_one_line_naming_the_valid_ones(tmp_path
     path.write_text((ROOT / "params.yaml").read_text().replace("profile: laptop", f"profile: {json.dumps(name)}"))
     before = path.read_text()
     with pytest.raises(ParamsError, match=rf"^params.yaml: profile = {name!r} is not a profile; valid: laptop, "
-                                          r"gpu, paper$".replace("[", r"\[").replace("]", r"\]")):
+                                          r"gpu, paper, cifar10$".replace("[", r"\[").replace("]", r"\]")):
         rewrite_params(path, PROFILES, LAPTOP)
     assert path.read_text() == before
-    with pytest.raises(ParamsError, match="profile = 'tpu' is out of range; allowed: one of laptop, gpu, paper"):
+    with pytest.raises(ParamsError, match="profile = 'tpu' is out of range; allowed: one of laptop, gpu, paper, "
+                                          "cifar10"):
         validate({**yaml.safe_load(before), "profile": "tpu"})
 
 
@@ -217,5 +218,29 @@ def test_switches_by_dvc_exp_run_in_the_workspace_keep_the_file_valid_and_your_v
 
     record = (repo / "data/profile.json").read_text()
     out, code = exp_run(repo, "-S", "profile=[laptop]", check=False)
-    assert code != 0 and "error: params.yaml: profile = ['laptop'] is not a profile; valid: laptop, gpu, paper" in out
+    assert code != 0 and ("error: params.yaml: profile = ['laptop'] is not a profile; valid: laptop, gpu, paper, "
+                          "cifar10") in out
     assert "Traceback" not in out and (repo / "data/profile.json").read_text() == record
+
+
+def test_the_laptop_profile_keeps_the_fast_protocol_and_the_others_score_the_papers_way():
+    protocols = {name: (p["evaluate.protocol"], p["sample.num_samples"]) for name, p in PROFILES.items()}
+    assert protocols == {"laptop": ("fast", 1000), "gpu": ("standard", 10_000), "paper": ("standard", 50_000),
+                         "cifar10": ("standard", 50_000)}
+
+
+def test_the_cifar10_profile_is_ho_et_als_35_7m_parameter_unet_on_cifar10():
+    import torch
+
+    from ddpm import UNet
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p = validate({**with_values(params, PROFILES["cifar10"]), "profile": "cifar10"})
+    assert p.data.name == "cifar10" and p.diffusion.schedule == "linear" and p.diffusion.prediction == "eps"
+    with torch.device("meta"):
+        unet = UNet(p.model.unet(3, 32, None))
+    assert round(sum(w.numel() for w in unet.parameters()) / 1e6, 1) == 35.7  # Ho et al. 2020, table 1
+    assert unet.config.channel_mults == (1, 2, 2, 2) and unet.config.attention_resolutions == (16,)
+    assert (p.train.batch_size, p.train.lr, p.train.ema_decay, p.train_uncond.steps) == (128, 2e-4, 0.9999, 800_000)
+    text = (ROOT / "profiles.yaml").read_text()
+    assert "3.17 with DDPM over all 1000 steps (Ho et al. 2020, table 1" in text  # the FID to expect, and whence

@@ -40,7 +40,8 @@ def dvc_params(method: str, variant: str) -> set[str]:
 
 
 def outputs(model, out, variant: str, method: str, **changes) -> dict:
-    """What the stage writes (image tensors, index.json without timings, grid PNGs) with these sample params."""
+    """What the stage writes (image tensors, index.json without timings and batch size, grid PNGs) with these
+    sample params."""
     p = params(BASE)
     p = dataclasses.replace(p, sample=dataclasses.replace(p.sample, **changes))
     args = types.SimpleNamespace(model=model, out=out, variant=variant, method=method)
@@ -50,7 +51,7 @@ def outputs(model, out, variant: str, method: str, **changes) -> dict:
         if f.suffix == ".pt":
             written[f.name] = {k: v.tolist() for k, v in torch.load(f, weights_only=True).items()}
         elif f.name == "index.json":
-            written[f.name] = [{k: v for k, v in s.items() if k not in ("seconds", "images_per_second")}
+            written[f.name] = [{k: v for k, v in s.items() if k not in ("seconds", "images_per_second", "batch_size")}
                                for s in json.loads(f.read_text())]
         else:
             written[f.name] = f.read_bytes()
@@ -84,3 +85,22 @@ def test_a_left_out_method_writes_an_empty_index_without_loading_the_model(tmp_p
     assert [f.name for f in args.out.iterdir()] == ["index.json"]
     assert json.loads((args.out / "index.json").read_text()) == []
     assert "cond ddpm: not in sample.methods, nothing to sample" in capsys.readouterr().out
+
+
+def test_a_null_batch_size_is_sized_for_the_device_and_the_images_stay_the_same(tmp_path_factory, tmp_path, capsys):
+    model = tiny_models(tmp_path_factory)["cond"]
+    auto = outputs(model, tmp_path / "auto", "cond", "ddim", batch_size=None)
+    assert auto == outputs(model, tmp_path / "fixed", "cond", "ddim", batch_size=2)
+    index = json.loads((tmp_path / "auto/index.json").read_text())
+    assert [s["batch_size"] for s in index] == [6]  # on the CPU: CPU_SAMPLE_BATCH, at most sample.num_samples
+    out = capsys.readouterr()
+    assert "cond ddim2_eta0_w1: 6 images in batches of 6 on cpu" in out.out
+    assert "img/s" in out.err or "img/s" in out.out  # the progress bar counts images: images/s and an ETA
+
+
+def test_on_the_cpu_a_batch_is_cpu_sample_batch_images_at_most():
+    from stages.pipeline.bounds import CPU_SAMPLE_BATCH, sample_batch_size
+
+    net = types.SimpleNamespace(config=types.SimpleNamespace(num_classes=None))
+    assert sample_batch_size(net, (1, 28, 28), torch.device("cpu"), 50_000, guided=True) == CPU_SAMPLE_BATCH == 250
+    assert sample_batch_size(net, (1, 28, 28), torch.device("cpu"), 40, guided=False) == 40
