@@ -258,7 +258,7 @@ def test_torch_fidelitys_file_name_promises_its_hash(fake_inception, tmp_path, m
         make_extractor("inception", weights=renamed)
     assert str(error.value) == (f"{renamed}: its SHA-256 starts {digest[:8]}, not 6726825d as torch-fidelity's "
                                 "published Inception-v3 weights do; a damaged or different file under their name")
-    monkeypatch.setattr("ddpm.metrics.INCEPTION_SHA256", digest[:8])  # as if it were the published file
+    monkeypatch.setattr("ddpm.inception.INCEPTION_SHA256", digest[:8])  # as if it were the published file
     assert make_extractor("inception", weights=renamed).get_name() == "inception-v3-compat"
 
 

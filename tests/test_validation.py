@@ -97,6 +97,9 @@ CASES = [  # (section, key, bad value, expected message fragment)
     ("model", "num_heads", 3, "model.num_heads = 3 is out of range; allowed: a divisor of every level's channel"),
     (None, "device", "tpu", "device = 'tpu' is out of range; allowed: one of auto, cpu, cuda, mps"),
     (None, "seed", "one", "seed must be int, got 'one'"),
+    ("evaluate", "protocol", "paper", "evaluate.protocol = 'paper' is out of range; allowed: one of fast, standard"),
+    ("sample", "batch_size", 0, "sample.batch_size = 0 is out of range; allowed: >= 1, or null (sized for the "
+                                "device)"),
 ]
 
 
@@ -117,6 +120,15 @@ def test_bad_param_is_one_clear_line(tmp_path, monkeypatch, capsys, section, key
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith("error: params.yaml: ") and message in err[0], err[0]
     assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_inception_cannot_be_required_while_it_is_left_out(tmp_path, monkeypatch, capsys):
+    params = yaml.safe_load(yaml.safe_dump(BASE))
+    params["evaluate"].update(extractors=["classifier"], inception_required=True)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code, err = run_prepare(tmp_path, monkeypatch, capsys)
+    assert code == 1 and err == ["error: params.yaml: evaluate.inception_required = True is out of range; allowed: "
+                                 "false while evaluate.extractors leaves out inception"]
 
 
 def test_no_autoguidance_in_the_pictures_without_a_guide_model():
