@@ -118,3 +118,14 @@ def test_inception_required_passes_the_check_stage_once_the_weights_download(wei
     cached = tmp_path / "torch/hub/checkpoints/inception-random.pth"
     assert (tmp_path / "data/params-checked.txt").is_file() and cached.read_bytes() == weights_server.data
     assert load_inception_weights(cached, weights_server.digest).keys() == torch.load(cached, weights_only=True).keys()
+
+
+def test_a_malformed_digest_in_the_environment_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DDPM_INCEPTION_SHA256", "not-a-digest")
+    write_params(tmp_path, inception_required=True)
+    monkeypatch.setattr(sys, "argv", ["check", "data/params-checked.txt"])
+    with pytest.raises(SystemExit):
+        run(check.main)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: DDPM_INCEPTION_SHA256='not-a-digest': a SHA-256 digest or its first 8 or more hex digits expected"]

@@ -10,6 +10,7 @@ one line and in the headline; with evaluate.inception_required they stop before 
 """
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from ddpm.inception import (
     find_inception_weights,
     load_inception_weights,
 )
+
+from .params import ParamsError
 
 URL_VARIABLE, SHA256_VARIABLE = "DDPM_INCEPTION_URL", "DDPM_INCEPTION_SHA256"
 
@@ -42,7 +45,10 @@ class InceptionWeights:
 
 def source() -> tuple[str, str]:
     """(URL, SHA-256) of the weights to download: the environment's, else torch-fidelity's published file."""
-    return os.environ.get(URL_VARIABLE) or INCEPTION_URL, os.environ.get(SHA256_VARIABLE) or INCEPTION_SHA256
+    sha256 = os.environ.get(SHA256_VARIABLE) or INCEPTION_SHA256
+    if not re.fullmatch(r"[0-9a-fA-F]{8,64}", sha256):
+        raise ParamsError(f"{SHA256_VARIABLE}={sha256!r}: a SHA-256 digest or its first 8 or more hex digits expected")
+    return os.environ.get(URL_VARIABLE) or INCEPTION_URL, sha256
 
 
 def inception_weights(p) -> InceptionWeights:
