@@ -51,10 +51,10 @@ def test_tiny_run_reports_every_measurement(tmp_path):
         for guidance in ("none", "cfg (2 evals/step)")] + [("DDIM", many, "none", "bf16")]
     assert all(positive(row["images_per_s"]) for row in report["sample"])
     cifar = {row["run"]: row for row in report["cifar10"]}  # the cifar10 profile's UNet, at 8 channels here
-    assert list(cifar) == ["train, batch 8", "sample DDIM-3, 4 images"]
+    assert list(cifar) == ["train, batch 8", f"sample DDIM-{few}, 4 images"]
     assert positive(cifar["train, batch 8"]["images_per_s"]) and positive(cifar["train, batch 8"]["gflops"])
     assert positive(cifar["train, batch 8"]["hours_for_800000_steps"])
-    assert positive(cifar["sample DDIM-3, 4 images"]["minutes_for_50000_images"])
+    assert positive(cifar[f"sample DDIM-{few}, 4 images"]["minutes_for_50000_images"])
     for title in ("## torch.mm", "## Training steps", "## Sampling", "## The cifar10 profile (32x32x3)",
                   "## Pipeline: `dvc repro`", "| fp16 | fp16 |"):
         assert title in md

@@ -92,7 +92,7 @@ def test_a_rewrite_that_does_not_read_back_is_written_without_comments_never_cor
     dump = profiles_module._dump
     def joined(tree):  # the joined lines the issue showed, whenever comments are there
         text = dump(tree)
-        return text.replace("evaluate:\n  batch_size", "evaluate: batch_size") if "#" in text else text
+        return text.replace("evaluate:\n  protocol", "evaluate: protocol") if "#" in text else text
     monkeypatch.setattr(profiles_module, "_dump", joined)
     result, kept_comments = rewrite_params(path, PROFILES, LAPTOP)
     text = path.read_text()

@@ -48,6 +48,9 @@ NO_RERUN = {
     # Writing files: how an output is put in place (a temporary beside it, synced, then one rename) and how a full
     # disk is reported, never what the output holds.
     "ddpm/files.py": (),
+    # How many images a sampling batch holds never changes them (each image's noise is its own); index.json
+    # records it beside the timings.
+    "stages/pipeline/bounds.py:sample_batch_size": (),
 }
 
 
