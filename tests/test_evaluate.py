@@ -338,7 +338,7 @@ def test_with_the_weights_downloadable_inception_numbers_stand_beside_the_classi
     server = weights_server
     monkeypatch.setenv("DDPM_INCEPTION_URL", server.url("inception-random.pth"))
     monkeypatch.setenv("DDPM_INCEPTION_SHA256", server.digest)
-    summary = small_run(tmp_path, mnist, classifier, monkeypatch, n=10, tests=20)  # Inception: slow on a CPU
+    summary = small_run(tmp_path, mnist, classifier, monkeypatch, n=10, tests=10)  # Inception: slow on a CPU
     assert server.requests == ["/inception-random.pth"]  # downloaded once, by the reference stage
     ev = json.loads((tmp_path / "ws/metrics/eval.json").read_text())
     assert ev["protocol"]["extractors"] == ["classifier", "inception"] and summary["inception"] == "available"
@@ -349,7 +349,7 @@ def test_with_the_weights_downloadable_inception_numbers_stand_beside_the_classi
                                                  "is_mean": pytest.approx(inception["is_mean"], rel=1e-5)}
     assert summary["floor"]["inception"]["fid"] == pytest.approx(ev["floor"]["inception"]["fid"], rel=1e-5)
     ref = safe_load(tmp_path / "ws/data/reference/inception.pt")
-    assert ref["reference"]["features"].shape == (20, 2048) and ref["stats"]["sigma"].shape == (2048, 2048)
+    assert ref["reference"]["features"].shape == (10, 2048) and ref["stats"]["sigma"].shape == (2048, 2048)
 
 
 def test_a_sweep_list_reruns_only_sampling_and_evaluation():

@@ -101,6 +101,6 @@ def test_a_null_batch_size_is_sized_for_the_device_and_the_images_stay_the_same(
 def test_on_the_cpu_a_batch_is_cpu_sample_batch_images_at_most():
     from stages.pipeline.bounds import CPU_SAMPLE_BATCH, sample_batch_size
 
-    net = types.SimpleNamespace(config=types.SimpleNamespace(num_classes=None))
-    assert sample_batch_size(net, (1, 28, 28), torch.device("cpu"), 50_000, guided=True) == CPU_SAMPLE_BATCH == 250
-    assert sample_batch_size(net, (1, 28, 28), torch.device("cpu"), 40, guided=False) == 40
+    net = types.SimpleNamespace(config=types.SimpleNamespace(num_classes=None, sample_shape=(1, 28, 28)))
+    assert sample_batch_size(net, torch.device("cpu"), 50_000, guided=True) == CPU_SAMPLE_BATCH == 250
+    assert sample_batch_size(net, torch.device("cpu"), 40, guided=False) == 40
