@@ -333,6 +333,7 @@ def test_offline_the_stages_go_on_with_the_classifier_and_say_why(mnist, classif
     assert not (tmp_path / "torch").exists()
 
 
+@pytest.mark.slow  # Inception-v3 on a CPU and a 2048 x 2048 FID twice: about half a minute
 def test_with_the_weights_downloadable_inception_numbers_stand_beside_the_classifiers(mnist, classifier, tmp_path,
                                                                                        weights_server, monkeypatch):
     server = weights_server
