@@ -21,6 +21,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.utils import create_feature_extractor
 
 from .checkpoint import CheckpointError, safe_load
+from .files import atomic_write
 
 INCEPTION_URL = URL_INCEPTION_V3  # torch-fidelity's release asset on GitHub
 INCEPTION_WEIGHTS_FILE = INCEPTION_URL.rsplit("/", 1)[1]  # weights-inception-2015-12-05-6726825d.pth
@@ -93,20 +94,19 @@ def verify_inception_weights(path: Path, sha256: str | None = None) -> None:
 def download_inception_weights(dest: Path, url: str = INCEPTION_URL, sha256: str = INCEPTION_SHA256, *,
                                timeout: float = CONNECT_TIMEOUT_S, limit_s: float = DOWNLOAD_LIMIT_S) -> Path:
     """Fetch `url` into `dest`, hashing as it arrives: only a whole file whose SHA-256 starts with `sha256` is
-    renamed into place (a sibling temporary until then); anything else is removed and raised as DownloadError
-    naming `url` and `dest`. `timeout` bounds the connection and each read, `limit_s` the whole download."""
-    sha256, dest = _check_digest(sha256), Path(dest)
-    tmp, received = dest.with_name(f".{dest.name}.partial"), [0]
+    put in place (`atomic_write`: a temporary beside it until then); anything else is removed and raised as
+    DownloadError naming `url` and `dest`. `timeout` bounds the connection and each read, `limit_s` the whole
+    download."""
+    sha256, dest, received = _check_digest(sha256), Path(dest), [0]
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            dest.parent.mkdir(parents=True, exist_ok=True)  # only once the server answers
+        # the folder is made only once the server answers
+        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_write(dest) as tmp:
             digest, size, expected = _receive(response, tmp, url, limit_s, received)
-        if 0 <= size < expected:
-            raise DownloadError(f"{url}: truncated download ({size} of {expected} bytes); nothing was kept")
-        if not digest.startswith(sha256):
-            raise DownloadError(f"{dest}: refused and removed: the file from {url} has a SHA-256 starting "
-                                f"{digest[:8]}, not {sha256[:8]}")
-        tmp.replace(dest)
+            if 0 <= size < expected:
+                raise DownloadError(f"{url}: truncated download ({size} of {expected} bytes); nothing was kept")
+            if not digest.startswith(sha256):
+                raise DownloadError(f"{dest}: refused and removed: the file from {url} has a SHA-256 starting "
+                                    f"{digest[:8]}, not {sha256[:8]}")
         return dest
     except urllib.error.HTTPError as e:
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
@@ -115,8 +115,6 @@ def download_inception_weights(dest: Path, url: str = INCEPTION_URL, sha256: str
         if received[0]:
             raise DownloadError(f"{url}: the download stopped after {received[0]} bytes ({reason})") from None
         raise DownloadError(f"{url}: cannot be reached ({reason}; timeout {timeout:g} s)", offline=True) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _receive(response, tmp: Path, url: str, limit_s: float, received: list[int]) -> tuple[str, int, int]:
