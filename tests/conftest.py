@@ -1,8 +1,10 @@
 """Shared fixtures: the tiny project reproduced once per test session, two experiments on it, and a randomly
 initialised Inception-v3 weights file."""
 
+import atexit
 import hashlib
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -17,14 +19,14 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 # stage and `dvc repro` they start, from a port of this machine where nothing listens (refused at once, so the
 # stages take their offline path), into a torch cache of their own (never the user's, which may hold the file).
 os.environ["DDPM_INCEPTION_URL"] = "http://127.0.0.1:9/weights-inception-2015-12-05-6726825d.pth"
-os.environ["TORCH_HOME"] = str(Path(tempfile.gettempdir()) / f"ddpm-tests-torch-home-{os.getpid()}")
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="ddpm-tests-torch-home-")
 
 from benchmarks.project import TRACKING_VARIABLES
 
+atexit.register(shutil.rmtree, os.environ["TORCH_HOME"], ignore_errors=True)  # its own, made above
+
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:  # the workers share the cores: their threads, and those of the processes tests start, too
-    import torch
-
     THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
     torch.set_num_threads(THREADS)
