@@ -20,7 +20,7 @@ def folder_config(root) -> dict:
         "model": {"channel_mults": None, "attention_resolutions": None},  # the defaults that follow the size
         "classifier": {"epochs": 2},
         "train": {"epochs": 1, "batch_size": 18},
-        "sample": {"num_samples": 12, "batch_size": 12, "ddim_steps": [5]},
+        "sample": {"num_samples": 12, "batch_size": 12, "ddpm_steps": [5], "ddim_steps": [5]},  # DDPM: a strided chain
     })
 
 
