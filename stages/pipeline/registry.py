@@ -33,8 +33,9 @@ CHAMPION = "champion"  # the alias of the best version: models:/ddpm-cond@champi
 HEADLINE = "fid"  # the version tag that ranks versions, lower is better: the best sampler setting's FID
 KEY_TAG = "comparability_key"  # versions compare only when this tag is equal (`comparability_key`)
 # what the protocol records that does not change how the headline is scored: the sampler settings each model
-# was scored at (a model's own choice), and the other extractors scored beside the headline's
-NOT_PROTOCOL = ("samplers", "extractors")
+# was scored at (a model's own choice), and the other extractors scored beside the headline's (and whether
+# Inception-v3 could be had)
+NOT_PROTOCOL = ("samplers", "extractors", "inception")
 
 
 def registered_name(variant: str) -> str | None:
