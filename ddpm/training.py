@@ -6,9 +6,13 @@ The network, the diffusion and the data are passed in; the loop never writes fil
 script observes it through callbacks (logging, checkpoints, sample grids) and can save and
 restore its whole state (`state_dict`), so a resumed run continues exactly where it stopped.
 Data parallelism: give each process its `rank` and `world_size`; every rank draws the same
-epoch permutation and takes its own slice of each global batch. The images stay where the caller keeps
-them (a memory-mapped file's tensor is read only where indexed): each step moves its rank's share of the
-batch to the device, so a dataset larger than the device's memory trains.
+epoch permutation and takes its own slice of each global batch. Gradient accumulation (`micro_batches`)
+splits a process's slice further, one backward pass each: micro-batch j of rank r is the slice of "virtual
+rank" r + j x world_size, with that rank's random draws, so W processes of k micro-batches train as W x k
+processes would (bit for bit at W x k = 2; for more, up to the order in which gradients are summed).
+The images stay where the caller keeps them (a memory-mapped file's tensor is read only where indexed):
+each step moves its rank's share of the batch to the device, so a dataset larger than the device's memory
+trains.
 """
 
 import contextlib
@@ -32,6 +36,7 @@ LR_SCHEDULES = ("constant", "cosine")
 # gradient scaler); auto: what suits the device (resolve_precision)
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "auto")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DROPOUT_SALT = 0x5DEECE66D  # xored into a step's seed for its dropout masks
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class TrainConfig:
     epochs: int = 20
     steps: int | None = None    # optimizer steps to train (the same training on any dataset size); None: epochs
     batch_size: int = 128       # global batch, split across data-parallel processes
+    micro_batches: int = 1      # backward passes per process and step (gradient accumulation: less memory)
     lr: float = 2e-4
     warmup_steps: int = 500
     lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" decay to 0 at the last step
@@ -109,8 +115,9 @@ class Trainer:
     def __init__(self, model: nn.Module, diffusion: Diffusion, images: torch.Tensor,
                  labels: torch.Tensor | None, config: TrainConfig, device: torch.device, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
-        if config.batch_size % world_size:
-            raise ValueError(f"batch_size {config.batch_size} is not divisible by {world_size} processes")
+        if config.batch_size % (world_size * config.micro_batches):
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by {world_size} processes x "
+                             f"{config.micro_batches} micro-batches")
         self.precision = resolve_precision(config.precision, device)  # what `config.precision` means here
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -181,26 +188,25 @@ class Trainer:
         batch = perm[i * self.config.batch_size:(i + 1) * self.config.batch_size]
         return batch[self.rank::self.world_size]
 
-    def step_seed(self) -> int:
-        """The seed of this step's t and noise on this rank: (seed << 40) + (step << 8) + rank, folded into the
-        64 bits torch takes. Below seed 2**24 nothing is folded, so those runs stay bit-identical."""
-        return fold_seed((self.seed << 40) + (self.step << 8) + self.rank)
+    def step_seed(self, rank: int | None = None) -> int:
+        """The seed of this step's t and noise on `rank` (default this process's): (seed << 40) + (step << 8) +
+        rank, folded into the 64 bits torch takes. Below seed 2**24 nothing is folded, so those runs stay
+        bit-identical."""
+        return fold_seed((self.seed << 40) + (self.step << 8) + (self.rank if rank is None else rank))
 
     def train_step(self, idx: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on the images at `idx`; returns the mean loss (a 0-d tensor)."""
-        x0 = to_model_range(self.images[idx].to(self.device, non_blocking=True))
-        y = self.labels[idx].to(self.device, non_blocking=True) if self.labels is not None else None
+        """One optimizer step on the images at `idx` (this process's slice of the global batch), in
+        config.micro_batches backward passes; returns the mean loss (a 0-d tensor)."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        # t and the noise of step k on rank r depend only on (seed, k, r): exact resumes, distinct ranks
-        self.generator.manual_seed(self.step_seed())
-        with tf32(self.precision == "tf32") if self.device.type == "cuda" else contextlib.nullcontext():
-            dtype = AUTOCAST.get(self.precision)
-            with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                loss = self.diffusion.loss(self.train_model, x0, y, self.config.p_uncond, self.generator,
-                                           self.config.min_snr_gamma, self.config.logsnr_normal).mean()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        k, ddp = self.config.micro_batches, isinstance(self.model, nn.parallel.DistributedDataParallel)
+        parts = [(idx[j::k], self.rank + j * self.world_size) for j in range(k) if j < len(idx)]
+        losses = []
+        for n, (part, rank) in enumerate(parts):  # gradients averaged over processes once, after the last
+            with self.model.no_sync() if ddp and n < len(parts) - 1 else contextlib.nullcontext():
+                losses.append(self.backward(part, rank, k))
+        loss = torch.stack(losses).mean() if k > 1 else losses[0]
         self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, to clip and check
         # the gradient norm, clipped to grad_clip (0: not clipped): a finite loss can have inf/NaN gradients
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
@@ -215,6 +221,24 @@ class Trainer:
                 self.snapshots += self.posthoc.snapshot()
         if self.guide is None and self.guide_step is not None and self.step >= self.guide_step:
             self.guide = copy.deepcopy(self.ema.module)
+        return loss
+
+    def backward(self, idx: torch.Tensor, rank: int, micro_batches: int) -> torch.Tensor:
+        """Accumulate the gradient of the mean loss on the images at `idx`, divided by `micro_batches` (a
+        power of two divides exactly, as DistributedDataParallel's average over processes does); returns
+        that mean loss. Its random draws (t, noise, dropped labels, dropout) depend only on (seed, step,
+        rank): exact resumes, distinct ranks."""
+        x0 = to_model_range(self.images[idx].to(self.device, non_blocking=True))
+        y = self.labels[idx].to(self.device, non_blocking=True) if self.labels is not None else None
+        seed = self.step_seed(rank)
+        self.generator.manual_seed(seed)
+        torch.manual_seed(seed ^ DROPOUT_SALT)  # dropout's stream, another than the noise's
+        with tf32(self.precision == "tf32") if self.device.type == "cuda" else contextlib.nullcontext():
+            dtype = AUTOCAST.get(self.precision)
+            with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = self.diffusion.loss(self.train_model, x0, y, self.config.p_uncond, self.generator,
+                                           self.config.min_snr_gamma, self.config.logsnr_normal).mean()
+            self.scaler.scale(loss / micro_batches if micro_batches > 1 else loss).backward()
         return loss.detach()
 
     def check_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
@@ -286,9 +310,6 @@ class Trainer:
         if "guide" in state:
             self.guide = copy.deepcopy(self.ema.module)
             self.guide.load_state_dict(state["guide"])
-        if self.world_size > 1:  # the saved RNG is rank 0's: give each rank its own dropout stream
-            torch.manual_seed(self.step_seed())
-            return
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -35,9 +35,10 @@ def main(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     p = load_params()
     check_writable(a.checkpoints, a.out, a.metrics, a.plot)
-    if p.train.batch_size % join_or_relaunch(p.train, "stages.train", argv):
+    if p.train.batch_size % (join_or_relaunch(p.train, "stages.train", argv) * p.train.micro_batches):
         raise ParamsError(f"params.yaml: train.batch_size = {p.train.batch_size} is not divisible by the "
-                          f"launcher's {os.environ['WORLD_SIZE']} processes")
+                          f"launcher's {os.environ['WORLD_SIZE']} processes x train.micro_batches "
+                          f"{p.train.micro_batches}")
     info = load_info(a.data)
     num_classes = len(class_names(info, "conditional training")) if a.variant == "cond" else None
     unet, config = p.model.unet(info["shape"][0], info["shape"][1], num_classes), train_config(p, a.variant)
@@ -69,7 +70,6 @@ def train(a, p, unet, config, state: TrainState, tracker, device, rank: int, wor
     model = model.to(device, memory_format=memory_format)
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        seed_everything(p.seed + rank)  # each rank its own dropout
     trainer = Trainer(model, Diffusion.from_config(p.diffusion), images, labels if unet.num_classes else None,
                       config, device, p.seed, rank, world_size)
     state.restore(trainer, tracker)

@@ -36,9 +36,10 @@ if WORKERS > 1:  # the workers share the cores: their threads, and those of the 
 def pytest_collection_modifyitems(items):
     """The groups pytest-xdist keeps in one worker (--dist loadgroup): every test on the tiny project's one
     reproduction (tiny_repo), so that it is built once, and otherwise each file's tests, so that a module's
-    fixtures are built once."""
+    fixtures are built once; the two files on several processes share their trained repositories."""
+    shared = {"test_distributed": "distributed", "test_multinode": "distributed"}
     for item in items:
-        group = "tiny_repo" if "tiny_repo" in item.fixturenames else item.path.stem
+        group = "tiny_repo" if "tiny_repo" in item.fixturenames else shared.get(item.path.stem, item.path.stem)
         item.add_marker(pytest.mark.xdist_group(group))
 
 

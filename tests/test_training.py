@@ -153,6 +153,34 @@ def test_ranks_split_each_global_batch():
         Trainer(tiny_unet(8), diffusion, images, None, TrainConfig(batch_size=5), CPU, world_size=2)
 
 
+def test_micro_batches_accumulate_the_gradient_two_processes_average():
+    """Gradient accumulation: one process's two micro-batches give, bit for bit, the gradient that two
+    processes' halves give averaged (DistributedDataParallel's mean), dropout included."""
+    images, labels = shapes(12, size=8)
+    diffusion = Diffusion(DiffusionConfig(timesteps=10).betas())
+    def net():  # noqa: E306
+        torch.manual_seed(0)
+        return UNet(UNetConfig(image_size=8, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                               attention_resolutions=(4,), num_heads=2, dropout=0.3, num_classes=2))
+    config = TrainConfig(batch_size=6, p_uncond=0.5)
+    ranks = [Trainer(net(), diffusion, images, labels, config, CPU, seed=3, rank=r, world_size=2) for r in range(2)]
+    single = Trainer(net(), diffusion, images, labels, TrainConfig(batch_size=6, p_uncond=0.5, micro_batches=2),
+                     CPU, seed=3)
+    for tr in ranks:
+        tr.backward(tr.batch_indices(0, 1), tr.rank, 1)
+    idx = single.batch_indices(0, 1)
+    for j in range(2):
+        single.backward(idx[j::2], j, 2)
+    grads = [[p.grad for p in tr.net.parameters()] for tr in ranks]
+    for g0, g1, p in zip(*grads, single.net.parameters(), strict=True):
+        assert torch.equal((g0 + g1) / 2, p.grad)
+    assert any(not torch.equal(g0, g1) for g0, g1 in zip(*grads))  # the halves differ: the sum is a real check
+    single.train_step(idx)  # and a step of it runs: the mean loss, one optimizer step
+    assert single.step == 1
+    with pytest.raises(ValueError, match="2 processes x 2 micro-batches"):
+        Trainer(tiny_unet(8), diffusion, images, None, TrainConfig(batch_size=6, micro_batches=2), CPU, world_size=2)
+
+
 def test_epochs_and_callbacks():
     images, _ = shapes(9, size=8)
     trainer = Trainer(tiny_unet(8), Diffusion(DiffusionConfig(timesteps=10).betas()), images, None,

@@ -37,6 +37,8 @@ CASES = [  # (section, key, bad value, expected message fragment)
     ("train", "lr", 0, "train.lr = 0.0 is out of range; allowed: > 0"),
     ("train", "lr", "fast", "train.lr must be float, got 'fast'"),
     ("train", "batch_size", 0, "train.batch_size = 0 is out of range; allowed: >= 1"),
+    ("train", "micro_batches", 3, "train.micro_batches = 3 is out of range; allowed: >= 1, with train.nproc x "
+     "train.nnodes x train.micro_batches a divisor of train.batch_size"),
     ("train", "epochs", 2.5, "train.epochs must be int, got 2.5"),
     ("train_cond", "steps", 0, "train_cond.steps = 0 is out of range; allowed: >= 1, or null (train.epochs)"),
     ("train_uncond", "steps", 100.5, "train_uncond.steps must be int, got 100.5"),

@@ -153,7 +153,8 @@ def size_checks(p):
     gpu = _cuda_index(p.device)
     dev, where = (torch.cuda.get_device_properties(gpu).total_memory, f"cuda:{gpu}") if gpu is not None and (
         gpu < torch.cuda.device_count()) else (host, "this machine")
-    per_process = t.batch_size // t.nproc if gpu is not None else t.batch_size  # on the CPU they share RAM
+    # what one backward pass holds: on the CPU the processes share RAM
+    per_process = (t.batch_size // t.nproc if gpu is not None else t.batch_size) // t.micro_batches
     count = KNOWN.get(p.data.name, (0, 0, 0))[2]  # unknown for an image folder
     k = _classes(p)
     evaluate = classifier_bytes(p, False) + (INCEPTION_INPUT if "inception" in p.evaluate.extractors else 0)

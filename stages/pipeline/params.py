@@ -86,6 +86,7 @@ class TrainParams:
     train_cond) and the stage's own."""
     epochs: int
     batch_size: int                      # global batch, split across train.nproc processes
+    micro_batches: int                   # backward passes per process and step (gradient accumulation)
     lr: float
     warmup_steps: int
     lr_schedule: str
@@ -292,6 +293,8 @@ def _checks(p: Params):
         *((f"train_{model}.steps", steps is None or steps >= 1, ">= 1, or null (train.epochs)")
           for model, steps in (("uncond", p.train_uncond.steps), ("cond", p.train_cond.steps))),
         ("train.batch_size", t.batch_size >= 1, ">= 1"),
+        ("train.micro_batches", t.micro_batches >= 1 and t.batch_size % (t.nproc * t.nnodes * t.micro_batches) == 0,
+         ">= 1, with train.nproc x train.nnodes x train.micro_batches a divisor of train.batch_size"),
         ("train.lr", t.lr > 0, "> 0"),
         ("train.warmup_steps", t.warmup_steps >= 0, ">= 0"),
         ("train.lr_schedule", t.lr_schedule in LR_SCHEDULES, "one of " + ", ".join(LR_SCHEDULES)),

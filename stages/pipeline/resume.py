@@ -45,7 +45,9 @@ class TrainState:
            init_hash: str | None = None) -> "TrainState":
         """The state of the run that these configs, seed, data, the library's code and, when fine-tuning, the
         weights it starts from (`init_hash`) define."""
-        run = {"unet": asdict(unet), "diffusion": asdict(diffusion), "train": asdict(config), "seed": seed,
+        # how a step's batch is split into micro-batches is no more part of the run than train.nproc is
+        train = {k: v for k, v in asdict(config).items() if k != "micro_batches"}
+        run = {"unet": asdict(unet), "diffusion": asdict(diffusion), "train": train, "seed": seed,
                "data": data_hash, "code": source_hash()}
         return cls(folder, config_hash(run | ({"init": init_hash} if init_hash else {})))
 
