@@ -20,6 +20,7 @@ with the same extractor and seed (input1 generated, input2 real, as torch-fideli
 """
 
 import copy
+import functools
 import warnings
 from pathlib import Path
 
@@ -276,29 +277,40 @@ class Scorer:
     extractors: {name: extractor from `make_extractor`}; references: {name: `reference_features` of that
     extractor, with "stats" where FID is against a larger set}; `subset`: as in `metrics_from_features`.
     `floor[name]` holds the floor set's metrics (for "classifier" also its accuracy on the reference set's
-    labels, the best conditional accuracy to expect)."""
+    labels, the best conditional accuracy to expect), computed on first use. `extract`: how features are
+    extracted, `extract_features` by default; one that spreads the images over processes returns the features
+    in one of them and None in the others, which call only `features`, in the same order, to take their share."""
 
     def __init__(self, extractors: dict, references: dict[str, dict], *, seed: int = 2020, batch_size: int = 256,
-                 subset: int | None = None, device: str | torch.device = "cpu"):
+                 subset: int | None = None, device: str | torch.device = "cpu", extract=extract_features):
         self.extractors, self.references, self.subset = extractors, references, subset
-        self.seed, self.batch_size, self.device = seed, batch_size, device
-        self.floor = {e: self._metrics(e, r["floor"]) for e, r in references.items()}
-        if "classifier" in references:
-            ref = references["classifier"]
-            self.floor["classifier"]["cond_accuracy"] = class_accuracy(
+        self.seed, self.batch_size, self.device, self.extract = seed, batch_size, device, extract
+
+    @functools.cached_property
+    def floor(self) -> dict[str, dict]:
+        floor = {e: self._metrics(e, r["floor"]) for e, r in self.references.items()}
+        if "classifier" in self.references:
+            ref = self.references["classifier"]
+            floor["classifier"]["cond_accuracy"] = class_accuracy(
                 ref["reference"]["logits"], ref["reference_labels"], ref["reference"]["logits"].shape[1])[0]
+        return floor
 
     def _metrics(self, e: str, features: dict) -> dict[str, float]:
         r = self.references[e]
         return metrics_from_features(features, r["reference"], reference_stats=r.get("stats"), subset=self.subset,
                                      seed=self.seed)
 
+    def features(self, images: torch.Tensor) -> dict[str, dict] | None:
+        """{extractor: features} of uint8 images (N, C, H, W); None where `extract` leaves them to another process."""
+        out = {e: self.extract(x, images, batch_size=self.batch_size, device=self.device)
+               for e, x in self.extractors.items()}
+        return None if any(f is None for f in out.values()) else out
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, dict]:
         """{extractor: metrics with fid_over_floor} of uint8 images (N, C, H, W); with the requested `labels`
         (N,) the classifier's entry adds cond_accuracy and cond_accuracy_per_class (a list)."""
         out = {}
-        for e, extractor in self.extractors.items():
-            feats = extract_features(extractor, images, batch_size=self.batch_size, device=self.device)
+        for e, feats in self.features(images).items():
             out[e] = over_floor(self._metrics(e, feats), self.floor[e])
             if e == "classifier" and labels is not None:
                 overall, per_class = class_accuracy(feats["logits"], labels, feats["logits"].shape[1])

@@ -17,7 +17,8 @@ import json
 import warnings
 from pathlib import Path
 
-from ddpm import SamplerSetting, resolve_device, safe_load
+from ddpm import SamplerSetting, safe_load
+from ddpm.metrics import extract_features
 
 from .pipeline.inception import inception_weights
 from .pipeline.io import load_info, staged_files
@@ -25,7 +26,16 @@ from .pipeline.params import load_params, sections
 from .pipeline.protocol import FLOOR_SPLIT, REFERENCE_SPLIT, protocol_key, scorer_for, subset
 from .pipeline.registry import describe_model_versions
 from .pipeline.results import headline, sampler_tags, write_results
-from .pipeline.run import check_writable, path_parser, run, seed_everything
+from .pipeline.run import (
+    check_writable,
+    init_distributed,
+    join_or_relaunch,
+    path_parser,
+    rank0_first,
+    run,
+    seed_everything,
+)
+from .pipeline.shard import sharded_features
 from .pipeline.tracking import stage_run
 
 OUTPUTS = ("plot", "figure", "cfg_plot", "cfg_figure", "table", "details", "metrics")  # moved into place in this order
@@ -38,10 +48,20 @@ def main(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     p = load_params()
     check_writable(a.metrics, a.details, a.table, a.plot, a.figure, a.cfg_plot, a.cfg_figure)
-    inception = inception_weights(p)
+    join_or_relaunch(p.train, "stages.evaluate", argv)  # the numbers do not depend on the number of processes
+    rank, world_size, device = init_distributed(p.device)
+    inception = rank0_first(lambda: inception_weights(p), rank)
+    extract = sharded_features(extract_features, rank, world_size)
+    if rank > 0:  # only rank 0 writes files and talks to MLflow; the others extract their share of each set
+        scorer, _ = scorer_for(p, inception, data=a.data, reference=a.reference, classifier=a.classifier,
+                               device=device, extract=extract)
+        for _, _, data in sample_sets(a.samples):
+            scorer.features(data["images"])
+        return
     params = sections(p, "seed", "device", "evaluate", "sample.num_samples")
     with stage_run("evaluate", params=params, data_hash=load_info(a.data)["content_hash"]) as tracker:
-        results, rows = evaluate(a, p, inception)
+        results, rows = evaluate(a, p, inception, device, extract)
+        tracker.set_tags({"processes": str(world_size)})
         outputs = [getattr(a, name) for name in OUTPUTS]  # the metrics last
         with staged_files(outputs, ".evaluate") as tmp:
             write_results({name: tmp[getattr(a, name)] for name in OUTPUTS}, results, rows)
@@ -58,30 +78,29 @@ def main(argv: list[str]) -> None:
                 tracker.log_artifact(tmp[f])
 
 
-def evaluate(a, p, inception) -> tuple[dict, list[dict]]:
+def evaluate(a, p, inception, device, extract=extract_features) -> tuple[dict, list[dict]]:
+    """(results, table rows) of every sample set; `extract`: how features are extracted (sharded_features)."""
     seed_everything(p.seed)
-    device, info, protocol = resolve_device(p.device), load_info(a.data), p.evaluate.protocol
+    info, protocol = load_info(a.data), p.evaluate.protocol
     scorer, status = scorer_for(p, inception, data=a.data, reference=a.reference, classifier=a.classifier,
-                                device=device)
+                                device=device, extract=extract)
     results, rows, samplers, n = {}, [], {}, p.sample.num_samples
-    for folder in a.samples:
-        for s in json.loads((folder / "index.json").read_text()):
-            data = safe_load(folder / f"{s['tag']}.pt", ("images", "labels"))
-            if len(data["images"]) != n:
-                warnings.warn(f"{folder}/{s['tag']}: {len(data['images'])} images, not sample.num_samples {n}",
-                              stacklevel=1)
-            scores = scorer(data["images"], data["labels"] if len(data["labels"]) else None)
-            entry = scores.pop("classifier")  # the classifier's numbers at the top level, the others nested
-            if "cond_accuracy_per_class" in entry:
-                entry["cond_accuracy_per_class"] = dict(zip(info["class_names"], entry["cond_accuracy_per_class"]))
-            results.setdefault(s["variant"], {})[s["tag"]] = entry | scores
-            setting = SamplerSetting.from_dict(s).to_dict()
-            samplers.setdefault(s["variant"], {})[s["tag"]] = setting | {k: s[k] for k in ("seed", "num_samples")}
-            others = {f"{e}.{k}": v for e, m in scores.items() for k, v in m.items() if isinstance(v, float)}
-            rows.append({"variant": s["variant"]} | setting | entry | others)
-            print(f"{s['variant']} {s['tag']}: FID {entry['fid']:.3f} ({entry['fid_over_floor']:.2f} x floor)  "
-                  f"IS {entry['is_mean']:.3f}  P {entry['precision']:.3f}  R {entry['recall']:.3f}"
-                  + "".join(f"  {e} FID {m['fid']:.3f} IS {m['is_mean']:.3f}" for e, m in scores.items()))
+    for folder, s, data in sample_sets(a.samples):
+        if len(data["images"]) != n:
+            warnings.warn(f"{folder}/{s['tag']}: {len(data['images'])} images, not sample.num_samples {n}",
+                          stacklevel=1)
+        scores = scorer(data["images"], data["labels"] if len(data["labels"]) else None)
+        entry = scores.pop("classifier")  # the classifier's numbers at the top level, the others nested
+        if "cond_accuracy_per_class" in entry:
+            entry["cond_accuracy_per_class"] = dict(zip(info["class_names"], entry["cond_accuracy_per_class"]))
+        results.setdefault(s["variant"], {})[s["tag"]] = entry | scores
+        setting = SamplerSetting.from_dict(s).to_dict()
+        samplers.setdefault(s["variant"], {})[s["tag"]] = setting | {k: s[k] for k in ("seed", "num_samples")}
+        others = {f"{e}.{k}": v for e, m in scores.items() for k, v in m.items() if isinstance(v, float)}
+        rows.append({"variant": s["variant"]} | setting | entry | others)
+        print(f"{s['variant']} {s['tag']}: FID {entry['fid']:.3f} ({entry['fid_over_floor']:.2f} x floor)  "
+              f"IS {entry['is_mean']:.3f}  P {entry['precision']:.3f}  R {entry['recall']:.3f}"
+              + "".join(f"  {e} FID {m['fid']:.3f} IS {m['is_mean']:.3f}" for e, m in scores.items()))
     results["floor"] = scorer.floor
     results["protocol"] = {"name": protocol, "key": protocol_key(protocol, n), "extractor": "classifier",
                            "extractors": list(scorer.extractors), "inception": status,
@@ -90,6 +109,13 @@ def evaluate(a, p, inception) -> tuple[dict, list[dict]]:
                            **scorer.settings(), "dataset": info["dataset"], "data_hash": info["content_hash"],
                            "samplers": samplers}
     return results, rows
+
+
+def sample_sets(folders: list[Path]):
+    """(folder, index row, {"images", "labels"}) of each sample set the folders' index.json files list, in order."""
+    for folder in folders:
+        for s in json.loads((folder / "index.json").read_text()):
+            yield folder, s, safe_load(folder / f"{s['tag']}.pt", ("images", "labels"))
 
 
 def model_hashes(folders: list[Path]) -> dict[str, str | None]:

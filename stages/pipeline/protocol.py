@@ -61,10 +61,12 @@ def floor_set(protocol: str, data, num_samples: int, seed: int) -> tuple[torch.T
     return images, labels, split
 
 
-def scorer_for(p, inception, *, data: Path, reference: Path, classifier: Path, device) -> tuple[Scorer, str]:
+def scorer_for(p, inception, *, data: Path, reference: Path, classifier: Path, device,
+               extract=extract_features) -> tuple[Scorer, str]:
     """A Scorer on each extractor that the `reference` folder holds and this run can build (`inception`:
     stages.pipeline.inception.InceptionWeights), with the features of evaluate.protocol's floor set, and what
-    became of Inception-v3, for the headline."""
+    became of Inception-v3, for the headline. `extract`: as the Scorer's (stages.pipeline.shard.sharded_features
+    spreads it over processes), the floor's features too."""
     held = json.loads((reference / "extractors.json").read_text())["extractors"]
     names = [e for e in held if e != "inception" or inception.path]
     status = ("unavailable (not in the reference: `dvc repro -f reference`)" if inception.path and "inception" not in
@@ -76,7 +78,7 @@ def scorer_for(p, inception, *, data: Path, reference: Path, classifier: Path, d
         extractors[e] = make_extractor(e, classifier=model, weights=inception.path, sha256=inception.sha256,
                                        device=device)
         refs[e] = safe_load(reference / f"{e}.pt", ("reference", "reference_labels", "stats")) | {
-            "floor": extract_features(extractors[e], images, batch_size=p.evaluate.batch_size, device=device),
+            "floor": extract(extractors[e], images, batch_size=p.evaluate.batch_size, device=device),
             "floor_labels": labels}
     return Scorer(extractors, refs, seed=p.seed, batch_size=p.evaluate.batch_size, subset=subset(p.evaluate.protocol),
-                  device=device), status
+                  device=device, extract=extract), status

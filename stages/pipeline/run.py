@@ -2,8 +2,10 @@
 that resumes check, and the data-parallel process group."""
 
 import argparse
+import contextlib
 import ctypes
 import hashlib
+import io
 import os
 import random
 import signal
@@ -187,3 +189,15 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def rank0_first(make, rank: int):
+    """make() in rank 0, then in the other processes once it is done there, quietly (rank 0 has said what
+    there was to say): what rank 0 downloaded, they find cached, instead of downloading it at once."""
+    if rank == 0:
+        made = make()
+        barrier()
+        return made
+    barrier()
+    with contextlib.redirect_stdout(io.StringIO()):
+        return make()
