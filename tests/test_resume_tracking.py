@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from helpers import TINY, make_repo, merge, run
 from mlflow.tracking import MlflowClient
 from test_mlflow_store import image_series
@@ -56,6 +57,17 @@ def test_resumed_training_logs_each_epoch_once(tmp_path):
     assert sorted(m.step for m in client.get_metric_history(train.info.run_id, "loss")) == list(range(1, 13))
     pngs = [a.path for a in client.list_artifacts(train.info.run_id, "images") if a.path.endswith(".png")]
     assert image_series(client, train.info.run_id) == {("epoch_grid", 1), ("epoch_grid", 2)} and len(pngs) == 2
+
+    # a param that does not make it another run (how each step is split), changed: the finished run is reopened,
+    # nothing retrains, and MLflow keeps the value it started with beside the tag of the new one
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, {"train": {"micro_batches": 2}})))
+    assert "resuming from ck/last.pt at step 12" in run([sys.executable, "-m", "stages.train", *ARGS], repo).stdout
+    (again,) = client.search_runs([train.info.experiment_id], "tags.stage = 'train'")
+    assert again.info.run_id == train.info.run_id and again.info.status == "FINISHED"
+    assert again.data.params["train.micro_batches"] == "1"
+    assert again.data.tags["resumed_with.train.micro_batches"] == "2"
+    assert len(client.get_metric_history(train.info.run_id, "loss")) == 12
 
 
 def test_a_step_budget_ends_inside_an_epoch_with_its_grid_and_at_most_train_grids(tmp_path):

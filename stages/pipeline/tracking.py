@@ -69,9 +69,18 @@ class Tracker:
             self.lost = []
             return self.call(what, fn, *args, **kwargs)
 
-    def log_params(self, params: dict) -> None:
-        items = [Param(k, json.dumps(list(v)) if isinstance(v, tuple) else str(v)) for k, v in flatten(params).items()]
+    def log_params(self, params: dict, reopened: bool = False) -> None:
+        """Log `params` on the stage's run and the parent run. A reopened run keeps the values it was started
+        with (MLflow never changes a param): one that differs now, such as a resumed training's train.nproc or
+        train.micro_batches (which do not make it another run), is set as the tag `resumed_with.<key>`."""
+        values = {k: json.dumps(list(v)) if isinstance(v, tuple) else str(v) for k, v in flatten(params).items()}
         for run in (self.run_id, self.parent_id):
+            logged = self.call(None, lambda client, r=run: client.get_run(r).data.params) if reopened and (
+                run == self.run_id) else None
+            changed = {k: v for k, v in values.items() if k in (logged or {}) and logged[k] != v}
+            if changed:
+                self.set_tags({f"resumed_with.{k}": v for k, v in changed.items()})
+            items = [Param(k, v) for k, v in values.items() if k not in changed]
             for i in range(0, len(items), 100):
                 self.call("params", MlflowClient.log_batch, run, params=items[i:i + 100])
 
@@ -153,7 +162,7 @@ def stage_run(stage: str, variant: str | None = None, params: dict | None = None
             "params_hash": hashlib.sha256(repr(sorted(flatten(params or {}).items())).encode()).hexdigest()[:16],
             "data_hash": data_hash or "", "mlflow.parentRunId": tracker.parent_id, **process_tags()}
     tracker.set_tags(tags)  # a resumed stage takes this invocation's: it joins the pipeline run resuming it
-    tracker.log_params(params or {})
+    tracker.log_params(params or {}, reopened=resume)
     monitor = start_monitor(tracker.run_id, resume) if tracker.client else None
     try:
         uri = tracker.call(None, lambda client: client.get_run(tracker.run_id).info.artifact_uri)
