@@ -189,9 +189,9 @@ def test_switches_by_dvc_exp_run_in_the_workspace_keep_the_file_valid_and_your_v
     repo = make_repo(tmp_path / "repo", {})
     shutil.copy(ROOT / "params.yaml", repo / "params.yaml")  # the project's layout, comments and all
     run(["git", "commit", "-qam", "params.yaml as the project has it"], repo)
-    edited = (ROOT / "params.yaml").read_text().replace("  batch_size: 128\n  lr: 0.002\n", "  batch_size: 128\n"
-                                                        "  lr: 0.001\n").replace("guidance_interval: [0.28, 5.42]",
-                                                                                 "guidance_interval: null")
+    before, train = (ROOT / "params.yaml").read_text().split("\ntrain:\n")
+    edited = (before + "\ntrain:\n" + train.replace("\n  lr: 0.002\n", "\n  lr: 0.001\n", 1)).replace(
+        "guidance_interval: [0.28, 5.42]", "guidance_interval: null")
     (repo / "params.yaml").write_text(edited)
     yours = {"train.lr": 0.001, "sample.guidance_interval": None}
 
