@@ -41,9 +41,8 @@ def main(argv: list[str]) -> None:
     images, labels, info = load_prepared(a.data, REFERENCE_SPLIT[p.evaluate.protocol])
     extract = sharded_features(extract_features, rank, world_size)
     features = extracted(a, p, inception, extractors, images, device, extract)
-    if rank > 0:  # only rank 0 writes files and talks to MLflow; the others extract their share
-        for _ in features:
-            pass
+    if rank > 0:  # only rank 0 writes files and talks to MLflow; the others extract their share of each
+        list(features)
         return
     params = sections(p, "seed", "device", "evaluate.protocol", "evaluate.batch_size", "evaluate.extractors",
                       "evaluate.inception_weights")
