@@ -26,7 +26,7 @@ from ddpm import (
     ddim_timesteps,
     resolve_device,
 )
-from ddpm.training import AUTOCAST, PRECISIONS, resolve_precision, tf32
+from ddpm.precision import AUTOCAST, PRECISIONS, resolve_precision, tf32
 
 
 def timed(fn, device: torch.device, reps: int = 1) -> float:

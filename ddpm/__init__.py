@@ -13,6 +13,7 @@ from .checkpoint import (
     load_classifier,
     load_guide,
     load_model,
+    posthoc_path,
     safe_load,
     save_classifier,
     save_model,
@@ -23,6 +24,7 @@ from .files import atomic_write
 from .guidance import Autoguided, ClassifierFree, guidance_interval, guided
 from .networks import make_unet
 from .noise import ImageGenerator
+from .precision import Autocast, resolve_device, resolve_precision
 from .request import RequestError, check_request
 from .samplers import (
     NonFiniteImages,
@@ -35,16 +37,17 @@ from .samplers import (
 )
 from .schedules import make_betas
 from .settings import SamplerSetting, interval_text, sampler_settings
-from .training import TrainConfig, Trainer, resolve_device
+from .training import TrainConfig, Trainer
 from .unet import UNet, UNetConfig
 
 __all__ = [
     "CheckpointError", "atomic_save", "atomic_write", "config_hash", "guide_path", "load_classifier", "load_guide",
-    "load_model", "safe_load",
+    "load_model", "posthoc_path", "safe_load",
     "save_classifier", "save_model",
     "NULL_LABEL", "Diffusion", "DiffusionConfig", "extract", "EMA",
     "Autoguided", "ClassifierFree", "ImageGenerator", "NonFiniteImages", "RequestError",
     "check_request", "SamplerSetting", "ddim_sample", "ddim_timesteps", "ddpm_sample", "default_steps",
     "dpm_solver_sample", "generate", "guidance_interval", "guided", "interval_text", "make_betas", "sampler_settings",
-    "Trainer", "TrainConfig", "resolve_device", "to_model_range", "to_uint8", "UNet", "UNetConfig", "make_unet",
+    "Autocast", "Trainer", "TrainConfig", "resolve_device", "resolve_precision",
+    "to_model_range", "to_uint8", "UNet", "UNetConfig", "make_unet",
 ]

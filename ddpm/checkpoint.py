@@ -28,6 +28,7 @@ from .diffusion import Diffusion, DiffusionConfig
 from .files import atomic_write
 from .model_config import check_finite, check_shapes, model_configs
 from .networks import make_unet
+from .posthoc_ema import reconstruct
 from .unet import UNet, UNetConfig
 
 MODEL_KEYS = ("format", "unet", "diffusion", "weights", "meta")
@@ -105,10 +106,16 @@ def guide_path(model_file: str | Path) -> Path:
     return model_file.with_name(f"{model_file.stem}-guide{model_file.suffix or '.pt'}")
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, Diffusion, dict]:
+def load_model(path: str | Path, device: torch.device | str = "cpu",
+               sigma_rel: float | None = None) -> tuple[UNet, Diffusion, dict]:
     """Read a model file written by `save_model`, or an export folder (or one of its .safetensors files)
-    written by `export_model`: (model in eval mode, diffusion, meta)."""
+    written by `export_model`: (model in eval mode, diffusion, meta). `sigma_rel`: instead of the file's
+    weights, the post-hoc EMA of that relative length, reconstructed from the snapshots in <name>-posthoc.pt
+    beside the model file (`posthoc_weights`); meta["sigma_rel"] says so."""
     if Path(path).is_dir() or Path(path).suffix == ".safetensors":
+        if sigma_rel is not None:
+            raise CheckpointError(f"{path}: an export holds one set of weights; post-hoc EMA (sigma_rel) needs a "
+                                  f"model file with its {posthoc_path(Path(path)).name}")
         return load_exported(Path(path) / EXPORT_WEIGHTS if Path(path).is_dir() else Path(path), device)
     obj = safe_load(path, MODEL_KEYS)
     if obj["format"] != "ddpm-model-v1":
@@ -119,8 +126,33 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
     if not isinstance(weights, dict) or not all(isinstance(w, torch.Tensor) for w in weights.values()):
         raise CheckpointError(f"{path}: its weights are not a mapping of names to tensors")
     _check_shapes(path, unet, {k: tuple(w.shape) for k, w in weights.items()})
+    meta = obj["meta"]
+    if sigma_rel is not None:
+        weights, meta = posthoc_weights(path, sigma_rel), {**meta, "sigma_rel": sigma_rel}
+        _check_shapes(posthoc_path(path), unet, {k: tuple(w.shape) for k, w in weights.items()}, Path(path).name)
     model = _build(path, unet, weights)
-    return model.to(device).eval(), Diffusion.from_config(diffusion).to(device), obj["meta"]
+    return model.to(device).eval(), Diffusion.from_config(diffusion).to(device), meta
+
+
+def posthoc_path(model_file: str | Path) -> Path:
+    """Where the post-hoc EMA snapshots of a model file live ({"snapshots": records of
+    `ddpm.posthoc_ema.PowerEMA.snapshot`, "meta"}): <name>-posthoc.pt beside <name>.pt, as `guide_path`."""
+    model_file = Path(model_file)
+    return model_file.with_name(f"{model_file.stem}-posthoc{model_file.suffix or '.pt'}")
+
+
+def posthoc_weights(model_file: str | Path, sigma_rel: float) -> dict[str, torch.Tensor]:
+    """The weights of the post-hoc EMA of relative length `sigma_rel` (Karras et al. 2024), reconstructed from
+    the snapshots beside `model_file` (`posthoc_path`) (`ddpm.posthoc_ema.reconstruct`, at the last snapshot's step)."""
+    path = posthoc_path(model_file)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; post-hoc EMA needs the snapshots that training keeps when "
+                              "asked to (TrainConfig.posthoc_sigma_rels and posthoc_snapshots)")
+    snapshots = safe_load(path, ("snapshots",), mmap=True)["snapshots"]
+    try:
+        return reconstruct(snapshots, sigma_rel)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot reconstruct the post-hoc EMA of sigma_rel {sigma_rel} ({e})") from None
 
 
 def _checked(path: Path, check, *args):

@@ -36,11 +36,11 @@ from .export import ExportError, check_folder, read_inputs, write_export
 from .files import FULL, atomic_write
 from .model_config import machine_memory
 from .noise import ImageGenerator
+from .precision import PRECISIONS, Autocast, resolve_device
 from .request import MAX_IMAGES, RequestError, check, check_request, max_images
 from .samplers import DEFAULT_STEPS, METHODS, SPACINGS, NonFiniteImages, default_steps, generate
 from .settings import SamplerSetting
 from .sources import ModelSourceError, check_model_uri, is_model_uri, local_model
-from .training import resolve_device
 
 DEFAULT_COMPARE_STEPS = (5, 10, 20, 50)
 # Memory per timestep that `ddpm schedule` takes (the schedules' float64 curves and the plot's copies of them:
@@ -125,6 +125,9 @@ def build_parser() -> Parser:
                        help="classifier-free guidance weight w >= 0 (conditional models; default 0)")
         p.add_argument("--seed", type=at_least(None), default=0, help="image i's noise depends only on (seed, i)")
         p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="the network's precision (fp32; auto: bf16 where the CPU or GPU runs it natively, fp16 on "
+                       "older GPUs, else fp32); the sampler's state stays fp32")
         p.add_argument("--labels", action="store_true", help="write a figure with row and column labels")
         return p
 
@@ -198,11 +201,13 @@ class Loaded:
     setting: SamplerSetting         # --method, --steps (the first), --eta, --spacing, the guidance and its interval
     guide: nn.Module | None = None  # the model's guide model, loaded under --autoguidance
     meta: dict = field(default_factory=dict)  # the model file's meta (variant, steps, ...)
+    precision: str = "fp32"         # --precision
 
     @property
     def guided(self) -> nn.Module:
-        """The model under its classifier-free guidance or autoguidance, as the pictures sample it."""
-        return self.setting.model(self.model, self.guide, self.diffusion)
+        """The model at --precision under its classifier-free guidance or autoguidance, as the pictures sample it."""
+        guide = None if self.guide is None else Autocast(self.guide, self.precision)
+        return self.setting.model(Autocast(self.model, self.precision), guide, self.diffusion)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -266,7 +271,7 @@ def load(args) -> Loaded:
     if args.command == "interpolate" and args.num * args.frames > max_images(model.config.sample_shape):
         raise UsageError(f"--frames {args.frames}: {args.num} rows of {args.frames} images are more than a request "
                          f"makes (at most {max_images(model.config.sample_shape)} images)")
-    return Loaded(model, diffusion, names, klass, settings[0], guide, meta)
+    return Loaded(model, diffusion, names, klass, settings[0], guide, meta, getattr(args, "precision", "fp32"))
 
 
 def class_index(text: str | None, names: list[str] | None) -> int | None:

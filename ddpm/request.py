@@ -39,6 +39,7 @@ RULES = {  # field: (whether a value is allowed, what is allowed)
     "cfg": (lambda v: v is None or _weight(v), WEIGHT),  # None: an unconditional model, which has no such weight
     "autoguidance": (_weight, WEIGHT),
     "interval": (lambda v: v is None or _interval(v), INTERVAL),  # None: guided at every step
+    "sigma_rel": (lambda v: v is None or 0 < v < 12 ** -0.5, "null (the fixed-decay EMA) or in (0, 0.2887)"),
     "seed": (lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}] (2**63 - 1, the largest signed 64-bit integer)"),
 }
 

@@ -30,12 +30,9 @@ from .diffusion import Diffusion, to_model_range
 from .ema import EMA
 from .noise import fold_seed
 from .posthoc_ema import PowerEMA
+from .precision import AUTOCAST, resolve_precision, tf32
 
 LR_SCHEDULES = ("constant", "cosine")
-# fp32; tf32: fp32 weights, TensorFloat-32 matmuls and convolutions (CUDA); bf16/fp16: autocast (fp16 with a
-# gradient scaler); auto: what suits the device (resolve_precision)
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "auto")
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DROPOUT_SALT = 0x5DEECE66D  # xored into a step's seed for its dropout masks
 
 
@@ -61,52 +58,6 @@ class TrainConfig:
     guide_at: float = 0.0       # keep the EMA weights at this fraction of training as the guide model; 0: none
     posthoc_sigma_rels: tuple[float, ...] = ()  # power-function EMA widths tracked for post-hoc EMA; (): none
     posthoc_snapshots: int = 0  # snapshots of them kept, evenly spaced over training, the last at the last step
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; any other name is passed to torch.device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bfloat16 natively (AVX512-BF16, AMX). oneDNN also runs it on AVX2-only CPUs,
-    emulated and about 16x slower than fp32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and torch.backends.cpu.get_cpu_capability() != "AVX2"
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """The precision a run on `device` uses for `precision`: one of fp32, tf32, bf16, fp16.
-
-    auto: on CUDA bf16 where the GPU has it natively, else fp16; on a CPU bf16 where it is native, else
-    fp32; fp32 elsewhere (mps). tf32 is fp32 off CUDA (TensorFloat-32 is an NVIDIA tensor-core format)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    kind = torch.device(device).type
-    if precision == "auto":
-        if kind == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-        return "bf16" if kind == "cpu" and cpu_has_native_bf16() else "fp32"
-    if precision == "tf32" and kind != "cuda":
-        return "fp32"
-    return precision
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool):
-    """TensorFloat-32 for CUDA matmuls and cuDNN convolutions on (or off) inside the block. cuDNN allows
-    it by default, so plain fp32 must switch it off."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class Trainer:

@@ -4,7 +4,7 @@ floor (real images scored the same way; which ones, and what the reference is, e
 stages/pipeline/protocol.py), and, for the conditional model, the classifier's accuracy on the requested classes.
 
 usage: python -m stages.evaluate --data DIR --classifier FILE --reference DIR --metrics FILE --details FILE
-         --table CSV --plot CSV --figure PNG --cfg-plot CSV --cfg-figure PNG SAMPLE_DIR...
+         --table CSV --plot CSV --figure PNG --cfg-plot CSV --cfg-figure PNG --ema-plot CSV SAMPLE_DIR...
 --metrics: the headline that DVC shows (`headline`), under the protocol's key (fast-1k, standard-50k).
 --details: results[variant][tag] = the classifier's metrics (+ fid_over_floor, cond_accuracy), with each other
 extractor's under its name; results["floor"][extractor]; results["protocol"] (how the numbers were made).
@@ -38,16 +38,17 @@ from .pipeline.run import (
 from .pipeline.shard import sharded_features
 from .pipeline.tracking import stage_run
 
-OUTPUTS = ("plot", "figure", "cfg_plot", "cfg_figure", "table", "details", "metrics")  # moved into place in this order
+# moved into place in this order, the metrics last
+OUTPUTS = ("plot", "figure", "cfg_plot", "cfg_figure", "ema_plot", "table", "details", "metrics")
 
 
 def main(argv: list[str]) -> None:
     ap = path_parser("--data", "--classifier", "--reference", "--metrics", "--details", "--table", "--plot",
-                     "--figure", "--cfg-plot", "--cfg-figure")
+                     "--figure", "--cfg-plot", "--cfg-figure", "--ema-plot")
     ap.add_argument("samples", type=Path, nargs="+")
     a = ap.parse_args(argv)
     p = load_params()
-    check_writable(a.metrics, a.details, a.table, a.plot, a.figure, a.cfg_plot, a.cfg_figure)
+    check_writable(*(getattr(a, name) for name in OUTPUTS))
     join_or_relaunch(p.train, "stages.evaluate", argv)  # the numbers do not depend on the number of processes
     rank, world_size, device = init_distributed(p.device)
     inception = rank0_first(lambda: inception_weights(p), rank)
@@ -94,7 +95,7 @@ def evaluate(a, p, inception, device, extract=extract_features) -> tuple[dict, l
         if "cond_accuracy_per_class" in entry:
             entry["cond_accuracy_per_class"] = dict(zip(info["class_names"], entry["cond_accuracy_per_class"]))
         results.setdefault(s["variant"], {})[s["tag"]] = entry | scores
-        setting = SamplerSetting.from_dict(s).to_dict()
+        setting = SamplerSetting.from_dict(s).to_dict() | {k: s[k] for k in ("precision",) if k in s}
         samplers.setdefault(s["variant"], {})[s["tag"]] = setting | {k: s[k] for k in ("seed", "num_samples")}
         others = {f"{e}.{k}": v for e, m in scores.items() for k, v in m.items() if isinstance(v, float)}
         rows.append({"variant": s["variant"]} | setting | entry | others)

@@ -7,15 +7,26 @@ Writes, per sampler setting (ddpm.SamplerSetting), <tag>.pt (uint8 images + requ
 grid) and index.json (the settings, wall time, images/s). The conditional model gets balanced labels at each
 classifier-free guidance weight of sample.guidance; the unconditional model each autoguidance weight of
 sample.autoguidance, guided by its guide model (model-guide.pt beside it, kept by train_uncond.guide_at); each
-guided only at the noise levels of sample.guidance_interval / sample.autoguidance_interval where set.
-A method that sample.methods leaves out writes an empty index.json.
+guided only at the noise levels of sample.guidance_interval / sample.autoguidance_interval where set; with
+the weights of each of sample.sigma_rel (null: model.pt's fixed-decay EMA; a length: the post-hoc EMA
+reconstructed from model-posthoc.pt beside it); the network at sample.precision (recorded in index.json as what it
+means on this device). A method that sample.methods leaves out writes an empty index.json.
 """
 
 import time
 
 import torch
 
-from ddpm import atomic_save, generate, load_guide, load_model, resolve_device, sampler_settings
+from ddpm import (
+    Autocast,
+    atomic_save,
+    generate,
+    load_guide,
+    load_model,
+    resolve_device,
+    resolve_precision,
+    sampler_settings,
+)
 from ddpm.samplers import METHODS
 
 from .pipeline.bounds import sample_batch_size
@@ -32,7 +43,8 @@ def settings(method: str, p, timesteps: int, conditional: bool):
     return sampler_settings(method, timesteps, steps=steps,
                             etas=s.eta, spacing=s.spacing, cfg=s.guidance if conditional else None,
                             autoguidance=(0.0,) if conditional else s.autoguidance,
-                            interval=s.guidance_interval if conditional else s.autoguidance_interval)
+                            interval=s.guidance_interval if conditional else s.autoguidance_interval,
+                            sigma_rels=s.sigma_rel)
 
 
 def main(argv: list[str]) -> None:
@@ -49,6 +61,7 @@ def main(argv: list[str]) -> None:
             draw(a, p, None, device, rank, world_size)
         return
     with stage_run(f"sample-{a.method}", a.variant, sections(p, "seed", "device", "sample")) as tracker:
+        tracker.set_tags({"precision": resolve_precision(p.sample.precision, device)})  # what auto means here
         sample(a, p, tracker, device, world_size)
 
 
@@ -76,16 +89,21 @@ def draw(a, p, out, device, rank: int, world_size: int) -> list[dict]:
     k, n = model.config.num_classes, p.sample.num_samples
     grid = settings(a.method, p, diffusion.timesteps, k is not None)
     guide = load_guide(a.model, device) if any(s.autoguidance for s in grid) else None
+    guide = Autocast(guide, p.sample.precision) if guide is not None else None
+    nets = {w: Autocast(load_model(a.model, device, sigma_rel=w)[0] if w is not None else model, p.sample.precision)
+            for w in p.sample.sigma_rel}  # each reconstructed (and checked) before any sampling
     labels = torch.arange(n) % k if k else None
     mine, index = share(n, rank, world_size), []
     model_hash = file_hash(a.model)  # which model version the scores of these samples belong to
     my_labels = labels[mine.start:mine.stop] if k else None
     for s in grid:
+        net = nets[s.sigma_rel]
         batch = p.sample.batch_size or sample_batch_size(model, device, len(mine), bool(s.cfg or s.autoguidance))
         if rank == 0:
-            print(f"{a.variant} {s.tag}: {n} images in batches of {batch} on {device} ({world_size} processes)")
+            print(f"{a.variant} {s.tag}: {n} images in batches of {batch} on {device} in {net.precision} "
+                  f"({world_size} processes)")
         start = time.perf_counter()
-        images = generate(s.model(model, guide, diffusion), diffusion, len(mine), model.config.sample_shape,
+        images = generate(s.model(net, guide, diffusion), diffusion, len(mine), model.config.sample_shape,
                           seed=p.seed, method=s.method, steps=s.steps, eta=s.eta, labels=my_labels,
                           batch_size=batch, clip_x0=p.sample.clip_x0, spacing=s.spacing,
                           progress=rank == 0, first=mine.start)
@@ -96,8 +114,8 @@ def draw(a, p, out, device, rank: int, world_size: int) -> list[dict]:
                     out / f"{s.tag}.pt")
         save_grid(images[:p.sample.grid_size], out / f"{s.tag}.png", nrow=k)
         index.append({**s.to_dict(), "variant": a.variant, "num_samples": n, "seed": p.seed, "model_hash": model_hash,
-                      "batch_size": batch, "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2),
-                      "processes": world_size})
+                      "precision": net.precision, "batch_size": batch, "seconds": round(seconds, 2),
+                      "images_per_second": round(n / seconds, 2), "processes": world_size})
         print(f"{a.variant} {s.tag}: {n} images in {seconds:.1f} s")
     return index
 

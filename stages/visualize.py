@@ -4,7 +4,8 @@ usage: python -m stages.visualize --uncond FILE --cond FILE --out DIR
 Writes into DIR, each picture with row and column labels: cond_classes.png (one row per class, with
 guidance visualize.guidance; the unconditional model's pictures with autoguidance visualize.autoguidance,
 guided by its model-guide.pt; each only in sample.guidance_interval / sample.autoguidance_interval where
-set, as the sample stages guide); for each model <variant>_reverse.png (x_t and the predicted x0 along
+set, as the sample stages guide; with the weights of visualize.sigma_rel, the network at sample.precision); for
+each model <variant>_reverse.png (x_t and the predicted x0 along
 DDIM), <variant>_interpolation.png (DDIM decodings of a slerp between two noises) and
 <variant>_compare.png (the same noise through DDPM and DDIM at visualize.compare_steps); and
 schedule.png (beta_t, alpha_bar_t and log-SNR of the linear and cosine schedules).
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm import ImageGenerator, SamplerSetting, generate, load_guide, load_model, resolve_device
+from ddpm import Autocast, ImageGenerator, SamplerSetting, generate, load_guide, load_model, resolve_device
 from ddpm.pictures import Picture, interpolation, reverse_strip, sampler_comparison, schedule_figure
 
 from .pipeline.io import atomic_dir, save_figure
@@ -26,7 +27,7 @@ from .pipeline.tracking import stage_run
 def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> int:
     """Every picture of one model into `out`; returns the model's T."""
     v, seed, n = p.visualize, p.seed, p.visualize.num_images
-    model, diffusion, meta = load_model(model_path, device)
+    model, diffusion, meta = load_model(model_path, device, sigma_rel=v.sigma_rel)
     k, T = model.config.num_classes, diffusion.timesteps
     shape = model.config.sample_shape
     steps = min(v.steps, T)
@@ -37,9 +38,11 @@ def draw(variant: str, model_path: Path, p, device: torch.device, out: Path) -> 
     # unconditional one autoguided by its early EMA snapshot, each in its interval as the sample stages guide
     interval = p.sample.guidance_interval if k else p.sample.autoguidance_interval
     setting = SamplerSetting("ddim", steps, cfg=v.guidance if k else None, autoguidance=0.0 if k else v.autoguidance,
-                             interval=interval if (v.guidance if k else v.autoguidance) else None)
-    model = setting.model(model, load_guide(model_path, device) if setting.autoguidance else None, diffusion)
-    tag = ", ".join(filter(None, [f"{variant} model", setting.guidance_label]))
+                             interval=interval if (v.guidance if k else v.autoguidance) else None,
+                             sigma_rel=v.sigma_rel)
+    guide = Autocast(load_guide(model_path, device), p.sample.precision) if setting.autoguidance else None
+    model = setting.model(Autocast(model, p.sample.precision), guide, diffusion)
+    tag = ", ".join(filter(None, [f"{variant} model", setting.guidance_label, setting.ema_label]))
 
     if k:  # one row per class
         labels = torch.arange(k).repeat_interleave(v.per_class)
@@ -74,7 +77,7 @@ def main(argv: list[str]) -> None:
     p = load_params()
     check_writable(a.out)
     with stage_run("visualize", params=sections(p, "seed", "device", "visualize", "sample.guidance_interval",
-                                                   "sample.autoguidance_interval")) as tracker:
+                                                   "sample.autoguidance_interval", "sample.precision")) as tracker:
         seed_everything(p.seed)
         device = resolve_device(p.device)
         with atomic_dir(a.out) as tmp:

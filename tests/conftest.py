@@ -67,14 +67,15 @@ def tiny_repo(tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="session")
 def tiny_experiments(tiny_repo) -> dict[str, str]:
-    """Two experiments on the tiny project: a sample param in the workspace, and a switch to the gpu profile
+    """Three experiments on the tiny project: a sample param in the workspace; a switch to the gpu profile
     with two values of one's own, one that no profile sets (cosine lr decay) and one that overrides the
-    profile's (DDIM spacing), in a temporary copy (`--temp`, which runs under .dvc/tmp/exps/). Returns each
-    one's output."""
+    profile's (DDIM spacing), in a temporary copy (`--temp`, which runs under .dvc/tmp/exps/); and a sweep over
+    post-hoc EMA lengths with one sampler (`--temp`). Returns each one's output."""
     repo, _ = tiny_repo
     out = {}
     gpu = ["--temp", "-S", "profile=gpu", "-S", "train.lr_schedule=cosine", "-S", "sample.spacing=quadratic"]
-    for name, args in [("eta-half", ["-S", "sample.eta=[0.5]"]), ("gpu", gpu)]:
+    sweep = ["--temp", "-S", "sample.sigma_rel=[0.05,0.1]", "-S", "sample.methods=[dpmsolver]"]
+    for name, args in [("eta-half", ["-S", "sample.eta=[0.5]"]), ("gpu", gpu), ("ema-sweep", sweep)]:
         proc = run(["dvc", "exp", "run", "-n", name, *args], repo)
         out[name] = proc.stdout + proc.stderr
     return out

@@ -22,10 +22,12 @@ from ddpm import (
     Trainer,
     UNet,
     UNetConfig,
+    atomic_save,
     generate,
     guidance_interval,
     guide_path,
     load_model,
+    posthoc_path,
     save_model,
 )
 from ddpm.cli import main
@@ -37,8 +39,9 @@ PAD = 2  # torchvision make_grid padding
 
 
 def build_models(folder: Path) -> dict[str, Path]:
-    """A tiny unconditional and a tiny 3-class conditional model file, each after a few training steps, and
-    uncond-guide.pt beside them, the unconditional model's guide for autoguidance (its EMA weights halfway)."""
+    """A tiny unconditional and a tiny 3-class conditional model file, each after a few training steps, with
+    <variant>-posthoc.pt beside each (post-hoc EMA snapshots of two widths at every step) and uncond-guide.pt,
+    the unconditional model's guide for autoguidance (its EMA weights halfway)."""
     data = make_glyphs(100, 3, seed=0)
     keep = data.train_labels < len(CLASS_NAMES)
     images, labels = data.train_images[keep], data.train_labels[keep]
@@ -48,7 +51,8 @@ def build_models(folder: Path) -> dict[str, Path]:
         unet = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_resolutions=(), num_heads=2,
                           num_classes=k)
         dcfg = DiffusionConfig(timesteps=T)
-        config = TrainConfig(epochs=1, batch_size=10, warmup_steps=1, ema_decay=0.5, guide_at=0.0 if k else 0.5)
+        config = TrainConfig(epochs=1, batch_size=10, warmup_steps=1, ema_decay=0.5, guide_at=0.0 if k else 0.5,
+                             posthoc_sigma_rels=(0.05, 0.1), posthoc_snapshots=3)
         trainer = Trainer(UNet(unet), Diffusion(dcfg.betas()), images, labels if k else None, config,
                           torch.device("cpu"))
         trainer.fit(progress=False)
@@ -56,6 +60,7 @@ def build_models(folder: Path) -> dict[str, Path]:
         paths[variant] = folder / f"{variant}.pt"
         meta = {"variant": variant, "class_names": CLASS_NAMES}
         save_model(paths[variant], trainer.ema.module, unet, dcfg, meta)
+        atomic_save({"snapshots": trainer.snapshots, "meta": meta}, posthoc_path(paths[variant]))
         if trainer.guide is not None:
             save_model(guide_path(paths[variant]), trainer.guide, unet, dcfg, meta)
     return paths

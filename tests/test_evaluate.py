@@ -161,7 +161,8 @@ SETS = {("uncond", "ddpm"): [("ddpm1000", 1000, 1.0, 0.0, 8)],
 
 OUTPUTS = {"--metrics": "metrics/eval_summary.json", "--details": "metrics/eval.json", "--table": "metrics/eval.csv",
            "--plot": "plots/fid_vs_steps.csv", "--figure": "plots/fid_vs_steps.png",
-           "--cfg-plot": "plots/cfg_tradeoff.csv", "--cfg-figure": "plots/cfg_tradeoff.png"}
+           "--cfg-plot": "plots/cfg_tradeoff.csv", "--cfg-figure": "plots/cfg_tradeoff.png",
+           "--ema-plot": "plots/fid_vs_ema.csv"}
 
 
 def make_workspace(root: Path, mnist, classifier, extractors=("classifier",), protocol="fast", n=N, sets=None,
@@ -249,7 +250,7 @@ def test_eval_json_puts_every_number_next_to_its_floor_and_protocol(workspace):
     assert protocol["kid_subset_size"] == N
     assert protocol["samplers"]["cond"]["ddim5_eta0_w3"] == {
         "method": "ddim", "steps": 5, "eta": 0.0, "spacing": "uniform", "cfg": 3.0, "autoguidance": 0.0,
-        "interval": None, "tag": "ddim5_eta0_w3", "seed": 0, "num_samples": N}
+        "interval": None, "sigma_rel": None, "tag": "ddim5_eta0_w3", "seed": 0, "num_samples": N}
 
 
 def test_plots_fid_vs_steps_and_the_guidance_tradeoff(workspace):

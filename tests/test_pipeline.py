@@ -1,5 +1,7 @@
 """The DVC pipeline end to end: real git, real DVC, the tiny config on the CPU."""
 
+import csv
+import io
 import json
 
 import pytest
@@ -105,6 +107,7 @@ def test_changing_eta_reruns_only_the_ddim_stages_and_evaluation(tiny_experiment
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+VARIANTS = ("uncond", "cond")
 
 
 @pytest.mark.parametrize("section, key, value, changed", [
@@ -112,6 +115,9 @@ SAMPLERS = ("ddpm", "ddim", "dpmsolver")
     ("sample", "autoguidance", [0.5, 1.0], {f"sample-{m}@uncond" for m in SAMPLERS}),
     ("sample", "guidance_interval", [0.28, 5.42], {f"sample-{m}@cond" for m in SAMPLERS} | {"visualize"}),
     ("sample", "autoguidance_interval", [0.28, 5.42], {f"sample-{m}@uncond" for m in SAMPLERS} | {"visualize"}),
+    ("sample", "precision", "bf16", {f"sample-{m}@{v}" for m in SAMPLERS for v in VARIANTS} | {"visualize"}),
+    ("sample", "sigma_rel", [0.1], {f"sample-{m}@{v}" for m in SAMPLERS for v in VARIANTS}),
+    ("visualize", "sigma_rel", 0.1, {"visualize"}),
     ("train_uncond", "guide_at", 0.25, {"train@uncond"}),
     ("train_cond", "p_uncond", 0.3, {"train@cond"}),
     ("train", "lr", 0.01, {"train@uncond", "train@cond"}),
@@ -154,6 +160,30 @@ def test_a_profile_switch_reruns_train_sample_evaluate_and_keeps_your_values(tin
     assert all(c["new"] is None for k, c in changes.items() if k.startswith("fast-40."))
     assert all(c["old"] is None for k, c in changes.items() if k.startswith("standard-40."))
     assert {k.split(".")[0] for k in changes} == {"fast-40", "standard-40"}
+
+
+def test_a_sweep_over_post_hoc_ema_lengths_is_one_experiment_that_retrains_nothing(tiny_repo, tiny_experiments):
+    """`dvc exp run -S sample.sigma_rel=[...]`: the sample stages reconstruct each length from the snapshots
+    that training kept (model-posthoc.pt), evaluate scores each, and `dvc plots` draws FID over the length."""
+    repo, _ = tiny_repo
+    assert stages_run(tiny_experiments["ema-sweep"]) == {"check", "init-from", "evaluate",
+                                                         *(f"sample-{m}@{v}" for m in SAMPLERS for v in VARIANTS)}
+    rev = next(ref for ref in run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout.split()
+               if ref.endswith("/ema-sweep"))  # where DVC keeps the experiment's commit
+    rows = list(csv.DictReader(io.StringIO(run(["git", "show", f"{rev}:plots/fid_vs_ema.csv"], repo).stdout)))
+    assert {(r["series"], r["sigma_rel"]) for r in rows} == {
+        (series, w) for series in ("uncond DPM-Solver++(2M)-5", "uncond DPM-Solver++(2M)-5, autoguidance w=1",
+                                   "cond DPM-Solver++(2M)-5, w=1") for w in ("0.05", "0.1")}
+    assert all(float(r["fid"]) >= 0 for r in rows)
+    plots = json.loads(run(["dvc", "plots", "diff", "ema-sweep", "--json", "--targets", "plots/fid_vs_ema.csv"],
+                           repo).stdout)
+    (plot,) = plots["data"]["plots/fid_vs_ema.csv"]  # what `dvc plots diff` draws: a point per set
+    points = [v for v in plot["content"]["data"]["values"] if v["rev"] == "ema-sweep"]
+    assert sorted((v["series"], float(v["sigma_rel"])) for v in points) == sorted(
+        (r["series"], float(r["sigma_rel"])) for r in rows)
+    # the baseline, with the fixed-decay EMA only, has no such sets: its plot is the header alone
+    assert (repo / "plots/fid_vs_ema.csv").read_text().splitlines() == [
+        "series,variant,method,steps,sigma_rel,fid,fid_over_floor,recall"]
 
 
 def test_params_error_is_one_line_before_any_work(tmp_path):

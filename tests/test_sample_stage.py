@@ -11,6 +11,7 @@ import yaml
 from helpers import ROOT, merge
 from test_cli import tiny_models
 
+from ddpm import Autocast, generate, load_model
 from stages import sample
 from stages.pipeline.params import validate
 from stages.pipeline.tracking import Tracker
@@ -18,10 +19,11 @@ from stages.pipeline.tracking import Tracker
 BASE = {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 6, "batch_size": 6, "ddpm_steps": [5],
         "ddim_steps": [2], "eta": [0.0], "dpmsolver_steps": [2], "spacing": "uniform", "guidance": [1.0],
         "autoguidance": [0.0], "guidance_interval": None, "autoguidance_interval": None, "clip_x0": False,
-        "grid_size": 4}
+        "grid_size": 4, "precision": "fp32", "sigma_rel": [None]}
 CHANGED = {"num_samples": 4, "batch_size": 2, "ddpm_steps": (3,), "ddim_steps": (3,), "eta": (0.5,),
            "dpmsolver_steps": (3,), "spacing": "trailing", "guidance": (3.0,), "autoguidance": (2.0,), "clip_x0": True,
-           "guidance_interval": (0.5, 3.0), "autoguidance_interval": (0.5, 3.0), "grid_size": 2}
+           "guidance_interval": (0.5, 3.0), "autoguidance_interval": (0.5, 3.0), "grid_size": 2, "precision": "bf16",
+           "sigma_rel": (0.1,)}
 
 
 def params(sample: dict):
@@ -104,3 +106,14 @@ def test_on_the_cpu_a_batch_is_cpu_sample_batch_images_at_most():
     net = types.SimpleNamespace(config=types.SimpleNamespace(num_classes=None, sample_shape=(1, 28, 28)))
     assert sample_batch_size(net, torch.device("cpu"), 50_000, guided=True) == CPU_SAMPLE_BATCH == 250
     assert sample_batch_size(net, torch.device("cpu"), 40, guided=False) == 40
+
+
+def test_each_ema_length_samples_its_reconstructed_weights_at_the_recorded_precision(tmp_path_factory, tmp_path):
+    model = tiny_models(tmp_path_factory)["uncond"]
+    written = outputs(model, tmp_path / "out", "uncond", "dpmsolver", sigma_rel=(None, 0.1), precision="bf16")
+    assert [(s["tag"], s["sigma_rel"], s["precision"]) for s in written["index.json"]] == [
+        ("dpmsolver2", None, "bf16"), ("dpmsolver2_ema0.1", 0.1, "bf16")]
+    for tag, sigma_rel in (("dpmsolver2", None), ("dpmsolver2_ema0.1", 0.1)):
+        net, diffusion, _ = load_model(model, sigma_rel=sigma_rel)
+        expected = generate(Autocast(net, "bf16"), diffusion, 6, (1, 28, 28), seed=0, method="dpmsolver", steps=2)
+        assert written[f"{tag}.pt"]["images"] == expected.tolist(), tag

@@ -513,6 +513,10 @@ TAGS = [  # (setting, tag, label): the tags name the pipeline's sample files (ev
      "DDIM-50 η=0, w=1, σ∈(0.28, 5.42]"),
     (SamplerSetting("dpmsolver", 20, autoguidance=2.0, interval=(0, 3)), "dpmsolver20_ag2_gi0-3",
      "DPM-Solver++(2M)-20, autoguidance w=2, σ∈(0, 3]"),
+    (SamplerSetting("dpmsolver", 20, autoguidance=1.0, sigma_rel=0.1), "dpmsolver20_ag1_ema0.1",
+     "DPM-Solver++(2M)-20, autoguidance w=1, EMA σ_rel=0.1"),
+    (SamplerSetting("ddim", 50, cfg=0.75, interval=(0.28, 5.42), sigma_rel=0.05),
+     "ddim50_eta0_w0.75_gi0.28-5.42_ema0.05", "DDIM-50 η=0, w=0.75, σ∈(0.28, 5.42], EMA σ_rel=0.05"),
 ]
 
 
@@ -523,9 +527,16 @@ def test_sampler_setting_tag_label_and_dict(setting, tag, label):
     row = json.loads(json.dumps(setting.to_dict()))  # as index.json stores it
     assert row == {"method": setting.method, "steps": setting.steps, "eta": setting.eta, "spacing": setting.spacing,
                    "cfg": setting.cfg, "autoguidance": setting.autoguidance,
-                   "interval": list(setting.interval) if setting.interval else None, "tag": tag}
+                   "interval": list(setting.interval) if setting.interval else None, "sigma_rel": setting.sigma_rel,
+                   "tag": tag}
     assert SamplerSetting.from_dict(row) == setting
     assert SamplerSetting.from_dict({**row, "variant": "cond", "seed": 0, "fid": 3.5}) == setting
+
+
+def test_a_sweep_over_post_hoc_ema_lengths_repeats_every_setting_per_length():
+    sweep = sampler_settings("ddim", 100, steps=(10, 20), cfg=(1.0,), sigma_rels=(None, 0.1))
+    assert [s.tag for s in sweep] == ["ddim10_eta0_w1", "ddim20_eta0_w1", "ddim10_eta0_w1_ema0.1",
+                                      "ddim20_eta0_w1_ema0.1"]
 
 
 def test_sampler_setting_curve_label_leaves_out_the_steps():
@@ -539,7 +550,8 @@ def test_sampler_setting_rejects_bad_values_and_a_stale_tag():
     for bad, name in (({"method": "euler"}, "method"), ({"steps": 0}, "steps"), ({"spacing": "cubic"}, "spacing"),
                       ({"cfg": -1.0}, "cfg"), ({"autoguidance": -0.5}, "autoguidance"), ({"eta": -1.0}, "eta"),
                       ({"interval": (2.0, 1.0)}, "interval"), ({"interval": (-1.0, 1.0)}, "interval"),
-                      ({"interval": (1.0,)}, "interval")):
+                      ({"interval": (1.0,)}, "interval"), ({"sigma_rel": 0.0}, "sigma_rel"),
+                      ({"sigma_rel": 0.3}, "sigma_rel")):
         with pytest.raises(ValueError, match=f"SamplerSetting.{name} = "):
             SamplerSetting(**{"method": "ddim", "steps": 10, **bad})
 

@@ -170,9 +170,12 @@ def test_sample_runs_log_grid_series_and_a_timings_table(tiny_repo, tmp_path):
     assert image_series(client, runs["sample-dpmsolver-uncond"].info.run_id) == {("dpmsolver", 5),
                                                                                  ("dpmsolver_ag1", 5)}
     run_ = runs["sample-ddim-uncond"]
+    # sample.precision as params.yaml has it, and what it means on this machine (the tiny project's: fp32)
+    assert (run_.data.params["sample.precision"], run_.data.tags["precision"]) == ("fp32", "fp32")
     table = load_table(client, run_.info.run_id, "samples/timings.json", tmp_path)
     assert set(table["tag"]) == {"ddim5_eta0", "ddim10_eta0", "ddim5_eta0_ag1", "ddim10_eta0_ag1"}
     assert (table["seconds"] > 0).all() and (table["images_per_second"] > 0).all()
+    assert set(table["precision"]) == {"fp32"}
     for name, r in runs.items():  # a handful of metric keys per stage run (evaluate's are its own)
         assert name == "evaluate" or len(r.data.metrics) <= 25, (name, sorted(r.data.metrics))
         assert not any(k.endswith((".seconds", ".images_per_second")) for k in r.data.metrics), name

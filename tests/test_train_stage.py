@@ -72,20 +72,20 @@ def test_the_conditional_models_weights_do_not_depend_on_guide_at():
 
 
 def test_the_model_folder_keeps_the_post_hoc_snapshots_that_reconstruct_the_tracked_emas(tmp_path):
-    """train.posthoc_sigma_rels/posthoc_snapshots: the finished model folder holds posthoc.pt, from which the
+    """train.posthoc_sigma_rels/posthoc_snapshots: the finished model folder holds model-posthoc.pt, from which the
     EMA of a tracked width at the last step is reconstructed to float precision; without them, no file."""
     trainer = trained(None, posthoc_sigma_rels=(0.05, 0.10), posthoc_snapshots=3)
     unet, diffusion = trainer.net.config, DiffusionConfig(timesteps=20)
     state = TrainState(tmp_path / "ck", "hash")
     state.grids.mkdir(parents=True)
     state.write_model(tmp_path / "with", trainer, unet, diffusion, {"variant": "uncond"})
-    snapshots = safe_load(tmp_path / "with" / "posthoc.pt", required=("snapshots",))["snapshots"]
+    snapshots = safe_load(tmp_path / "with" / "model-posthoc.pt", required=("snapshots",))["snapshots"]
     assert [(s["t"], s["sigma_rel"]) for s in snapshots] == [(t, w) for t in (2, 4, 6) for w in (0.05, 0.10)]
     for width, tracked in zip((0.05, 0.10), trainer.posthoc.modules):
         weights = reconstruct(snapshots, width)
         assert all(torch.allclose(weights[k], v, atol=1e-6) for k, v in tracked.state_dict().items())
     state.write_model(tmp_path / "without", trained(None), unet, diffusion, {})
-    assert (tmp_path / "without" / "model.pt").exists() and not (tmp_path / "without" / "posthoc.pt").exists()
+    assert (tmp_path / "without" / "model.pt").exists() and not (tmp_path / "without" / "model-posthoc.pt").exists()
 
 
 def test_post_hoc_keys_are_checked_before_any_work():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ddpm import EMA, Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, to_model_range, to_uint8
-from ddpm.training import resolve_precision, tf32
+from ddpm.precision import resolve_precision, tf32
 
 CPU = torch.device("cpu")
 

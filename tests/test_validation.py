@@ -140,6 +140,24 @@ def test_no_autoguidance_in_the_pictures_without_a_guide_model():
         validate(params)
 
 
+def test_a_post_hoc_ema_needs_snapshots_and_a_precision_is_one_of_the_known():
+    without = {"train": {"posthoc_sigma_rels": [], "posthoc_snapshots": 0}}
+    for key, section, value in (("sample.sigma_rel", "sample", [None, 0.1]), ("visualize.sigma_rel", "visualize", 0.1)):
+        name = key.split(".")[1]
+        with pytest.raises(ParamsError, match=rf"^params.yaml: {key} = .* is out of range; allowed: null while "
+                                              r"train.posthoc_sigma_rels is \[\] \(training keeps no post-hoc EMA"):
+            validate(merge(BASE, without | {section: {name: value}}))
+    validate(merge(BASE, {"sample": {"sigma_rel": [None, 0.05, 0.2]}, "visualize": {"sigma_rel": 0.1}}))
+    for value in ([0.1, 0.1], [0.3], []):
+        with pytest.raises(ParamsError, match=r"^params.yaml: sample.sigma_rel = .* allowed: a non-empty list of "
+                                              r"distinct values, each null \(the fixed-decay EMA\) or in "
+                                              r"\(0, 0.2887\)"):
+            validate(merge(BASE, {"sample": {"sigma_rel": value}}))
+    with pytest.raises(ParamsError, match=r"^params.yaml: sample.precision = 'fp8' is out of range; allowed: one of "
+                                          r"fp32, tf32, bf16, fp16, auto"):
+        validate(merge(BASE, {"sample": {"precision": "fp8"}}))
+
+
 def test_several_processes_cannot_share_one_named_gpu(tmp_path, monkeypatch, capsys):
     params = yaml.safe_load(yaml.safe_dump(BASE))
     params["device"], params["train"]["nproc"] = "cuda:1", 2
@@ -236,7 +254,8 @@ def test_the_data_must_fit_in_memory(monkeypatch, machine):
 def test_the_networks_weights_must_fit_in_training(monkeypatch, machine):
     """A network too wide for its weights, their gradients, AdamW's moments, the EMA and the guide copies, though
     its activations fit (batches of one): one line with the widest network that fits, which does."""
-    small = {"train": {"batch_size": 1, "grid_size": 1}, "sample": {"batch_size": 1}, "evaluate": {"batch_size": 1}}
+    small = {"train": {"batch_size": 1, "grid_size": 1, "posthoc_sigma_rels": [], "posthoc_snapshots": 0},
+             "sample": {"batch_size": 1}, "evaluate": {"batch_size": 1}}
     with pytest.raises(ParamsError, match=r"^params.yaml: model.base_channels = 20000 needs about 10359 GB for the "
                                           r"network's weights in training \(4.3e\+11 parameters, 6 float32 copies: "
                                           r"weights, gradients, AdamW's two moments, EMA, guide\); this machine has "

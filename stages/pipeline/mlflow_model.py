@@ -10,7 +10,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from ddpm import NonFiniteImages, SamplerSetting, default_steps, generate, load_model
+from ddpm import Autocast, NonFiniteImages, SamplerSetting, default_steps, generate, load_model, resolve_precision
+from ddpm.precision import PRECISIONS
 from ddpm.request import MAX_IMAGES, RequestError, check, check_request, max_images
 
 COLUMNS = {"num": "long", "seed": "long", "class": "long", "method": "string", "steps": "long",
@@ -41,13 +42,20 @@ class DiffusionSampler(PythonModel):
     A column that is given needs a value in every row: a missing one (NaN) is refused, never taken as the default.
     Every row is checked before any image is drawn; a bad one is an MlflowException (HTTP 400 when served) of
     one line naming the row and the column, and so are images that come out NaN.
-    model_config {"device": "cuda"} samples on that device (default cpu).
+    model_config {"device": "cuda"} samples on that device (default cpu), {"precision": "bf16"} runs the network
+    at that precision (fp32 | tf32 | bf16 | fp16 | auto, ddpm.resolve_precision; default fp32; the sampler's
+    state stays fp32).
     """
 
     def load_context(self, context):
-        device = (context.model_config or {}).get("device", "cpu")
+        config = context.model_config or {}
+        device, precision = config.get("device", "cpu"), config.get("precision", "fp32")
+        if precision not in PRECISIONS:
+            raise MlflowException.invalid_parameter_value(
+                f"model_config precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
         self.net, self.diffusion, self.meta = load_model(context.artifacts["model"], device)
         self.guide = load_model(context.artifacts["guide"], device)[0] if "guide" in context.artifacts else None
+        self.precision = resolve_precision(precision, device)  # what it means on this device
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         rows = pd.DataFrame(model_input).to_dict("records")
@@ -88,7 +96,8 @@ class DiffusionSampler(PythonModel):
         return setting, num, labels, int(row.get("seed", 0))
 
     def _draw(self, setting: SamplerSetting, num: int, labels: torch.Tensor | None, seed: int) -> np.ndarray:
-        images = generate(setting.model(self.net, self.guide, self.diffusion), self.diffusion, num,
+        guide = None if self.guide is None else Autocast(self.guide, self.precision)
+        images = generate(setting.model(Autocast(self.net, self.precision), guide, self.diffusion), self.diffusion, num,
                           self.net.config.sample_shape, seed=seed, method=setting.method, steps=setting.steps,
                           eta=setting.eta, labels=labels, spacing=setting.spacing)
         return images.numpy()

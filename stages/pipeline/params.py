@@ -18,10 +18,11 @@ import yaml
 from ddpm import DiffusionConfig, TrainConfig, UNetConfig
 from ddpm.checkpoint import EXPORT_CONFIG
 from ddpm.diffusion import PREDICTIONS
+from ddpm.precision import PRECISIONS
 from ddpm.request import RULES, valid
 from ddpm.samplers import METHODS
 from ddpm.sources import URI_FORMS, ModelSourceError, check_model_uri, is_model_uri
-from ddpm.training import LR_SCHEDULES, PRECISIONS
+from ddpm.training import LR_SCHEDULES
 
 from .bounds import device_checks, size_checks
 
@@ -94,10 +95,10 @@ class TrainParams:
     grad_clip: float
     ema_decay: float
     posthoc_sigma_rels: tuple[float, ...]  # power-function EMA widths kept for post-hoc EMA (EDM2); (): none
-    posthoc_snapshots: int               # snapshots of each, evenly spaced, saved as models/<variant>/posthoc.pt
+    posthoc_snapshots: int               # snapshots of each, evenly spaced, saved as models/<variant>/model-posthoc.pt
     min_snr_gamma: float
     logsnr_normal: tuple[float, ...] | None
-    precision: str                       # fp32 | tf32 | bf16 | fp16 | auto (ddpm.training.resolve_precision)
+    precision: str                       # fp32 | tf32 | bf16 | fp16 | auto (ddpm.precision.resolve_precision)
     compile: bool                        # torch.compile the training step
     channels_last: bool                  # channels-last memory format (CUDA convolutions)
     checkpoint_every: int                # steps between resumable checkpoints (and at every epoch end)
@@ -139,6 +140,8 @@ class SampleParams:
     autoguidance_interval: tuple[float, ...] | None  # the same for autoguidance (ddpm.guidance_interval)
     clip_x0: bool                        # clip predicted x0 to [-1, 1] at every step
     grid_size: int
+    precision: str                       # the network's precision while sampling (ddpm.Autocast); the state is fp32
+    sigma_rel: tuple[float | None, ...]  # the weights: post-hoc EMA lengths (ddpm.posthoc_ema); null: the fixed EMA
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ class VisualizeParams:
     guidance: float                      # classifier-free guidance weight w for the conditional model
     autoguidance: float                  # autoguidance weight w for the unconditional model
     compare_steps: tuple[int, ...]       # DDPM vs DDIM step counts (those above T are skipped)
+    sigma_rel: float | None              # the weights: a post-hoc EMA length, or null (the fixed-decay EMA)
 
 
 @dataclass(frozen=True)
@@ -345,6 +349,13 @@ def _checks(p: Params):
           for key, interval in (("guidance_interval", s.guidance_interval),
                                 ("autoguidance_interval", s.autoguidance_interval))),
         ("sample.grid_size", s.grid_size >= 1, ">= 1"),
+        ("sample.precision", s.precision in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
+        ("sample.sigma_rel", len(s.sigma_rel) >= 1 and len(set(s.sigma_rel)) == len(s.sigma_rel)
+         and all(valid("sigma_rel", w) for w in s.sigma_rel), "a non-empty list of distinct values, each "
+         + RULES["sigma_rel"][1]),
+        *((key, bool(t.posthoc_sigma_rels) or all(w is None for w in widths),
+           "null while train.posthoc_sigma_rels is [] (training keeps no post-hoc EMA snapshots to reconstruct from)")
+          for key, widths in (("sample.sigma_rel", s.sigma_rel), ("visualize.sigma_rel", (v.sigma_rel,)))),
         ("evaluate.protocol", p.evaluate.protocol in PROTOCOLS, "one of " + ", ".join(PROTOCOLS)),
         ("evaluate.batch_size", p.evaluate.batch_size >= 1, ">= 1"),
         ("evaluate.extractors", "classifier" in p.evaluate.extractors and set(p.evaluate.extractors) <= set(EXTRACTORS)
@@ -362,6 +373,7 @@ def _checks(p: Params):
          "0 while train_uncond.guide_at is 0 (the unconditional model has no guide model to be guided by)"),
         ("visualize.compare_steps", len(v.compare_steps) >= 1 and min(v.compare_steps) >= 1,
          "a non-empty list of steps >= 1 (those above diffusion.timesteps are skipped)"),
+        ("visualize.sigma_rel", valid("sigma_rel", v.sigma_rel), RULES["sigma_rel"][1]),
     ]
     yield from device_checks(p)  # only once the values above are in range, which these rely on
     yield from size_checks(p)

@@ -26,7 +26,8 @@ def fid_vs_steps(rows: list[dict], floor: float | None = None):
     series = {}
     for r in rows:
         s = SamplerSetting.from_dict(r)
-        key = (r["variant"], s.method, s.eta, -1.0 if s.cfg is None else s.cfg, s.autoguidance, s.interval or ())
+        key = (r["variant"], s.method, s.eta, -1.0 if s.cfg is None else s.cfg, s.autoguidance, s.interval or (),
+               -1.0 if s.sigma_rel is None else s.sigma_rel)
         series.setdefault(key, []).append((s, r["fid"]))
     for i, ((variant, method, *_), points) in enumerate(sorted(series.items())):
         color = f"C{i % 10}"
@@ -103,6 +104,12 @@ def steps_series(row: dict) -> str:
 def cfg_series(row: dict) -> str:
     """The curve over the guidance weight w that a record belongs to: its sampler setting without w ("DDIM-10 η=0")."""
     return replace(SamplerSetting.from_dict(row), cfg=None).label
+
+
+def ema_series(row: dict) -> str:
+    """The curve over the post-hoc EMA length that a record belongs to: its variant and its setting without
+    sigma_rel ("uncond DPM-Solver++(2M)-20, autoguidance w=1")."""
+    return f"{row['variant']} {replace(SamplerSetting.from_dict(row), sigma_rel=None).label}"
 
 
 def csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:

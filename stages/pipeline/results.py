@@ -4,9 +4,10 @@ tags that name each sample set, and the details, table, plots and figures writte
 from ddpm.samplers import METHODS
 
 from .io import save_figure, write_json, write_text
-from .plots import cfg_series, cfg_tradeoff, csv_text, fid_vs_steps, steps_series
+from .plots import cfg_series, cfg_tradeoff, csv_text, ema_series, fid_vs_steps, steps_series
 
-SETTING = ("variant", "tag", "method", "steps", "eta", "spacing", "cfg", "autoguidance", "interval")
+SETTING = ("variant", "tag", "method", "steps", "eta", "spacing", "cfg", "autoguidance", "interval", "sigma_rel",
+           "precision")
 SCORES = ("fid", "fid_over_floor", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "f_score",
           "cond_accuracy")
 
@@ -56,7 +57,8 @@ def round6(x: float) -> float:
 
 def write_results(paths: dict, results: dict, rows: list[dict]) -> None:
     """Every output of evaluate, each to paths[name]: metrics (the headline), details, table, plot, figure,
-    cfg_plot and cfg_figure."""
+    cfg_plot, cfg_figure and ema_plot (FID over the post-hoc EMA length: the sets of a sigma_rel, only
+    the header when there are none)."""
     floor = results["floor"]["classifier"]
     write_json(paths["metrics"], headline(rows, results["floor"], results["protocol"]))
     write_json(paths["details"], results)
@@ -71,3 +73,7 @@ def write_results(paths: dict, results: dict, rows: list[dict]) -> None:
     write_text(paths["cfg_plot"], csv_text(cond, ("series", "method", "steps", "eta", "cfg", "fid", "is_mean",
                                                 "cond_accuracy")))
     save_figure(cfg_tradeoff(cond, floor), paths["cfg_figure"])
+    ema = sorted(({"series": ema_series(r)} | r for r in rows if r.get("sigma_rel") is not None),
+                 key=lambda r: (r["series"], r["sigma_rel"]))
+    write_text(paths["ema_plot"], csv_text(ema, ("series", "variant", "method", "steps", "sigma_rel", "fid",
+                                                 "fid_over_floor", "recall")))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm import Trainer, atomic_save, config_hash, guide_path, safe_load, save_model
+from ddpm import Trainer, atomic_save, config_hash, guide_path, posthoc_path, safe_load, save_model
 
 from .deps import ROOT, code_deps
 from .io import atomic_dir, save_figure, write_json
@@ -122,7 +122,7 @@ class TrainState:
 
     def write_model(self, out: Path, trainer: Trainer, unet, diffusion, meta: dict) -> None:
         """The finished model folder: model.pt (the EMA weights), model-guide.pt (the guide, if any),
-        config.json, the per-epoch grids, loss.png, and posthoc.pt (the post-hoc EMA snapshots, if any: records of
+        config.json, the per-epoch grids, loss.png, and model-posthoc.pt (the post-hoc EMA snapshots, if any: records of
         ddpm.posthoc_ema.PowerEMA.snapshot, for ddpm.posthoc_ema.reconstruct)."""
         meta = {**meta, "run_hash": self.run_hash}
         with atomic_dir(out) as tmp:
@@ -132,7 +132,7 @@ class TrainState:
                            {**meta, "steps": trainer.guide_step})
             write_json(tmp / "config.json", {"unet": asdict(unet), "diffusion": asdict(diffusion)})
             if trainer.snapshots:
-                atomic_save({"snapshots": trainer.snapshots, "meta": meta}, tmp / "posthoc.pt")
+                atomic_save({"snapshots": trainer.snapshots, "meta": meta}, posthoc_path(tmp / "model.pt"))
             shutil.copytree(self.grids, tmp / "grids")
             save_figure(loss_curve([h[0] for h in self.history], [h[1] for h in self.history]), tmp / "loss.png")
 
