@@ -3,7 +3,8 @@
 For a model file, the prepared data (train.pt, test.pt, info.json) and the domain classifier, it samples
 DDPM, DDIM at each --steps x --eta and DPM-Solver++(2M) at each --dpmsolver-steps, x each --guidance for a
 conditional model or x each --autoguidance for an unconditional one (guided by its <name>-guide.pt), with
-the pipeline's sampler options (--spacing, --clip-x0, --guidance-interval), and prints one row per setting:
+the pipeline's sampler options (--spacing, --clip-x0, --guidance-interval, --precision, --sigma-rel), and prints
+one row per setting:
 FID, KID, IS, precision/recall, conditional accuracy, FID over the floor, wall time and images/s.
 The first row is the floor: a class-stratified real train subset of --num-samples images scored against the
 test split exactly as the samples are, the best this protocol lets a model score.
@@ -19,6 +20,7 @@ import time
 import torch
 
 from ddpm import (
+    Autocast,
     generate,
     guide_path,
     load_classifier,
@@ -30,6 +32,7 @@ from ddpm import (
 )
 from ddpm.data import floor_subset
 from ddpm.metrics import Scorer, make_extractor, reference_features
+from ddpm.precision import PRECISIONS
 from ddpm.request import RequestError, check_flag
 from ddpm.samplers import METHODS, SPACINGS
 
@@ -91,12 +94,15 @@ def main() -> None:
     ap.add_argument("--inception-weights", help="torch-fidelity's Inception-v3 file (else its cache; no download)")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS, help="the network's, as sample.precision")
+    ap.add_argument("--sigma-rel", type=float, help="the post-hoc EMA of this length (as sample.sigma_rel; "
+                    "default: the model file's fixed-decay EMA)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     args.extractors = ["classifier", *(e for e in args.extractors if e != "classifier")]
 
     device = resolve_device(args.device)
-    model, diffusion, _ = load_model(args.model, device)
+    model, diffusion, _ = load_model(args.model, device, sigma_rel=args.sigma_rel)
     k, n = model.config.num_classes, args.num_samples
     try:  # the rules of a sampler setting, before any scoring or sampling
         check_flag("--guidance", "cfg", args.guidance)
@@ -112,17 +118,20 @@ def main() -> None:
         if not guide_path(args.model).is_file():
             ap.error(f"--autoguidance needs the guide model {guide_path(args.model)}; train with "
                      "train_uncond.guide_at > 0")
-        guide = load_guide(args.model, device)
+        guide = Autocast(load_guide(args.model, device), args.precision)
     scorer = scorer_for(args, device, n)
     labels = torch.arange(n) % k if k else None
-    print(f"{n} samples per row on {device}; reference: {scorer.settings()['num_real']} test images; "
-          f"floor: {scorer.settings()['num_floor']} train images; extractors: {', '.join(args.extractors)}")
+    net = Autocast(model, args.precision)
+    ema = f", post-hoc EMA sigma_rel {args.sigma_rel}" if args.sigma_rel else ""
+    counts = scorer.settings()
+    print(f"{n} samples per row on {device} in {net.precision}{ema}; reference: {counts['num_real']} test images; "
+          f"floor: {counts['num_floor']} train images; extractors: {', '.join(args.extractors)}")
     print(f"{'setting':<26} " + " ".join(f"{h:>{len(fmt.format(0.0))}}" for h, _, fmt in COLUMNS) + "".join(
         f" {'FID ' + e[:4]:>9}" for e in args.extractors[1:]) + f" {'wall s':>8} {'img/s':>8}")
     print(row("floor (real train)", scorer.floor))
     for s in settings(args, diffusion.timesteps, k is not None):
         start = time.perf_counter()
-        images = generate(s.model(model, guide, diffusion), diffusion, n, model.config.sample_shape, seed=args.seed,
+        images = generate(s.model(net, guide, diffusion), diffusion, n, model.config.sample_shape, seed=args.seed,
                           method=s.method, steps=s.steps, eta=s.eta, labels=labels, batch_size=args.batch_size,
                           clip_x0=args.clip_x0, spacing=s.spacing)
         seconds = time.perf_counter() - start

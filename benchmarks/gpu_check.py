@@ -7,9 +7,10 @@ keeps what it measured, and stops itself before the budget is up:
 2. training images/s and achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter) of the UNet of
    the gpu profile in each precision, compiled, and in channels-last memory format;
 3. sampling images/s with DDIM and DPM-Solver++(2M) at 50 and 20 steps (--tiny: 10 and 5), unguided and with
-   classifier-free guidance (two network evaluations per step); the cifar10 profile's 35.7M-parameter UNet at
-   32x32x3: training images/s (and the hours its 800,000 steps take) and DDIM-100 sampling (and the minutes
-   50,000 images take);
+   classifier-free guidance (two network evaluations per step), in fp32, and guided DDIM-50 at each other
+   sampling precision (tf32, bf16, fp16: sample.precision, the network under autocast); the cifar10 profile's
+   35.7M-parameter UNet at 32x32x3: training images/s (and the hours its 800,000 steps take) and DDIM-100
+   sampling (and the minutes 50,000 images take);
 4. the pipeline end to end: `dvc repro` of a copy of the project with the gpu profile on the MNIST test split
    (benchmarks.mnist_split), each stage's seconds (from `dvc repro`'s output as it runs) and each model and
    sampler's FID over its floor; a failing stage's error line instead where one fails.

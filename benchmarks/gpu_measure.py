@@ -1,6 +1,7 @@
 """The GPU check's measurements: torch.mm rates, training steps (images/s and achieved GFLOP/s, FLOPs
 counted by torch.utils.flop_counter) per precision, compiled and channels-last, and sampling images/s per
-sampler, step count and guidance; the cifar10 profile's network at 32x32x3; each a row of the report."""
+sampler, step count and guidance in fp32 and per precision (sample.precision: ddpm.Autocast); the cifar10
+profile's network at 32x32x3; each a row of the report."""
 
 import time
 
@@ -9,8 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.gpu_report import Report
 from benchmarks.project import merge
-from benchmarks.throughput import matmul_gflops, timed
-from ddpm import ClassifierFree, Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, generate
+from benchmarks.throughput import timed
+from ddpm import Autocast, ClassifierFree, Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, generate
 
 # Per mode: matmul side and repeats, training batch (None: train.batch_size) and timed steps, sampled
 # images and sampler steps (at most diffusion.timesteps), and seconds: a measurement's usual cost, a
@@ -58,69 +59,36 @@ def step_flops(unet: UNetConfig, diffusion: DiffusionConfig, batch: int) -> floa
     return float(counter.get_total_flops())
 
 
-def sampling_speed(model, diffusion, n: int, method: str, steps: int, guided: bool, dtype=None) -> dict:
+def sampling_speed(model, diffusion, n: int, method: str, steps: int, guided: bool, precision: str = "fp32") -> dict:
     """Images/s of `generate` for n images in one batch, class-conditional (if the model is), guided at w = 1
-    or not."""
+    or not, the network at `precision` as the sample stages run it (`Autocast`: the sampler's state in fp32)."""
     c = model.config
     labels = torch.arange(n) % c.num_classes if c.num_classes else None
     options = {"seed": 0, "method": method, "labels": labels, "batch_size": n}
-    net = ClassifierFree(model, 1.0) if guided else model
-    device = diffusion.betas.device.type
-    with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        generate(net, diffusion, n, c.sample_shape, steps=2, **options)  # warm-up
-        start = time.perf_counter()
-        generate(net, diffusion, n, c.sample_shape, steps=steps, **options)
+    net = Autocast(model, precision)
+    net = ClassifierFree(net, 1.0) if guided else net
+    generate(net, diffusion, n, c.sample_shape, steps=2, **options)  # warm-up
+    start = time.perf_counter()
+    generate(net, diffusion, n, c.sample_shape, steps=steps, **options)
     seconds = time.perf_counter() - start
     return {"images_per_s": n / seconds, "seconds": seconds}
 
 
-def matmul_rows(r: Report, device: torch.device, s: dict) -> None:
-    for precision in ("fp32", "tf32", "bf16", "fp16"):
-        if precision == "tf32" and device.type != "cuda":
-            r.add("matmul", {"precision": precision, "note": "cuda only"})
-            continue
-        r.measure("matmul", {"precision": precision}, lambda p=precision: {"tflops": matmul_gflops(
-            device, p, s["matmul_n"], s["matmul_reps"]) / 1e3}, s["estimate_s"], s["pipeline_s"])
-
-
-def train_rows(r: Report, device: torch.device, params: dict, s: dict, variants: list[str]) -> None:
-    config = DiffusionConfig(**params["diffusion"])
-    unet, batch = unet_config(params, None), s["batch"] or params["train"]["batch_size"]
-    flops = step_flops(unet, config, batch)
-    diffusion = Diffusion.from_config(config).to(device)
-    with torch.device("meta"):
-        size = sum(p.numel() for p in UNet(unet).parameters())
-    r.data["meta"]["train_model"] = (f"UNet {size / 1e6:.1f}M params, 28x28x1, batch {batch}, "
-                                     f"{flops / 1e12:.3g} TFLOP per step")
-    rate = {row["precision"]: row.get("tflops") for row in r.data["matmul"]}
-    for name in variants:
-        precision, options = TRAIN_VARIANTS[name]
-        if device.type != "cuda" and (precision == "tf32" or "channels_last" in options):
-            r.add("train", {"variant": name, "note": "cuda only"})
-        elif device.type != "cuda" and "compile" in options:
-            r.add("train", {"variant": name, "note": "cuda only here: compiling takes minutes on a small CPU"})
-        else:
-            estimate = s["compile_s"] if "compile" in options else s["estimate_s"]
-            r.measure("train", {"variant": name}, lambda p=precision, o=options: training_speed(
-                device, unet, diffusion, batch, s["train_steps"], p, flops, **o), estimate, s["pipeline_s"])
-            row = r.data["train"][-1]
-            if row.get("gflops") and rate.get(row["precision"]):
-                row["of_matmul_rate"] = f"{row['gflops'] / 1e3 / rate[row['precision']]:.0%}"
-                r.write()
-
-
 def sample_rows(r: Report, device: torch.device, params: dict, s: dict) -> None:
+    """fp32 per sampler, step count and guidance; then DDIM at the larger step count, guided, per precision."""
     diffusion = Diffusion.from_config(DiffusionConfig(**params["diffusion"])).to(device)
     torch.manual_seed(0)
     model = UNet(unet_config(params, 10)).to(device).eval()
     many, few = s["sample_steps"]
-    settings = [(m, k, g, None) for m in ("ddim", "dpmsolver") for k in (many, few) for g in (False, True)]
-    for method, steps, guided, dtype in [*settings, ("ddim", many, False, torch.bfloat16)]:
+    settings = [(m, k, g, "fp32") for m in ("ddim", "dpmsolver") for k in (many, few) for g in (False, True)]
+    for method, steps, guided, precision in [*settings, *(("ddim", many, True, p) for p in ("tf32", "bf16", "fp16"))]:
         row = {"sampler": "DDIM" if method == "ddim" else "DPM-Solver++(2M)", "steps": steps,
-               "guidance": "cfg (2 evals/step)" if guided else "none", "autocast": "bf16" if dtype else "fp32",
-               "images": s["images"]}
-        r.measure("sample", row, lambda m=method, k=steps, g=guided, d=dtype: sampling_speed(
-            model, diffusion, s["images"], m, k, g, d), s["estimate_s"], s["pipeline_s"])
+               "guidance": "cfg (2 evals/step)" if guided else "none", "precision": precision, "images": s["images"]}
+        if precision == "tf32" and device.type != "cuda":
+            r.add("sample", {**row, "note": "cuda only"})
+            continue
+        r.measure("sample", row, lambda m=method, k=steps, g=guided, p=precision: sampling_speed(
+            model, diffusion, s["images"], m, k, g, p), s["estimate_s"], s["pipeline_s"])
 
 
 def cifar10_rows(r: Report, device: torch.device, params: dict, s: dict, tiny: bool) -> None:

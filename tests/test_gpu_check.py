@@ -46,10 +46,12 @@ def test_tiny_run_reports_every_measurement(tmp_path):
     assert all(rows[name]["note"].startswith("cuda only") for name in ["tf32", "auto, channels-last", "auto, compiled"])
 
     many, few = SIZES["tiny"]["sample_steps"]
-    assert [(row["sampler"], row["steps"], row["guidance"], row["autocast"]) for row in report["sample"]] == [
+    assert [(row["sampler"], row["steps"], row["guidance"], row["precision"]) for row in report["sample"]] == [
         (sampler, steps, guidance, "fp32") for sampler in ("DDIM", "DPM-Solver++(2M)") for steps in (many, few)
-        for guidance in ("none", "cfg (2 evals/step)")] + [("DDIM", many, "none", "bf16")]
-    assert all(positive(row["images_per_s"]) for row in report["sample"])
+        for guidance in ("none", "cfg (2 evals/step)")] + [("DDIM", many, "cfg (2 evals/step)", p)
+                                                          for p in ("tf32", "bf16", "fp16")]
+    assert report["sample"][-3]["note"] == "cuda only"  # tf32
+    assert all(positive(row["images_per_s"]) for row in report["sample"] if row["precision"] != "tf32")
     cifar = {row["run"]: row for row in report["cifar10"]}  # the cifar10 profile's UNet, at 8 channels here
     assert list(cifar) == ["train, batch 8", f"sample DDIM-{few}, 4 images"]
     assert positive(cifar["train, batch 8"]["images_per_s"]) and positive(cifar["train, batch 8"]["gflops"])
