@@ -19,7 +19,8 @@ TRACKING_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DDPM_TRA
                       "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT")
 
 # The project at toy size (params.yaml overrides): a full `dvc repro` takes a minute or two on 2 CPU cores;
-# fp32 (bf16 is slow on some CPUs), and every sampler. The tests' pipelines run it, and the GPU check's --tiny
+# fp32 for training and sampling (bf16 is slow on some CPUs, and fp32 samples are the same on every CPU), the
+# fixed-decay EMA's weights, and every sampler. The tests' pipelines run it, and the GPU check's --tiny
 # runs the gpu profile at this size.
 TINY = {
     "device": "cpu",
@@ -31,11 +32,13 @@ TINY = {
               "grid_ddim_steps": 5, "precision": "fp32"},
     "train_uncond": {"steps": None, "guide_at": 0.5},  # train.epochs, not the laptop profile's steps
     "train_cond": {"steps": None},
-    "visualize": {"per_class": 2, "num_images": 2, "frames": 4, "steps": 5, "compare_steps": [5, 10]},
+    "visualize": {"per_class": 2, "num_images": 2, "frames": 4, "steps": 5, "compare_steps": [5, 10],
+                  "sigma_rel": None},
     "sample": {"methods": ["ddpm", "ddim", "dpmsolver"], "num_samples": 40, "batch_size": 40, "ddpm_steps": [40],
                "ddim_steps": [5, 10],
                "dpmsolver_steps": [5], "spacing": "uniform", "clip_x0": False, "guidance": [1.0],
-               "autoguidance": [0.0, 1.0], "guidance_interval": None, "grid_size": 20},
+               "autoguidance": [0.0, 1.0], "guidance_interval": None, "grid_size": 20, "precision": "fp32",
+               "sigma_rel": [None]},
 }
 
 
