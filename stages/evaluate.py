@@ -95,7 +95,9 @@ def evaluate(a, p, inception, device, extract=extract_features) -> tuple[dict, l
         if "cond_accuracy_per_class" in entry:
             entry["cond_accuracy_per_class"] = dict(zip(info["class_names"], entry["cond_accuracy_per_class"]))
         results.setdefault(s["variant"], {})[s["tag"]] = entry | scores
-        setting = SamplerSetting.from_dict(s).to_dict() | {k: s[k] for k in ("precision",) if k in s}
+        setting = SamplerSetting.from_dict(s).to_dict()
+        if "precision" in s:  # the network's while sampling; another name than precision/recall's precision
+            setting["sample_precision"] = s["precision"]
         samplers.setdefault(s["variant"], {})[s["tag"]] = setting | {k: s[k] for k in ("seed", "num_samples")}
         others = {f"{e}.{k}": v for e, m in scores.items() for k, v in m.items() if isinstance(v, float)}
         rows.append({"variant": s["variant"]} | setting | entry | others)

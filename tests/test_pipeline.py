@@ -90,6 +90,9 @@ def test_eval_metrics_cover_every_sampler(tiny_repo):
         assert scores["fid"] >= 0 and scores["is_mean"] >= 1 - 1e-6
     assert 0 <= ev["cond"]["ddpm40_w1"]["cond_accuracy"] <= 1
     assert ev["protocol"]["num_real"] == 100 and ev["protocol"]["num_generated"] == 40
+    # eval.csv: the network's precision while sampling beside precision/recall's precision, neither hiding the other
+    table = list(csv.DictReader(io.StringIO(run(["git", "show", "HEAD:metrics/eval.csv"], repo).stdout)))
+    assert len(table) == 12 and all(r["sample_precision"] == "fp32" and 0 <= float(r["precision"]) <= 1 for r in table)
 
 
 def test_second_repro_runs_nothing(tiny_repo):

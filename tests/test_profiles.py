@@ -107,7 +107,7 @@ def test_hand_values_that_equal_another_profiles_are_yours_both_ways():
     params.update({"train.lr": 0.001, "sample.guidance_interval": None})  # both are gpu's values
     to_gpu = switch(params, PROFILES, "gpu", LAPTOP)
     assert to_gpu.yours == {"train.lr": 0.001, "sample.guidance_interval": None}
-    assert to_gpu.set["model.base_channels"] == 128 and len(to_gpu.set) == 17
+    assert to_gpu.set["model.base_channels"] == 128 and len(to_gpu.set) == 18
     params.update(to_gpu.set)
     back = switch(params, PROFILES, "laptop", to_gpu.record)
     assert back.yours == to_gpu.yours and back.set["model.base_channels"] == 32

@@ -7,7 +7,7 @@ from .io import save_figure, write_json, write_text
 from .plots import cfg_series, cfg_tradeoff, csv_text, ema_series, fid_vs_steps, steps_series
 
 SETTING = ("variant", "tag", "method", "steps", "eta", "spacing", "cfg", "autoguidance", "interval", "sigma_rel",
-           "precision")
+           "sample_precision")
 SCORES = ("fid", "fid_over_floor", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall", "f_score",
           "cond_accuracy")
 
