@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.gpu_report import Report
 from benchmarks.project import merge
-from benchmarks.throughput import timed
+from benchmarks.throughput import matmul_gflops, timed
 from ddpm import Autocast, ClassifierFree, Diffusion, DiffusionConfig, TrainConfig, Trainer, UNet, UNetConfig, generate
 
 # Per mode: matmul side and repeats, training batch (None: train.batch_size) and timed steps, sampled
@@ -72,6 +72,41 @@ def sampling_speed(model, diffusion, n: int, method: str, steps: int, guided: bo
     generate(net, diffusion, n, c.sample_shape, steps=steps, **options)
     seconds = time.perf_counter() - start
     return {"images_per_s": n / seconds, "seconds": seconds}
+
+
+def matmul_rows(r: Report, device: torch.device, s: dict) -> None:
+    for precision in ("fp32", "tf32", "bf16", "fp16"):
+        if precision == "tf32" and device.type != "cuda":
+            r.add("matmul", {"precision": precision, "note": "cuda only"})
+            continue
+        r.measure("matmul", {"precision": precision}, lambda p=precision: {"tflops": matmul_gflops(
+            device, p, s["matmul_n"], s["matmul_reps"]) / 1e3}, s["estimate_s"], s["pipeline_s"])
+
+
+def train_rows(r: Report, device: torch.device, params: dict, s: dict, variants: list[str]) -> None:
+    config = DiffusionConfig(**params["diffusion"])
+    unet, batch = unet_config(params, None), s["batch"] or params["train"]["batch_size"]
+    flops = step_flops(unet, config, batch)
+    diffusion = Diffusion.from_config(config).to(device)
+    with torch.device("meta"):
+        size = sum(p.numel() for p in UNet(unet).parameters())
+    r.data["meta"]["train_model"] = (f"UNet {size / 1e6:.1f}M params, 28x28x1, batch {batch}, "
+                                     f"{flops / 1e12:.3g} TFLOP per step")
+    rate = {row["precision"]: row.get("tflops") for row in r.data["matmul"]}
+    for name in variants:
+        precision, options = TRAIN_VARIANTS[name]
+        if device.type != "cuda" and (precision == "tf32" or "channels_last" in options):
+            r.add("train", {"variant": name, "note": "cuda only"})
+        elif device.type != "cuda" and "compile" in options:
+            r.add("train", {"variant": name, "note": "cuda only here: compiling takes minutes on a small CPU"})
+        else:
+            estimate = s["compile_s"] if "compile" in options else s["estimate_s"]
+            r.measure("train", {"variant": name}, lambda p=precision, o=options: training_speed(
+                device, unet, diffusion, batch, s["train_steps"], p, flops, **o), estimate, s["pipeline_s"])
+            row = r.data["train"][-1]
+            if row.get("gflops") and rate.get(row["precision"]):
+                row["of_matmul_rate"] = f"{row['gflops'] / 1e3 / rate[row['precision']]:.0%}"
+                r.write()
 
 
 def sample_rows(r: Report, device: torch.device, params: dict, s: dict) -> None:
