@@ -44,7 +44,7 @@ def test_two_processes_train_and_rank_0_alone_writes(tmp_path_factory):
     assert sum(losses[-6:]) / 6 < 0.8 * sum(losses[:4]) / 4
     # exactly one set of outputs and one MLflow run, written by rank 0
     assert sorted(p.name for p in (two / "model").iterdir()) == ["config.json", "grids", "loss.png", "model-guide.pt",
-                                                                 "model.pt"]
+                                                                 "model-posthoc.pt", "model.pt"]
     client = MlflowClient(f"sqlite:///{two / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id], "tags.stage = 'train'")
     assert len(runs) == 1 and runs[0].data.params["train.nproc"] == "2"
