@@ -13,7 +13,7 @@ from helpers import ROOT, run
 from mlflow import MlflowClient
 from PIL import Image
 
-from ddpm import load_model
+from ddpm import load_model, safe_load
 from ddpm.data import load_dataset, read_idx
 
 MNIST_T10K = ROOT.parent / "shared/data/mnist-t10k"
@@ -58,6 +58,22 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
     assert (solver["name"], solver["method"], solver["ddim_steps"]) == ("solver", "dpmsolver", "2")
     # DPM-Solver++(2M) with 2 steps is DDIM's 2 steps (up to float rounding)
     assert float(solver["fid"]) == pytest.approx(float(fixed["fid"]), rel=1e-3)
+    # post-hoc EMA: params.yaml's 8 snapshots of each profile, spread over the 3 steps, the last at the end
+    snapshots = safe_load(tmp_path / "m-posthoc.pt", ("snapshots",))["snapshots"]
+    assert [(s["t"], s["sigma_rel"]) for s in snapshots] == [(t, w) for t in (1, 2, 3) for w in (0.05, 0.1)]
+    budget("--model", str(tmp_path / "m.pt"), "--ddim-steps", "2", "--sigma-rel", "null", "0.05", "--name", "posthoc")
+    fixed_ema, posthoc = list(csv.DictReader(results.open()))[-2:]
+    assert (fixed_ema["sigma_rel"], posthoc["sigma_rel"]) == ("", "0.05")
+    assert fixed_ema["fid"] == fixed["fid"] and posthoc["fid"] != fixed["fid"]  # other weights, the same samplers
+    budget("--steps", "3", "--ddim-steps", "2", "--sigma-rel", "0.05", "--name", "posthoc-trained")
+    assert list(csv.DictReader(results.open()))[-1]["fid"] == posthoc["fid"]  # the snapshots in memory, as saved
+    budget("--model", str(tmp_path / "m.pt"), "--ddim-steps", "2", "--precision", "bf16", "--name", "bf16")
+    assert (fixed["sample_precision"], list(csv.DictReader(results.open()))[-1]["sample_precision"]) == ("fp32", "bf16")
+    shutil.copy(tmp_path / "m.pt", tmp_path / "lone.pt")
+    bad = budget("--model", str(tmp_path / "lone.pt"), "--sigma-rel", "0.05", check=False)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+        f"error: --sigma-rel: {tmp_path / 'lone-posthoc.pt'}: no such file; --save-model keeps the post-hoc EMA "
+        "snapshots beside the model")
     budget("--steps", "30", "--ddim-steps", "2", "--guidance", "0", "5", "--name", "cond",
            "--save-model", str(tmp_path / "cond.pt"), "-S", "train.lr=0.01")  # enough for the labels to matter
     cond = list(csv.DictReader(results.open()))[-2:]
@@ -75,7 +91,7 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
         assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
             f"error: {tmp_path / model_file}: a class-conditional model needs --guidance, an unconditional one "
             "takes none")
-    assert len(list(csv.DictReader(results.open()))) == len(rows) + 9  # the refused runs wrote no row
+    assert len(list(csv.DictReader(results.open()))) == len(rows) + 13  # the refused runs wrote no row
     budget("--steps", "4", "--ddim-steps", "2", "--autoguidance", "0", "3", "--name", "auto",
            "--save-model", str(tmp_path / "auto.pt"), "-S", "train_uncond.guide_at=0.5", "-S", "train.lr=0.01")
     auto = list(csv.DictReader(results.open()))[-2:]
@@ -112,6 +128,8 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
     assert difference > 1, difference  # the guidance weight reaches the sampler (in 8-bit levels)
     runs = [r for r in client.search_runs([experiment]) if r.info.run_name == "smoke"]
     assert sorted(r.data.params["ddim_steps"] for r in runs) == ["2", "5"]
+    posthoc_runs = [r for r in client.search_runs([experiment]) if r.info.run_name == "posthoc"]
+    assert sorted(r.data.params.get("sigma_rel", "fixed") for r in posthoc_runs) == ["0.05", "fixed"]
     fid_by_steps = {r["ddim_steps"]: float(r["fid"]) for r in rows}
     for mlrun in runs:
         assert mlrun.data.params["diffusion.prediction"] == "v" and mlrun.data.params["train.min_snr_gamma"] == "5.0"
@@ -133,6 +151,10 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
                                                  "class-conditional one takes --guidance"),
     (["--guidance", "1", "--guidance-interval", "3", "0.3"],
      "error: --guidance-interval 3 0.3 is out of range; allowed: [low, high] with 0 <= low < high"),
+    (["--sigma-rel", "null", "0.5"],
+     "error: --sigma-rel 0.5 is out of range; allowed: null (the fixed-decay EMA) or a number in (0, 0.2887)"),
+    (["--sigma-rel", "0.05", "-S", "train.posthoc_sigma_rels=[]", "-S", "train.posthoc_snapshots=0"],
+     "error: --sigma-rel: set -S train.posthoc_sigma_rels=[...] to keep the snapshots it needs"),
 ])
 def test_budget_benchmark_refuses_bad_input_before_training(tmp_path, args, message):
     proc = run([sys.executable, "-m", "benchmarks.budget", "--results", str(tmp_path / "r.csv"), *args],
