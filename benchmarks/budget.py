@@ -15,7 +15,7 @@ precision) of the samples in the classifier's features beside the FID, so that a
 variety shows, and for the class-conditional model its conditional accuracy (the classifier's agreement
 with the labels asked for). --precision samples with the network at that precision (as sample.precision)
 and --sigma-rel scores the post-hoc EMA of each relative length (Karras et al. 2024; `null`: the fixed-decay
-EMA) from snapshots taken at evenly spread fractions of the budget, the last at its end (train.posthoc_*).
+EMA) from snapshots taken at evenly spread fractions of the budget, the last at its end (train.posthoc_snapshots).
 
     python -m benchmarks.budget --minutes 25 -S data.name=fashion_mnist -S model.base_channels=32 \\
         -S train.lr=1e-3 -S train.ema_decay=0.999
