@@ -14,6 +14,7 @@ import typing
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .diffusion import PREDICTIONS, SCHEDULE_BYTES, DiffusionConfig
 from .networks import make_unet
@@ -26,10 +27,20 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+class _SkipInit(TorchFunctionMode):
+    """Inside it torch.nn.init's functions leave their tensor as it is. A meta tensor has no values to draw, and
+    normal_'s meta kernel would import torch._dynamo on first use: a second or two at every stage's start."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def meta_network(config: UNetConfig) -> nn.Module:
     """The network `config` describes, on the meta device: its parameters have shapes and no storage, so this
     allocates nothing whatever the config asks for (and draws nothing from the random generators)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         return make_unet(config)
 
 

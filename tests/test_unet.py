@@ -1,11 +1,15 @@
 """The noise-prediction UNet: shapes at odd sizes, attention, time and class conditioning."""
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
+from helpers import ROOT
 
 from ddpm import NULL_LABEL, UNet, UNetConfig, make_unet
+from ddpm.model_config import meta_network
 from ddpm.unet import Attention
 
 
@@ -134,3 +138,27 @@ def test_patch_size_folds_pixels_into_channels(channels):
 def test_patch_size_must_divide_the_image_size():
     with pytest.raises(ValueError, match="image_size 28 is not a multiple of patch_size 3"):
         UNet(replace(TINY, image_size=28, patch_size=3))
+
+
+
+@pytest.mark.parametrize("mp", [False, True])
+def test_the_meta_network_has_the_networks_shapes_and_draws_nothing(mp):
+    """`meta_network`, which the loaders check a file's shapes against and params.yaml's bounds count parameters
+    with: the network's names and shapes, no storage, and the random generator left as it was."""
+    config = UNetConfig(image_size=28, base_channels=16, num_classes=10, magnitude_preserving=mp)
+    shapes = {name: t.shape for name, t in make_unet(config).state_dict().items()}
+    rng = torch.get_rng_state()
+    meta = meta_network(config)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {name: t.shape for name, t in meta.state_dict().items()} == shapes
+    assert all(t.is_meta for t in meta.state_dict().values())
+
+
+def test_counting_parameters_does_not_import_torch_dynamo():
+    """normal_'s meta kernel imports torch._dynamo on first use, a second or two at every stage's start: building
+    the meta network skips torch.nn.init, whose values a meta tensor has no room for anyway."""
+    code = ("import sys; from ddpm import UNetConfig; from ddpm.model_config import parameter_count; "
+            "print([parameter_count(UNetConfig(image_size=28, base_channels=16, num_classes=10, "
+            "magnitude_preserving=mp)) > 0 for mp in (False, True)], 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[True,", "True]", "False"]
