@@ -2,6 +2,7 @@
 section, so that DVC never keeps a stale model and does not retrain one for a key it ignores."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,10 +10,11 @@ import yaml
 from helpers import ROOT
 from test_training import CPU, shapes, tiny_unet
 
-from ddpm import Diffusion, DiffusionConfig, TrainConfig, Trainer, safe_load
+from ddpm import Autocast, Diffusion, DiffusionConfig, TrainConfig, Trainer, generate, safe_load
 from ddpm.posthoc_ema import reconstruct
 from stages.pipeline.params import CondTrainParams, ParamsError, TrainParams, UncondTrainParams, train_config, validate
 from stages.pipeline.resume import TrainState
+from stages.train import epoch_grid
 
 BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -96,3 +98,18 @@ def test_post_hoc_keys_are_checked_before_any_work():
     params["train"]["posthoc_sigma_rels"], params["train"]["posthoc_snapshots"] = [0.05], 0
     with pytest.raises(ParamsError, match=r"^params.yaml: train.posthoc_snapshots = 0 .* allowed: >= 1 when"):
         validate(params)
+
+
+def test_the_epoch_grids_are_drawn_at_the_training_precision():
+    """The per-epoch grids sample the EMA weights at train.precision, as the training step runs: bf16 here, which
+    gives other pixels than fp32 would."""
+    _, labels = shapes(16, size=8)
+    trainer = trained(labels, precision="bf16")
+    unet = trainer.net.config
+    p = SimpleNamespace(seed=0, train=SimpleNamespace(grid_size=6, grid_ddim_steps=5, batch_size=8))
+    grid = epoch_grid(trainer, p, unet)
+
+    def drawn(precision: str) -> torch.Tensor:
+        return generate(Autocast(trainer.ema.module, precision), trainer.diffusion, 6, unet.sample_shape, seed=0,
+                        steps=5, labels=torch.arange(6) % 2)
+    assert trainer.precision == "bf16" and torch.equal(grid, drawn("bf16")) and not torch.equal(grid, drawn("fp32"))
