@@ -26,7 +26,6 @@ import copy
 import csv
 import dataclasses
 import itertools
-import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -35,6 +34,7 @@ from pathlib import Path
 import mlflow
 import torch
 import yaml
+from mlflow import MlflowClient
 
 from ddpm import (
     Autocast,
@@ -67,7 +67,7 @@ from stages.pipeline.io import load_data, save_grid
 from stages.pipeline.keys import apply_overrides, flatten
 from stages.pipeline.params import ParamsError, sections, train_config, validate
 from stages.pipeline.run import run
-from stages.pipeline.store import repo_root, tracking_uri
+from stages.pipeline.store import experiment_id, repo_root, tracking_uri
 
 FIELDS = ["name", "overrides", "minutes", "steps", "images_per_s", "params_m", "method", "ddim_steps", "spacing",
           "guidance", "fid", "floor", "ratio", "sample_s", "interval", "recall", "precision", "accuracy",
@@ -257,7 +257,7 @@ def main(argv: list[str]) -> None:
         start = time.perf_counter()
         setting = SamplerSetting(method, min(ddim_steps, p.diffusion.timesteps), spacing=spacing,
                                  cfg=(w or 0.0) if k else None, autoguidance=(w or 0.0) if not k else 0.0,
-                                 interval=args.guidance_interval)
+                                 interval=args.guidance_interval, sigma_rel=sigma_rel)
         net = Autocast(nets[sigma_rel], args.precision)
         images = generate(setting.model(net, guide, diffusion), diffusion, args.num_samples,
                           tuple(data.train_images.shape[1:]), seed=p.seed, method=method, steps=setting.steps,
@@ -273,24 +273,24 @@ def main(argv: list[str]) -> None:
                "accuracy": round(scores["cond_accuracy"], 4) if k else "",
                "sigma_rel": "" if sigma_rel is None else sigma_rel, "sample_precision": net.precision}
         print("  ".join(f"{k}={v}" for k, v in row.items()))
-        record(args.name, p, row, images, args.results)
+        record(args.name, setting, p, row, images, args.results)
 
 
 def track() -> None:
-    """Log to the pipeline's MLflow store, experiment "budget"."""
-    local = not os.environ.get("MLFLOW_TRACKING_URI")  # before set_tracking_uri, which sets the variable
+    """Log to the pipeline's MLflow store, experiment "budget", which the MLflow UI shows as a runs table."""
+    budget = experiment_id(MlflowClient(tracking_uri()), "budget")  # before set_tracking_uri, which sets the variable
     mlflow.set_tracking_uri(tracking_uri())
-    if mlflow.get_experiment_by_name("budget") is None:  # artifacts beside the pipeline's, as stages.tracking does
-        mlflow.create_experiment("budget", (repo_root() / "mlartifacts").as_uri() if local else None)
-    mlflow.set_experiment("budget")
+    mlflow.set_experiment(experiment_id=budget)
 
 
-def record(name: str, p, row: dict, images: torch.Tensor, results: Path) -> None:
-    """One result: an MLflow run (params, metrics, a sample grid) and a CSV row."""
+def record(name: str, setting: SamplerSetting, p, row: dict, images: torch.Tensor, results: Path) -> None:
+    """One result: an MLflow run (params, metrics, a sample grid), named by --name and the sampler setting so that
+    the runs of one call tell apart in the runs table, and a CSV row."""
     grid = Path(tempfile.mkdtemp()) / "samples.png"
     save_grid(images[:100], grid, nrow=10)
-    with mlflow.start_run(run_name=name or None):
-        mlflow.log_params({**flatten(sections(p, "data", "diffusion", "model", "train")), "minutes": row["minutes"],
+    with mlflow.start_run(run_name=f"{name}: {setting.label}" if name else setting.label):
+        mlflow.log_params({**flatten(sections(p, "data", "diffusion", "model", "train")), "name": name,
+                           "minutes": row["minutes"],
                            "method": row["method"], "ddim_steps": row["ddim_steps"], "spacing": row["spacing"],
                            **({"guidance": row["guidance"]} if row["guidance"] != "" else {}),
                            **({"guidance_interval": row["interval"]} if row["interval"] else {}),

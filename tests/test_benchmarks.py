@@ -115,8 +115,14 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
     assert rows[0]["steps"] == rows[1]["steps"]  # one training, sampled twice
 
     client = MlflowClient(f"sqlite:///{db}")
-    experiment = client.get_experiment_by_name("budget").experiment_id
-    guided = [r for r in client.search_runs([experiment]) if r.info.run_name == "cond"]
+    budget_experiment = client.get_experiment_by_name("budget")
+    assert budget_experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # a runs table in the UI
+    experiment = budget_experiment.experiment_id
+
+    def named(name: str) -> list:
+        return [r for r in client.search_runs([experiment]) if r.data.params["name"] == name]
+    guided = named("cond")
+    assert sorted(r.info.run_name for r in guided) == ["cond: DDIM-2 η=0, w=0", "cond: DDIM-2 η=0, w=5"]
     assert sorted(r.data.params["guidance"] for r in guided) == ["0.0", "5.0"]
     assert sorted(r.data.metrics["accuracy"] for r in guided) == sorted(float(r["accuracy"]) for r in cond)
     grids = []
@@ -126,10 +132,12 @@ def test_budget_benchmark_writes_a_row_and_an_mlflow_run_per_ddim_steps(tmp_path
         grids.append(torch.tensor(np.asarray(grid), dtype=torch.float32))
     difference = (grids[0] - grids[1]).abs().mean()
     assert difference > 1, difference  # the guidance weight reaches the sampler (in 8-bit levels)
-    runs = [r for r in client.search_runs([experiment]) if r.info.run_name == "smoke"]
+    runs = named("smoke")
     assert sorted(r.data.params["ddim_steps"] for r in runs) == ["2", "5"]
-    posthoc_runs = [r for r in client.search_runs([experiment]) if r.info.run_name == "posthoc"]
+    posthoc_runs = named("posthoc")
     assert sorted(r.data.params.get("sigma_rel", "fixed") for r in posthoc_runs) == ["0.05", "fixed"]
+    assert sorted(r.info.run_name for r in posthoc_runs) == ["posthoc: DDIM-2 η=0",
+                                                             "posthoc: DDIM-2 η=0, EMA σ_rel=0.05"]
     fid_by_steps = {r["ddim_steps"]: float(r["fid"]) for r in rows}
     for mlrun in runs:
         assert mlrun.data.params["diffusion.prediction"] == "v" and mlrun.data.params["train.min_snr_gamma"] == "5.0"

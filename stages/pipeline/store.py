@@ -62,9 +62,10 @@ def mlflow_ui_url(experiment_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING_VIEW}"
 
 
-def experiment_id(client: MlflowClient) -> str:
-    """The experiment, marked as one of model training (KIND_TAG)."""
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+def experiment_id(client: MlflowClient, name: str | None = None) -> str:
+    """The experiment `name` (None: $MLFLOW_EXPERIMENT_NAME, else EXPERIMENT), made if need be, marked as one of
+    model training (KIND_TAG)."""
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if KIND_TAG not in exp.tags:  # made before this tag was set, or by hand
