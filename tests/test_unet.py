@@ -140,7 +140,6 @@ def test_patch_size_must_divide_the_image_size():
         UNet(replace(TINY, image_size=28, patch_size=3))
 
 
-
 @pytest.mark.parametrize("mp", [False, True])
 def test_the_meta_network_has_the_networks_shapes_and_draws_nothing(mp):
     """`meta_network`, which the loaders check a file's shapes against and params.yaml's bounds count parameters
